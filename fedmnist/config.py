@@ -1,0 +1,209 @@
+"""The run configuration: one typed schema, YAML files, `--set key=value` overrides.
+
+Everything a user types is checked here, before TensorFlow starts: unknown keys (with a
+"did you mean"), types, choices (`Literal`) and ranges (field metadata). The defaults are the
+tutorial's settings, so `configs/tutorial.yaml` and `Config()` describe the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration mistake; the message names the key and the fix."""
+
+
+def _range(minimum: float | None = None, *, above: float | None = None,
+           maximum: float | None = None, below: float | None = None) -> dict:
+    return {"min": minimum, "above": above, "max": maximum, "below": below}
+
+
+def _field(default: Any, **bounds: float) -> Any:
+    return dataclasses.field(default=default, metadata=_range(**bounds))
+
+
+@dataclasses.dataclass
+class DataConfig:
+    dataset: Literal["auto", "emnist", "digits", "synthetic"] = "auto"
+    only_digits: bool = True
+    cache_dir: Optional[str] = None
+    num_clients: int = _field(20, minimum=1)
+    partition: Literal["iid", "dirichlet", "shards"] = "iid"
+    dirichlet_alpha: float = _field(0.5, above=0)
+    test_fraction: float = _field(0.2, above=0, below=1)
+    examples_per_client: int = _field(50, minimum=2)
+
+
+@dataclasses.dataclass
+class PreprocessConfig:
+    epochs: int = _field(5, minimum=1)
+    batch_size: int = _field(20, minimum=1)
+    shuffle_buffer: int = _field(100, minimum=1)
+    prefetch_buffer: int = _field(10, minimum=1)
+    shuffle_seed: int = _field(1, minimum=0)
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    name: Literal["sgd", "adam", "yogi", "adagrad"] = "sgd"
+    learning_rate: float = _field(0.02, above=0)
+    momentum: float = _field(0.0, minimum=0, below=1)
+    beta_1: float = _field(0.9, minimum=0, below=1)
+    beta_2: float = _field(0.999, minimum=0, below=1)
+    epsilon: Optional[float] = _field(None, above=0)
+
+
+@dataclasses.dataclass
+class Config:
+    name: str = "tutorial"
+    seed: int = _field(0, minimum=0)
+    rounds: int = _field(10, minimum=1)
+    clients_per_round: int = _field(10, minimum=1)
+    client_selection: Literal["fixed", "uniform"] = "fixed"
+    eval_every: int = _field(0, minimum=0)
+    eval_clients: int = _field(10, minimum=0)
+    model: Literal["linear", "cnn"] = "linear"
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = dataclasses.field(default_factory=PreprocessConfig)
+    client_optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    server_optimizer: OptimizerConfig = dataclasses.field(
+        default_factory=lambda: OptimizerConfig(learning_rate=1.0))
+
+
+# --- Building a Config from plain data ---------------------------------------------------------
+
+def _type_name(kind: Any) -> str:
+    if typing.get_origin(kind) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(kind))
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        kind, getattr(kind, "__name__", str(kind)))
+
+
+def _check_value(key: str, kind: Any, value: Any) -> Any:
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = [k for k in typing.get_args(kind) if k is not type(None)]
+        return None if value is None else _check_value(key, options[0], value)
+    if origin is Literal:
+        if value not in typing.get_args(kind):
+            raise ConfigError(f"{key}: {value!r} is not {_type_name(kind)}")
+        return value
+    if dataclasses.is_dataclass(kind):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of settings, got {value!r}")
+        return from_dict(value, kind, prefix=f"{key}.")
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {_type_name(kind)}, got {value!r}")
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    return value
+
+
+def _check_range(key: str, value: Any, bounds: dict) -> None:
+    if value is None or not bounds:
+        return
+    checks = [("min", lambda b: value >= b, "at least"), ("above", lambda b: value > b, "greater than"),
+              ("max", lambda b: value <= b, "at most"), ("below", lambda b: value < b, "less than")]
+    for name, holds, words in checks:
+        bound = bounds.get(name)
+        if bound is not None and not holds(bound):
+            raise ConfigError(f"{key}: must be {words} {bound:g}, got {value!r}")
+
+
+def _unknown_key(key: str, prefix: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known keys: {', '.join(known)})"
+    return ConfigError(f"unknown key '{prefix}{key}'{hint}")
+
+
+def from_dict(values: dict, cls: type = Config, prefix: str = "") -> Any:
+    """Builds and validates `cls` from a mapping, naming the first problem it finds."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in values:
+        if key not in fields:
+            raise _unknown_key(str(key), prefix, list(fields))
+    kwargs = {}
+    for name, value in values.items():
+        checked = _check_value(prefix + name, hints[name], value)
+        _check_range(prefix + name, checked, dict(fields[name].metadata))
+        kwargs[name] = checked
+    return cls(**kwargs)
+
+
+def check_consistency(config: Config) -> None:
+    """Rules that involve more than one key."""
+    data = config.data
+    if data.dataset in ("digits", "synthetic") and config.clients_per_round > data.num_clients:
+        raise ConfigError(f"clients_per_round: {config.clients_per_round} is more than the "
+                          f"{data.num_clients} clients of data.num_clients")
+    if data.dataset == "digits" and data.num_clients > 1797 // 2:
+        raise ConfigError(f"data.num_clients: digits has 1,797 examples, too few for "
+                          f"{data.num_clients} clients (at most {1797 // 2})")
+
+
+# --- Files and overrides --------------------------------------------------------------------
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"config file {path} cannot be read: {error}") from None
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings, not {type(values).__name__}")
+    return values
+
+
+def apply_override(values: dict, assignment: str) -> None:
+    """Applies one `dotted.key=value` (value parsed as YAML) to a nested mapping in place."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {assignment!r}: expected key=value, e.g. --set client_optimizer.learning_rate=0.1")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {assignment!r}: the value is not valid YAML") from None
+    *parents, leaf = key.strip().split(".")
+    node = values
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {assignment!r}: '{part}' is not a group of settings")
+        node = child
+    node[leaf] = value
+
+
+def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """The config from `path` (or the defaults) with `overrides` applied, validated."""
+    values = read_yaml(path) if path else {}
+    for assignment in overrides:
+        apply_override(values, assignment)
+    config = from_dict(values)
+    check_consistency(config)
+    return config
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)

@@ -1,0 +1,222 @@
+"""Step 1 of the article: federated data and its preprocessing.
+
+Every source yields `tff.simulation.datasets.ClientData` with federated EMNIST's element spec:
+`OrderedDict(label=int32 scalar, pixels=float32 28x28)`, pixels in [0, 1] with 1.0 = background.
+
+- `emnist`: the real federated EMNIST through `tff.simulation.datasets.emnist.load_data`.
+- `digits`: scikit-learn's 1,797 real handwritten 8x8 digits, scaled to 28x28, split into clients.
+- `synthetic`: small random, learnable data for fast tests.
+- `auto`: `emnist` when it is cached or can be downloaded, otherwise `digits` with one warning.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import socket
+import sqlite3
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from fedmnist import partition
+from fedmnist.config import DataConfig
+
+# The tutorial's settings.
+NUM_CLIENTS = 10
+NUM_EPOCHS = 5
+BATCH_SIZE = 20
+SHUFFLE_BUFFER = 100
+PREFETCH_BUFFER = 10
+SHUFFLE_SEED = 1
+
+EMNIST_FILE = "emnist_all.sqlite"
+EMNIST_HOST = ("storage.googleapis.com", 443)
+CACHE_ENV = "FEDMNIST_EMNIST_CACHE"
+IMAGE_SHAPE = (28, 28)
+
+
+class DataUnavailableError(RuntimeError):
+    """The requested dataset cannot be loaded here."""
+
+
+@dataclasses.dataclass
+class FederatedDataset:
+    """A federated population: the same client ids in `train` and `test`."""
+
+    name: str
+    train: tff.simulation.datasets.ClientData
+    test: tff.simulation.datasets.ClientData
+    num_classes: int
+
+
+# --- The article's preprocessing -------------------------------------------------------------
+
+def batch_format_fn(element):
+    """Flattens a batch of 28x28 images to 784 features and gives labels shape [-1, 1]."""
+    return collections.OrderedDict(
+        x=tf.reshape(element["pixels"], [-1, 784]),
+        y=tf.reshape(element["label"], [-1, 1]))
+
+
+def preprocess(dataset: tf.data.Dataset, epochs: int = NUM_EPOCHS, batch_size: int = BATCH_SIZE,
+               shuffle_buffer: int = SHUFFLE_BUFFER, prefetch_buffer: int = PREFETCH_BUFFER,
+               seed: int = SHUFFLE_SEED) -> tf.data.Dataset:
+    return (dataset.repeat(epochs).shuffle(shuffle_buffer, seed=seed).batch(batch_size)
+            .map(batch_format_fn).prefetch(prefetch_buffer))
+
+
+def make_federated_data(client_data: tff.simulation.datasets.ClientData, client_ids: Sequence[str],
+                        **preprocess_kwargs) -> list[tf.data.Dataset]:
+    return [preprocess(client_data.create_tf_dataset_for_client(x), **preprocess_kwargs)
+            for x in client_ids]
+
+
+def input_spec() -> collections.OrderedDict:
+    """The element spec of a preprocessed dataset, as `from_keras_model` wants it."""
+    return collections.OrderedDict(
+        x=tf.TensorSpec(shape=[None, 784], dtype=tf.float32),
+        y=tf.TensorSpec(shape=[None, 1], dtype=tf.int32))
+
+
+# --- In-memory client data ---------------------------------------------------------------
+
+def client_data_from_arrays(clients: dict[str, tuple[np.ndarray, np.ndarray]]
+                            ) -> tff.simulation.datasets.ClientData:
+    """A ClientData over `{client_id: (pixels, labels)}` numpy arrays held in memory."""
+    tensors = {cid: collections.OrderedDict(label=labels.astype(np.int32),
+                                            pixels=pixels.astype(np.float32))
+               for cid, (pixels, labels) in clients.items()}
+
+    def dataset_fn(client_id: str) -> tf.data.Dataset:
+        return tf.data.Dataset.from_tensor_slices(tensors[client_id])
+
+    return tff.simulation.datasets.ClientData.from_clients_and_tf_fn(list(tensors), dataset_fn)
+
+
+def _split_clients(pixels: np.ndarray, labels: np.ndarray, parts: list[np.ndarray],
+                   test_fraction: float, seed: int, name: str, num_classes: int) -> FederatedDataset:
+    rng = np.random.default_rng([seed, 1])
+    width = len(str(len(parts) - 1))
+    train, test = {}, {}
+    for number, indices in enumerate(parts):
+        client_id = f"client_{number:0{width}d}"
+        train_idx, test_idx = partition.train_test_split(indices, test_fraction, rng)
+        train[client_id] = (pixels[train_idx], labels[train_idx])
+        test[client_id] = (pixels[test_idx], labels[test_idx])
+    return FederatedDataset(name, client_data_from_arrays(train), client_data_from_arrays(test),
+                            num_classes)
+
+
+# --- digits: real handwriting that ships with scikit-learn ------------------------------------
+
+def digits_as_emnist() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as 28x28 EMNIST-style images (1.0 = background) and int32 labels.
+
+    The 8x8 images (0..16 = ink) are inverted, scaled to 20x20 and centred in 28x28, as MNIST
+    centres its digits in a 20x20 box.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    ink = digits.images.astype(np.float32)[..., None] / 16.0
+    scaled = tf.image.resize(ink, (20, 20), method="bilinear").numpy()[..., 0]
+    images = np.pad(np.clip(scaled, 0.0, 1.0), ((0, 0), (4, 4), (4, 4)))
+    return 1.0 - images, digits.target.astype(np.int32)
+
+
+def load_digits(num_clients: int = 20, method: str = "iid", seed: int = 0, alpha: float = 0.5,
+                test_fraction: float = 0.2) -> FederatedDataset:
+    pixels, labels = digits_as_emnist()
+    parts = partition.partition(labels, num_clients, method, seed, alpha=alpha)
+    return _split_clients(pixels, labels, parts, test_fraction, seed, "digits", 10)
+
+
+# --- synthetic: learnable random data --------------------------------------------------------
+
+def load_synthetic(num_clients: int = 20, examples_per_client: int = 50, seed: int = 0,
+                   method: str = "iid", alpha: float = 0.5, test_fraction: float = 0.2,
+                   num_classes: int = 10) -> FederatedDataset:
+    """Noisy copies of one random 28x28 prototype per class."""
+    rng = np.random.default_rng(seed)
+    prototypes = rng.uniform(0.0, 1.0, size=(num_classes, *IMAGE_SHAPE))
+    labels = rng.integers(0, num_classes, size=num_clients * examples_per_client).astype(np.int32)
+    noise = rng.normal(0.0, 0.35, size=(len(labels), *IMAGE_SHAPE))
+    pixels = np.clip(prototypes[labels] + noise, 0.0, 1.0).astype(np.float32)
+    parts = partition.partition(labels, num_clients, method, seed, alpha=alpha)
+    return _split_clients(pixels, labels, parts, test_fraction, seed, "synthetic", num_classes)
+
+
+# --- emnist: the real federated EMNIST ---------------------------------------------------------
+
+def emnist_cache_dir(configured: str | None = None) -> Path:
+    """The configured directory, else $FEDMNIST_EMNIST_CACHE, else TFF's default ~/.tff."""
+    chosen = configured or os.environ.get(CACHE_ENV) or Path.home() / ".tff"
+    return Path(chosen).expanduser()
+
+
+def emnist_is_cached(cache_dir: Path) -> bool:
+    return (cache_dir / EMNIST_FILE).is_file()
+
+
+def can_download(timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection(EMNIST_HOST, timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _download_emnist(cache_dir: Path) -> None:
+    """Downloads through TFF into a scratch directory, then moves the file in whole.
+
+    TFF writes the decompressed file in place, so an interrupted download would otherwise leave a
+    truncated database that later loads would trust.
+    """
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".download-") as scratch:
+        tff.simulation.datasets.emnist.load_data(cache_dir=scratch)
+        os.replace(Path(scratch) / EMNIST_FILE, cache_dir / EMNIST_FILE)
+
+
+def load_emnist(only_digits: bool = True, cache_dir: str | Path | None = None) -> FederatedDataset:
+    cache = emnist_cache_dir(str(cache_dir) if cache_dir else None)
+    if not emnist_is_cached(cache):
+        if not can_download():
+            raise DataUnavailableError(
+                f"federated EMNIST is not cached ({EMNIST_FILE} in the cache directory) and cannot be "
+                f"downloaded (no network); set data.cache_dir or ${CACHE_ENV} to a directory holding "
+                f"{EMNIST_FILE}, or use --dataset digits")
+        _download_emnist(cache)
+    try:
+        train, test = tff.simulation.datasets.emnist.load_data(only_digits=only_digits,
+                                                               cache_dir=str(cache))
+    except (sqlite3.Error, tf.errors.OpError, ValueError) as error:
+        raise DataUnavailableError(f"{EMNIST_FILE} in the EMNIST cache is unreadable: {error}") from error
+    if not train.client_ids:
+        raise DataUnavailableError(f"{EMNIST_FILE} in the EMNIST cache holds no clients for this split")
+    return FederatedDataset("emnist", train, test, 10 if only_digits else 62)
+
+
+def load_dataset(cfg: DataConfig, seed: int = 0) -> FederatedDataset:
+    """Loads the configured source; `auto` falls back from EMNIST to `digits` with a warning."""
+    dataset = cfg.dataset
+    if dataset == "auto":
+        cache = emnist_cache_dir(cfg.cache_dir)
+        if emnist_is_cached(cache) or can_download():
+            return load_emnist(cfg.only_digits, cache)
+        print("warning: federated EMNIST is not cached and there is no network; "
+              "using scikit-learn's digits instead (--dataset digits)", file=sys.stderr)
+        dataset = "digits"
+    if dataset == "emnist":
+        return load_emnist(cfg.only_digits, cfg.cache_dir)
+    if dataset == "digits":
+        return load_digits(cfg.num_clients, cfg.partition, seed, cfg.dirichlet_alpha, cfg.test_fraction)
+    return load_synthetic(cfg.num_clients, cfg.examples_per_client, seed, cfg.partition,
+                          cfg.dirichlet_alpha, cfg.test_fraction)

@@ -1,0 +1,151 @@
+"""The TFF runtime: a `worker_binary` process that this package starts, owns and stops.
+
+On import TFF installs a context that lazily launches `worker_binary` on first use, hands it the
+parent's stdout and never stops it (so `python -m fedmnist.train | tail` would hang). Here the
+package launches the worker itself instead: its output goes to a log file (or nowhere), the kernel
+kills it when the parent dies, even by SIGKILL (`PR_SET_PDEATHSIG`), and `stop()` ends it
+explicitly. The execution context is TFF's own `SyncExecutionContext` speaking gRPC to it, exactly
+what `tff.backends.native.set_sync_local_cpp_execution_context` builds.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import portpicker
+import tensorflow_federated as tff
+
+_PR_SET_PDEATHSIG = 1
+_GRPC_MAX_MESSAGE_BYTES = 2 * 1000 * 1000 * 1000
+_GRPC_OPTIONS = [
+    ("grpc.max_message_length", _GRPC_MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", _GRPC_MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", _GRPC_MAX_MESSAGE_BYTES),
+]
+_STARTUP_TIMEOUT_SECONDS = 60.0
+
+
+class RuntimeStartError(RuntimeError):
+    """The TFF worker could not be started or reached."""
+
+
+def worker_binary_path() -> Path:
+    return Path(tff.__file__).parent / "data" / "worker_binary"
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec: ask the kernel to SIGKILL it when the parent dies.
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class LocalWorker:
+    """One `worker_binary` child process serving TFF's executor service on a local port."""
+
+    def __init__(self, port: int | None = None, max_concurrent_computation_calls: int = -1,
+                 log_path: Path | None = None):
+        self.port = port or portpicker.pick_unused_port()
+        binary = worker_binary_path()
+        if not binary.is_file():
+            raise RuntimeStartError(f"TFF worker binary not found at {binary.name}; reinstall tensorflow-federated")
+        self._log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+        self.process = subprocess.Popen(
+            [str(binary), f"--port={self.port}",
+             f"--max_concurrent_computation_calls={max_concurrent_computation_calls}"],
+            stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
+            preexec_fn=_die_with_parent,
+        )
+        atexit.register(self.stop)
+
+    @property
+    def address(self) -> str:
+        return f"localhost:{self.port}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if hasattr(self._log, "close"):
+            self._log.close()
+        atexit.unregister(self.stop)
+
+
+def connect(address: str, process: subprocess.Popen | None = None) -> tff.framework.RemoteExecutorGrpcStub:
+    """Returns a stub for the executor service at `address`, once it answers."""
+    stub = tff.framework.RemoteExecutorGrpcStub(grpc.insecure_channel(address, _GRPC_OPTIONS))
+    deadline = time.monotonic() + _STARTUP_TIMEOUT_SECONDS
+    while not stub.is_ready:
+        if process is not None and process.poll() is not None:
+            raise RuntimeStartError(f"TFF worker at {address} exited with code {process.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeStartError(f"TFF worker at {address} did not answer within {_STARTUP_TIMEOUT_SECONDS:.0f} s")
+        time.sleep(0.05)
+    return stub
+
+
+def _executor_factory(stub: tff.framework.RemoteExecutorGrpcStub,
+                      default_num_clients: int = 0) -> tff.framework.ResourceManagingExecutorFactory:
+    def stack_fn(cardinalities):
+        cardinalities.setdefault(tff.CLIENTS, default_num_clients)
+        executor = tff.framework.RemoteExecutor(stub)
+        executor.set_cardinalities(cardinalities)
+        return executor
+
+    return tff.framework.ResourceManagingExecutorFactory(executor_stack_fn=stack_fn)
+
+
+def execution_context(stub: tff.framework.RemoteExecutorGrpcStub) -> tff.framework.SyncExecutionContext:
+    return tff.framework.SyncExecutionContext(
+        executor_fn=_executor_factory(stub),
+        compiler_fn=tff.backends.native.desugar_and_transform_to_native,
+        transform_args=tff.tensorflow.transform_args,
+        transform_result=tff.tensorflow.transform_result,
+    )
+
+
+@contextlib.contextmanager
+def local_runtime(log_path: Path | None = None) -> Iterator[LocalWorker]:
+    """Starts a local worker, makes it TFF's default context, and stops it on the way out.
+
+    The context that was the default before is restored afterwards.
+    """
+    context_stack = tff.framework.get_context_stack()
+    previous = context_stack.current
+    worker = LocalWorker(log_path=log_path)
+    try:
+        stub = connect(worker.address, worker.process)
+        context_stack.set_default_context(execution_context(stub))
+        yield worker
+    finally:
+        context_stack.set_default_context(previous)
+        worker.stop()
+
+
+def worker_children() -> list[int]:
+    """Process ids of `worker_binary` processes whose parent is this process."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == os.getpid() and b"worker_binary" in cmdline:
+            pids.append(int(entry.name))
+    return pids

@@ -1,0 +1,118 @@
+"""Step 6 of the article: the command line. `python -m fedmnist.train --help` lists the options.
+
+Exit codes: 0 done, 2 usage or configuration error, 1 runtime failure, 130 interrupted. Errors are
+one line on stderr; `--debug` shows the traceback as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import shutil
+import sys
+import traceback
+from pathlib import Path
+
+from fedmnist import config as config_lib
+
+RUNS_ROOT = Path("runs")
+
+
+class UsageError(Exception):
+    """Bad command-line usage (exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        raise UsageError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m fedmnist.train",
+                     description="Federated averaging on federated EMNIST (or offline digits), as in the TFF tutorial.")
+    parser.add_argument("--config", help="YAML config file (default: the tutorial's settings)")
+    parser.add_argument("--rounds", type=int, help="number of federated rounds")
+    parser.add_argument("--clients-per-round", type=int, help="clients that train in each round")
+    parser.add_argument("--dataset", help="auto, emnist, digits or synthetic")
+    parser.add_argument("--model", help="linear or cnn")
+    parser.add_argument("--seed", type=int, help="seed for data splits, sampling and initial weights")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config key, e.g. --set client_optimizer.learning_rate=0.1")
+    parser.add_argument("--run-dir", type=Path, help="output directory (default: runs/<name>-<timestamp>)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def overrides_from_args(args: argparse.Namespace) -> list[str]:
+    named = {"rounds": args.rounds, "clients_per_round": args.clients_per_round,
+             "data.dataset": args.dataset, "model": args.model, "seed": args.seed}
+    return [f"{key}={value}" for key, value in named.items() if value is not None] + args.set
+
+
+def looks_like_run(path: Path) -> bool:
+    return any((path / name).exists() for name in ("config.yaml", "metrics.jsonl", "summary.json"))
+
+
+def prepare_run_dir(requested: Path | None, name: str, overwrite: bool) -> Path:
+    """A new, empty run directory; an existing one is replaced only with --overwrite."""
+    if requested is None:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = RUNS_ROOT / f"{name}-{stamp}"
+        for suffix in [""] + [f"-{i}" for i in range(2, 1000)]:
+            candidate = Path(f"{base}{suffix}")
+            try:
+                candidate.mkdir(parents=True)
+                return candidate
+            except FileExistsError:
+                continue
+        raise UsageError(f"too many runs named {base}; pass --run-dir")
+    if requested.exists() and not requested.is_dir():
+        raise UsageError(f"--run-dir {requested} is a file, not a directory")
+    if requested.exists() and any(requested.iterdir()):
+        if not overwrite:
+            raise UsageError(f"run directory {requested} already exists; choose another --run-dir "
+                             f"or pass --overwrite to replace it")
+        if not looks_like_run(requested):
+            raise UsageError(f"--overwrite refused: {requested} does not look like a fedmnist run directory")
+        shutil.rmtree(requested)
+    try:
+        requested.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"cannot create run directory {requested}: {error.strerror}") from None
+    return requested
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = None
+    try:
+        args = build_parser().parse_args(argv)
+        config = config_lib.load(args.config, overrides_from_args(args))
+        run_dir = prepare_run_dir(args.run_dir, config.name, args.overwrite)
+        from fedmnist import loop  # TensorFlow starts here, after the config is known to be good.
+
+        print(f"run directory: {run_dir}")
+        summary = loop.train(config, run_dir, progress=not args.quiet)
+        print(f"final: train accuracy {summary['eval']['train']['sparse_categorical_accuracy']:.4f}, "
+              f"test accuracy {summary['eval']['test']['sparse_categorical_accuracy']:.4f}, "
+              f"{summary['total_seconds']:.1f} s; outputs in {run_dir}")
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (UsageError, config_lib.ConfigError) as error:
+        return _fail(error, 2, args)
+    except Exception as error:  # noqa: BLE001 - the CLI's last line of defence: one line, exit 1.
+        return _fail(error, 1, args)
+
+
+def _fail(error: Exception, code: int, args: argparse.Namespace | None) -> int:
+    if args is not None and args.debug:
+        traceback.print_exception(error)
+    print(f"error: {error}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -103,11 +103,20 @@ def _check_value(key: str, kind: Any, value: Any) -> Any:
         return from_dict(value, kind, prefix=f"{key}.")
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):
+        value = _parse_float(key, value)  # YAML 1.1 reads `1e-3` as a string.
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"{key}: expected {_type_name(kind)}, got {value!r}")
     if kind is float and not math.isfinite(value):
         raise ConfigError(f"{key}: expected a finite number, got {value!r}")
     return value
+
+
+def _parse_float(key: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{key}: expected a number, got {text!r}") from None
 
 
 def _check_range(key: str, value: Any, bounds: dict) -> None:

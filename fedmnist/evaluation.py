@@ -7,6 +7,8 @@ from collections.abc import Callable, Sequence
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from fedmnist import runtime  # noqa: F401  (TFF then runs on a worker this package stops)
+
 from fedmnist.logs import to_python
 
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 import yaml
@@ -67,6 +68,10 @@ def write_config(run_dir: Path, config: config_lib.Config) -> None:
     (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
 
 
+def all_finite(arrays: Sequence) -> bool:
+    return all(np.isfinite(a).all() for a in arrays)
+
+
 def check_population(config: config_lib.Config, dataset: FederatedDataset) -> None:
     available = len(dataset.train.client_ids)
     if config.clients_per_round > available:
@@ -106,7 +111,8 @@ def train(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None] 
             client_ids = select(round_num)
             result = process.next(state, make_federated_data(dataset.train, client_ids, **train_kwargs))
             train_metrics = to_python(result.metrics["client_work"]["train"])
-            if not is_finite_loss(train_metrics):
+            weights = process.get_model_weights(result.state)
+            if not (is_finite_loss(train_metrics) and all_finite(weights.trainable)):
                 raise TrainingDivergedError(
                     f"training diverged at round {round_num} (loss {train_metrics['loss']}); "
                     f"lower the learning rates")
@@ -115,17 +121,15 @@ def train(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None] 
             echo(format_round(round_num, train_metrics))
             last = round_num == config.rounds
             if last or (config.eval_every and round_num % config.eval_every == 0):
-                weights = process.get_model_weights(state)
                 row["eval"] = {split: evaluator(weights, data) for split, data in eval_data.items()}
             row["seconds"] = time.perf_counter() - round_started
             metrics_log.append(row)
             board.write(round_num, {k: row[k] for k in ("train", "eval") if k in row}
                         | {"time": {"round_seconds": row["seconds"]}})
             rounds.set_postfix(loss=train_metrics["loss"], acc=train_metrics["sparse_categorical_accuracy"])
-        final_weights = process.get_model_weights(state)
     board.close()
 
-    to_keras(final_weights, config.model, dataset.num_classes).save(run_dir / MODEL_FILE)
+    to_keras(weights, config.model, dataset.num_classes).save(run_dir / MODEL_FILE)
     for split, metrics in row["eval"].items():
         echo(format_eval(split, metrics))
     summary = {

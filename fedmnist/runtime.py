@@ -6,6 +6,9 @@ package launches the worker itself instead: its output goes to a log file (or no
 kills it when the parent dies, even by SIGKILL (`PR_SET_PDEATHSIG`), and `stop()` ends it
 explicitly. The execution context is TFF's own `SyncExecutionContext` speaking gRPC to it, exactly
 what `tff.backends.native.set_sync_local_cpp_execution_context` builds.
+
+Importing this module replaces TFF's default context by one that starts such a worker on first use
+(for notebooks and library use); `local_runtime()` gives a run its own worker for its duration.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import gc
 import os
 import signal
 import subprocess
@@ -64,6 +68,9 @@ class LocalWorker:
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
             preexec_fn=_die_with_parent,
         )
+        if log_path:
+            self._log.write(f"fedmnist: worker_binary pid {self.process.pid} port {self.port}\n".encode())
+            self._log.flush()
         atexit.register(self.stop)
 
     @property
@@ -108,8 +115,12 @@ def _executor_factory(stub: tff.framework.RemoteExecutorGrpcStub,
 
 
 def execution_context(stub: tff.framework.RemoteExecutorGrpcStub) -> tff.framework.SyncExecutionContext:
+    return _sync_context(_executor_factory(stub))
+
+
+def _sync_context(factory: tff.framework.ExecutorFactory) -> tff.framework.SyncExecutionContext:
     return tff.framework.SyncExecutionContext(
-        executor_fn=_executor_factory(stub),
+        executor_fn=factory,
         compiler_fn=tff.backends.native.desugar_and_transform_to_native,
         transform_args=tff.tensorflow.transform_args,
         transform_result=tff.tensorflow.transform_result,
@@ -149,3 +160,32 @@ def worker_children() -> list[int]:
         if parent == os.getpid() and b"worker_binary" in cmdline:
             pids.append(int(entry.name))
     return pids
+
+
+class _OnDemandWorker:
+    """Starts one LocalWorker the first time TFF needs an executor; stopped at exit."""
+
+    def __init__(self):
+        self.worker: LocalWorker | None = None
+        self.stub: tff.framework.RemoteExecutorGrpcStub | None = None
+
+    def stack_fn(self, cardinalities):
+        if self.worker is None or self.worker.process.poll() is not None:
+            self.worker = LocalWorker()
+            self.stub = connect(self.worker.address, self.worker.process)
+        cardinalities.setdefault(tff.CLIENTS, 0)
+        executor = tff.framework.RemoteExecutor(self.stub)
+        executor.set_cardinalities(cardinalities)
+        return executor
+
+
+def install_default_context() -> None:
+    """Makes TFF's default context one whose worker this package owns (started on first use)."""
+    on_demand = _OnDemandWorker()
+    factory = tff.framework.ResourceManagingExecutorFactory(executor_stack_fn=on_demand.stack_fn)
+    tff.framework.get_context_stack().set_default_context(_sync_context(factory))
+    # Collect TFF's replaced context now: left to interpreter shutdown, its finalizer fails noisily.
+    gc.collect()
+
+
+install_default_context()

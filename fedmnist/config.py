@@ -36,6 +36,7 @@ class DataConfig:
     dataset: Literal["auto", "emnist", "digits", "synthetic"] = "auto"
     only_digits: bool = True
     cache_dir: Optional[str] = None
+    allow_download: bool = True
     num_clients: int = _field(20, minimum=1)
     partition: Literal["iid", "dirichlet", "shards"] = "iid"
     dirichlet_alpha: float = _field(0.5, above=0)
@@ -72,6 +73,8 @@ class Config:
     eval_every: int = _field(0, minimum=0)
     eval_clients: int = _field(10, minimum=0)
     model: Literal["linear", "cnn"] = "linear"
+    checkpoint_every: int = _field(1, minimum=1)
+    checkpoints_kept: int = _field(3, minimum=1)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     preprocess: PreprocessConfig = dataclasses.field(default_factory=PreprocessConfig)
     client_optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)

@@ -185,13 +185,14 @@ def _download_emnist(cache_dir: Path) -> None:
         os.replace(Path(scratch) / EMNIST_FILE, cache_dir / EMNIST_FILE)
 
 
-def load_emnist(only_digits: bool = True, cache_dir: str | Path | None = None) -> FederatedDataset:
+def load_emnist(only_digits: bool = True, cache_dir: str | Path | None = None,
+                allow_download: bool = True) -> FederatedDataset:
     cache = emnist_cache_dir(str(cache_dir) if cache_dir else None)
     if not emnist_is_cached(cache):
-        if not can_download():
+        if not (allow_download and can_download()):
             raise DataUnavailableError(
                 f"federated EMNIST is not cached ({EMNIST_FILE} in the cache directory) and cannot be "
-                f"downloaded (no network); set data.cache_dir or ${CACHE_ENV} to a directory holding "
+                f"downloaded (no network, or data.allow_download is false); set data.cache_dir or ${CACHE_ENV} to a directory holding "
                 f"{EMNIST_FILE}, or use --dataset digits")
         _download_emnist(cache)
     try:
@@ -209,13 +210,13 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> FederatedDataset:
     dataset = cfg.dataset
     if dataset == "auto":
         cache = emnist_cache_dir(cfg.cache_dir)
-        if emnist_is_cached(cache) or can_download():
+        if emnist_is_cached(cache) or (cfg.allow_download and can_download()):
             return load_emnist(cfg.only_digits, cache)
         print("warning: federated EMNIST is not cached and there is no network; "
               "using scikit-learn's digits instead (--dataset digits)", file=sys.stderr)
         dataset = "digits"
     if dataset == "emnist":
-        return load_emnist(cfg.only_digits, cfg.cache_dir)
+        return load_emnist(cfg.only_digits, cfg.cache_dir, cfg.allow_download)
     if dataset == "digits":
         return load_digits(cfg.num_clients, cfg.partition, seed, cfg.dirichlet_alpha, cfg.test_fraction)
     return load_synthetic(cfg.num_clients, cfg.examples_per_client, seed, cfg.partition,

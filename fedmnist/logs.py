@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
+from tensorboard.compat.proto import event_pb2
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -66,6 +68,12 @@ class MetricsLog:
         with self.path.open("a") as stream:
             stream.write(json.dumps(row, allow_nan=True) + "\n")
 
+    def drop_after(self, round_num: int) -> None:
+        """Keeps only rows up to `round_num` (rounds after the checkpoint a run resumes from)."""
+        kept = [row for row in self.rows() if row["round"] <= round_num]
+        if len(kept) != len(self.rows()):
+            _replace_atomically(self.path, "".join(json.dumps(row) + "\n" for row in kept).encode())
+
     def rows(self) -> list[dict]:
         if not self.path.exists():
             return []
@@ -86,6 +94,25 @@ class TensorBoardLog:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def drop_events_after(run_dir: Path, round_num: int) -> None:
+    """Removes TensorBoard events of steps after `round_num` from the run's event files."""
+    for path in sorted(Path(run_dir).glob("events.out.tfevents.*")):
+        records = list(tf.data.TFRecordDataset(str(path)).as_numpy_iterator())
+        kept = [r for r in records if event_pb2.Event.FromString(r).step <= round_num]
+        if len(kept) != len(records):
+            temporary = path.with_name(path.name + ".tmp")
+            with tf.io.TFRecordWriter(str(temporary)) as writer:
+                for record in kept:
+                    writer.write(record)
+            os.replace(temporary, path)
+
+
+def _replace_atomically(path: Path, content: bytes) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_bytes(content)
+    os.replace(temporary, path)
 
 
 def write_json(path: Path, value: Any) -> None:

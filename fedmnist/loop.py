@@ -20,10 +20,12 @@ from tqdm import tqdm
 
 from fedmnist import config as config_lib
 from fedmnist import installed_versions, runtime
+from fedmnist import checkpoint as checkpoint_lib
+from fedmnist.checkpoint import Checkpoints
 from fedmnist.data import FederatedDataset, load_dataset, make_federated_data
 from fedmnist.evaluation import FederatedEvaluator
-from fedmnist.logs import (MetricsLog, TensorBoardLog, format_eval, format_round, is_finite_loss,
-                           to_python, write_json)
+from fedmnist.logs import (MetricsLog, TensorBoardLog, drop_events_after, format_eval, format_round,
+                           is_finite_loss, to_python, write_json)
 from fedmnist.model import build_model_fn, initial_weights, to_keras
 from fedmnist.process import build_training_process
 
@@ -79,9 +81,27 @@ def check_population(config: config_lib.Config, dataset: FederatedDataset) -> No
                                      f"{available} clients of the {dataset.name} data")
 
 
+class Interrupted(Exception):
+    """A stop was requested (SIGINT/SIGTERM); the state after `round_num` is saved."""
+
+    def __init__(self, round_num: int):
+        super().__init__(f"interrupted after round {round_num}")
+        self.round_num = round_num
+
+
+def _never() -> bool:
+    return False
+
+
 def train(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None] = tqdm.write,
-          progress: bool = True) -> dict:
-    """Runs the whole job into `run_dir` (which must exist) and returns the summary it writes."""
+          progress: bool = True, resume: bool = False, stop_requested: Callable[[], bool] = _never) -> dict:
+    """Runs the job into `run_dir` (which must exist) and returns the summary it writes.
+
+    With `resume`, training continues after the newest intact checkpoint in `run_dir`; rows of
+    `metrics.jsonl` and TensorBoard events from rounds after it are dropped first, so every round
+    appears exactly once. `stop_requested` is polled between rounds: when it returns True the
+    current state is checkpointed and `Interrupted` is raised.
+    """
     started = time.perf_counter()
     run_dir = Path(run_dir)
     tf.keras.utils.set_random_seed(config.seed)
@@ -97,16 +117,28 @@ def train(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None] 
     train_kwargs = preprocess_kwargs(config)
     eval_data = {split: make_federated_data(client_data, eval_ids, **preprocess_kwargs(config, epochs=1))
                  for split, client_data in (("train", dataset.train), ("test", dataset.test))}
-    metrics_log, board = MetricsLog(run_dir), TensorBoardLog(run_dir)
+    metrics_log, checkpoints = MetricsLog(run_dir), Checkpoints(run_dir, keep=config.checkpoints_kept)
 
     with runtime.local_runtime(log_path=run_dir / "worker.log"):
         process = build_training_process(model_fn, config.client_optimizer, config.server_optimizer)
         evaluator = FederatedEvaluator(model_fn)
         state = process.set_model_weights(
             process.initialize(), initial_weights(config.model, dataset.num_classes, config.seed))
+        done = 0
+        if resume:
+            saved, done = checkpoints.load_latest(state, warn=echo)
+            state = state if saved is None else saved
+            metrics_log.drop_after(done)
+            drop_events_after(run_dir, done)
+            echo(f"resuming after round {done}")
+        board = TensorBoardLog(run_dir)
+        weights = process.get_model_weights(state)
         row: dict = {}
-        rounds = tqdm(range(1, config.rounds + 1), desc="rounds", unit="round", disable=not progress or None)
+        rounds = tqdm(range(done + 1, config.rounds + 1), desc="rounds", unit="round",
+                      initial=done, total=config.rounds, disable=not progress or None)
         for round_num in rounds:
+            if stop_requested():
+                raise Interrupted(_save_for_stop(checkpoints, state, round_num - 1))
             round_started = time.perf_counter()
             client_ids = select(round_num)
             result = process.next(state, make_federated_data(dataset.train, client_ids, **train_kwargs))
@@ -114,8 +146,8 @@ def train(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None] 
             weights = process.get_model_weights(result.state)
             if not (is_finite_loss(train_metrics) and all_finite(weights.trainable)):
                 raise TrainingDivergedError(
-                    f"training diverged at round {round_num} (loss {train_metrics['loss']}); "
-                    f"lower the learning rates")
+                    f"training diverged at round {round_num} (loss {train_metrics['loss']}); the last "
+                    f"good state is kept in {checkpoint_lib.DIRECTORY}/; lower the learning rates")
             state = result.state
             row = {"round": round_num, "clients": client_ids, "train": train_metrics}
             echo(format_round(round_num, train_metrics))
@@ -126,9 +158,14 @@ def train(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None] 
             metrics_log.append(row)
             board.write(round_num, {k: row[k] for k in ("train", "eval") if k in row}
                         | {"time": {"round_seconds": row["seconds"]}})
+            if last or round_num % config.checkpoint_every == 0:
+                checkpoints.save(state, round_num)
             rounds.set_postfix(loss=train_metrics["loss"], acc=train_metrics["sparse_categorical_accuracy"])
-    board.close()
+        board.close()
 
+    if not row:
+        raise config_lib.ConfigError(f"the run already has all {config.rounds} rounds; "
+                                     f"pass --rounds with a larger number to continue it")
     to_keras(weights, config.model, dataset.num_classes).save(run_dir / MODEL_FILE)
     for split, metrics in row["eval"].items():
         echo(format_eval(split, metrics))
@@ -138,6 +175,7 @@ def train(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None] 
         "clients_per_round": config.clients_per_round,
         "evaluation_clients": len(eval_ids),
         "rounds": config.rounds,
+        "resumed_after_round": done if resume else None,
         "model": config.model,
         "train": row["train"],
         "eval": row["eval"],
@@ -145,3 +183,9 @@ def train(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None] 
     }
     write_json(run_dir / SUMMARY_FILE, summary)
     return summary
+
+
+def _save_for_stop(checkpoints: Checkpoints, state, round_num: int) -> int:
+    if round_num > 0 and round_num not in checkpoints.rounds():
+        checkpoints.save(state, round_num)
+    return round_num

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import shutil
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -40,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override any config key, e.g. --set client_optimizer.learning_rate=0.1")
     parser.add_argument("--run-dir", type=Path, help="output directory (default: runs/<name>-<timestamp>)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                        help="continue a stopped run from its last checkpoint, with its own config "
+                             "(--rounds may extend it)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
@@ -84,32 +88,93 @@ def prepare_run_dir(requested: Path | None, name: str, overwrite: bool) -> Path:
     return requested
 
 
+def load_run_config(run_dir: Path, rounds: int | None) -> config_lib.Config:
+    """The config a run was started with (its config.yaml), optionally with more rounds."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise UsageError(f"--resume {run_dir}: not a fedmnist run directory (no config.yaml)")
+    values = config_lib.read_yaml(path)
+    values.pop("versions", None)
+    if rounds is not None:
+        values["rounds"] = rounds
+    config = config_lib.from_dict(values)
+    config_lib.check_consistency(config)
+    return config
+
+
+def check_resume_args(args: argparse.Namespace) -> None:
+    changed = [flag for flag, value in (("--config", args.config), ("--dataset", args.dataset),
+                                        ("--model", args.model), ("--seed", args.seed),
+                                        ("--clients-per-round", args.clients_per_round),
+                                        ("--set", args.set), ("--run-dir", args.run_dir),
+                                        ("--overwrite", args.overwrite)) if value]
+    if changed:
+        raise UsageError(f"--resume continues a run with its own config; {changed[0]} cannot be combined "
+                         f"with it (only --rounds can)")
+
+
+class StopRequest:
+    """First SIGINT/SIGTERM: stop after the current round. Second: stop now."""
+
+    def __init__(self):
+        self.requested = False
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: stopping after the current round "
+              f"(signal again to stop at once)", file=sys.stderr)
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = None
+    args = run_dir = None
     try:
         args = build_parser().parse_args(argv)
-        config = config_lib.load(args.config, overrides_from_args(args))
-        run_dir = prepare_run_dir(args.run_dir, config.name, args.overwrite)
+        if args.resume:
+            check_resume_args(args)
+            config, run_dir = load_run_config(args.resume, args.rounds), args.resume
+        else:
+            config = config_lib.load(args.config, overrides_from_args(args))
+            run_dir = prepare_run_dir(args.run_dir, config.name, args.overwrite)
+        stop = StopRequest()
         from fedmnist import loop  # TensorFlow starts here, after the config is known to be good.
 
         print(f"run directory: {run_dir}")
-        summary = loop.train(config, run_dir, progress=not args.quiet)
+        summary = loop.train(config, run_dir, progress=not args.quiet, resume=bool(args.resume),
+                             stop_requested=stop)
         print(f"final: train accuracy {summary['eval']['train']['sparse_categorical_accuracy']:.4f}, "
               f"test accuracy {summary['eval']['test']['sparse_categorical_accuracy']:.4f}, "
               f"{summary['total_seconds']:.1f} s; outputs in {run_dir}")
         return 0
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as error:
+        return _interrupted(str(error) or "interrupted during a round", run_dir)
     except (UsageError, config_lib.ConfigError) as error:
         return _fail(error, 2, args)
+    except OSError as error:
+        where = f" {error.filename}" if error.filename else ""
+        return _fail(f"cannot write{where}: {error.strerror or error}", 1, args, error)
     except Exception as error:  # noqa: BLE001 - the CLI's last line of defence: one line, exit 1.
+        if type(error).__name__ == "Interrupted":
+            return _interrupted(str(error), run_dir)
         return _fail(error, 1, args)
 
 
-def _fail(error: Exception, code: int, args: argparse.Namespace | None) -> int:
+def _interrupted(what: str, run_dir: Path | None) -> int:
+    hint = f"; resume with: python -m fedmnist.train --resume {run_dir}" if run_dir else ""
+    print(f"{what}{hint}", file=sys.stderr)
+    return 130
+
+
+def _fail(error: Exception | str, code: int, args: argparse.Namespace | None,
+          cause: BaseException | None = None) -> int:
     if args is not None and args.debug:
-        traceback.print_exception(error)
+        traceback.print_exception(cause or error)
     print(f"error: {error}", file=sys.stderr)
     return code
 

@@ -51,14 +51,17 @@ class Checkpoints:
                                   f"free disk space, then resume the run") from error
 
     def _load(self, round_num: int, structure: Any) -> Any:
+        mismatch = CheckpointError(f"checkpoint {PREFIX}{round_num} does not match this run's model and "
+                                   f"optimizers (other shapes or types)")
         try:
             state = _run(self.manager.load(round_num, structure))
+        except (ValueError, TypeError) as error:  # read, but its structure is not this run's
+            raise mismatch from error
         except Exception as error:  # noqa: BLE001 - SavedModel raises many kinds; all mean unreadable.
             raise CheckpointError(f"checkpoint {PREFIX}{round_num} is unreadable "
                                   f"({type(error).__name__})") from error
         if _signature(state) != _signature(structure):
-            raise CheckpointError(f"checkpoint {PREFIX}{round_num} does not match this run's model and "
-                                  f"optimizers (other shapes or types)")
+            raise mismatch
         return state
 
     def load_latest(self, structure: Any, warn: Callable[[str], None]) -> tuple[Any, int]:

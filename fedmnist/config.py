@@ -42,6 +42,8 @@ class DataConfig:
     dirichlet_alpha: float = _field(0.5, above=0)
     test_fraction: float = _field(0.2, above=0, below=1)
     examples_per_client: int = _field(50, minimum=2)
+    max_clients: int = _field(0, minimum=0)
+    max_examples_per_client: int = _field(0, minimum=0)
 
 
 @dataclasses.dataclass
@@ -64,6 +66,27 @@ class OptimizerConfig:
 
 
 @dataclasses.dataclass
+class AvailabilityConfig:
+    model: Literal["always", "daily"] = "always"
+    night_charger_share: float = _field(0.6, minimum=0)
+    daytime_share: float = _field(0.25, minimum=0)
+    always_on_share: float = _field(0.15, minimum=0)
+    round_minutes: int = _field(60, minimum=1)
+    start_hour: int = _field(0, minimum=0, maximum=23)
+    dropout: float = _field(0.0, minimum=0, below=1)
+    min_clients: int = _field(1, minimum=1)
+
+
+@dataclasses.dataclass
+class PersonalizationConfig:
+    enabled: bool = False
+    epochs: int = _field(2, minimum=1)
+    learning_rate: float = _field(0.02, above=0)
+    batch_size: int = _field(20, minimum=1)
+    clients: int = _field(0, minimum=0)
+
+
+@dataclasses.dataclass
 class Config:
     name: str = "tutorial"
     seed: int = _field(0, minimum=0)
@@ -80,6 +103,8 @@ class Config:
     client_optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     server_optimizer: OptimizerConfig = dataclasses.field(
         default_factory=lambda: OptimizerConfig(learning_rate=1.0))
+    availability: AvailabilityConfig = dataclasses.field(default_factory=AvailabilityConfig)
+    personalization: PersonalizationConfig = dataclasses.field(default_factory=PersonalizationConfig)
 
 
 # --- Building a Config from plain data ---------------------------------------------------------
@@ -160,6 +185,12 @@ def check_consistency(config: Config) -> None:
     if data.dataset in ("digits", "synthetic") and config.clients_per_round > data.num_clients:
         raise ConfigError(f"clients_per_round: {config.clients_per_round} is more than the "
                           f"{data.num_clients} clients of data.num_clients")
+    shares = config.availability
+    if shares.night_charger_share + shares.daytime_share + shares.always_on_share <= 0:
+        raise ConfigError("availability: the archetype shares must not all be 0")
+    if config.availability.min_clients > config.clients_per_round:
+        raise ConfigError(f"availability.min_clients: {config.availability.min_clients} is more than "
+                          f"clients_per_round ({config.clients_per_round})")
     if data.dataset == "digits" and data.num_clients > 1797 // 2:
         raise ConfigError(f"data.num_clients: digits has 1,797 examples, too few for "
                           f"{data.num_clients} clients (at most {1797 // 2})")

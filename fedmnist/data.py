@@ -205,8 +205,29 @@ def load_emnist(only_digits: bool = True, cache_dir: str | Path | None = None,
     return FederatedDataset("emnist", train, test, 10 if only_digits else 62)
 
 
+def cap(dataset: FederatedDataset, max_clients: int = 0, max_examples: int = 0) -> FederatedDataset:
+    """The first `max_clients` clients, each with its first `max_examples` examples (0 = no cap)."""
+    if not max_clients and not max_examples:
+        return dataset
+    ids = dataset.train.client_ids[:max_clients or None]
+
+    def capped(client_data):
+        def dataset_fn(client_id):
+            examples = client_data.serializable_dataset_fn(client_id)
+            return examples.take(max_examples) if max_examples else examples
+
+        return tff.simulation.datasets.ClientData.from_clients_and_tf_fn(ids, dataset_fn)
+
+    return dataclasses.replace(dataset, train=capped(dataset.train), test=capped(dataset.test))
+
+
 def load_dataset(cfg: DataConfig, seed: int = 0) -> FederatedDataset:
-    """Loads the configured source; `auto` falls back from EMNIST to `digits` with a warning."""
+    """Loads the configured source, capped by `max_clients` and `max_examples_per_client`."""
+    return cap(_load_source(cfg, seed), cfg.max_clients, cfg.max_examples_per_client)
+
+
+def _load_source(cfg: DataConfig, seed: int) -> FederatedDataset:
+    """`auto` falls back from EMNIST to `digits` with a warning."""
     dataset = cfg.dataset
     if dataset == "auto":
         cache = emnist_cache_dir(cfg.cache_dir)

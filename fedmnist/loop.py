@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
-import tensorflow_federated as tff
 import yaml
 from tqdm import tqdm
 
@@ -26,6 +25,7 @@ from fedmnist.data import FederatedDataset, load_dataset, make_federated_data
 from fedmnist.evaluation import FederatedEvaluator
 from fedmnist.logs import (MetricsLog, TensorBoardLog, drop_events_after, format_eval, format_round,
                            is_finite_loss, to_python, write_json)
+from fedmnist.participation import Participation
 from fedmnist.model import build_model_fn, initial_weights, to_keras
 from fedmnist.process import build_training_process
 
@@ -36,17 +36,6 @@ MODEL_FILE = "model.keras"
 
 class TrainingDivergedError(RuntimeError):
     """The training loss became NaN or infinite."""
-
-
-def client_selector(config: config_lib.Config, client_ids: Sequence[str]) -> Callable[[int], list[str]]:
-    """Which clients train in a round: the first K every round (the article), or a seeded uniform
-    sample per round (`tff.simulation.build_uniform_sampling_fn`), the same for the same round."""
-    ids = list(client_ids)
-    count = config.clients_per_round
-    if config.client_selection == "fixed":
-        return lambda round_num: ids[:count]
-    sample = tff.simulation.build_uniform_sampling_fn(ids, replace=False, random_seed=config.seed)
-    return lambda round_num: [str(c) for c in sample(round_num, count)]
 
 
 def evaluation_clients(config: config_lib.Config, client_ids: Sequence[str]) -> list[str]:
@@ -112,7 +101,7 @@ def train(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None] 
          f"{config.clients_per_round} per round, model: {config.model}")
 
     model_fn = build_model_fn(config.model, dataset.num_classes)
-    select = client_selector(config, dataset.train.client_ids)
+    participation = Participation(config, dataset.train.client_ids)
     eval_ids = evaluation_clients(config, dataset.train.client_ids)
     train_kwargs = preprocess_kwargs(config)
     eval_data = {split: make_federated_data(client_data, eval_ids, **preprocess_kwargs(config, epochs=1))
@@ -134,33 +123,39 @@ def train(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None] 
         board = TensorBoardLog(run_dir)
         weights = process.get_model_weights(state)
         row: dict = {}
+        last_train: dict | None = None
         rounds = tqdm(range(done + 1, config.rounds + 1), desc="rounds", unit="round",
                       initial=done, total=config.rounds, disable=not progress or None)
         for round_num in rounds:
             if stop_requested():
                 raise Interrupted(_save_for_stop(checkpoints, state, round_num - 1))
             round_started = time.perf_counter()
-            client_ids = select(round_num)
-            result = process.next(state, make_federated_data(dataset.train, client_ids, **train_kwargs))
-            train_metrics = to_python(result.metrics["client_work"]["train"])
-            weights = process.get_model_weights(result.state)
-            if not (is_finite_loss(train_metrics) and all_finite(weights.trainable)):
-                raise TrainingDivergedError(
-                    f"training diverged at round {round_num} (loss {train_metrics['loss']}); the last "
-                    f"good state is kept in {checkpoint_lib.DIRECTORY}/; lower the learning rates")
-            state = result.state
-            row = {"round": round_num, "clients": client_ids, "train": train_metrics}
-            echo(format_round(round_num, train_metrics))
+            plan = participation.plan(round_num)
+            row = {"round": round_num, "clients": plan.completed, "participation": plan.report()}
+            if plan.skipped:
+                echo(f"round {round_num:2d} skipped: {len(plan.completed)} of {len(plan.selected)} selected "
+                     f"clients completed, fewer than availability.min_clients")
+            else:
+                result = process.next(state, make_federated_data(dataset.train, plan.completed, **train_kwargs))
+                train_metrics = to_python(result.metrics["client_work"]["train"])
+                weights = process.get_model_weights(result.state)
+                if not (is_finite_loss(train_metrics) and all_finite(weights.trainable)):
+                    raise TrainingDivergedError(
+                        f"training diverged at round {round_num} (loss {train_metrics['loss']}); the last "
+                        f"good state is kept in {checkpoint_lib.DIRECTORY}/; lower the learning rates")
+                state, row["train"], last_train = result.state, train_metrics, train_metrics
+                echo(format_round(round_num, train_metrics))
             last = round_num == config.rounds
             if last or (config.eval_every and round_num % config.eval_every == 0):
                 row["eval"] = {split: evaluator(weights, data) for split, data in eval_data.items()}
             row["seconds"] = time.perf_counter() - round_started
             metrics_log.append(row)
-            board.write(round_num, {k: row[k] for k in ("train", "eval") if k in row}
+            board.write(round_num, {k: row[k] for k in ("train", "eval", "participation") if k in row}
                         | {"time": {"round_seconds": row["seconds"]}})
             if last or round_num % config.checkpoint_every == 0:
                 checkpoints.save(state, round_num)
-            rounds.set_postfix(loss=train_metrics["loss"], acc=train_metrics["sparse_categorical_accuracy"])
+            if last_train:
+                rounds.set_postfix(loss=last_train["loss"], acc=last_train["sparse_categorical_accuracy"])
         board.close()
 
     if not row:
@@ -177,7 +172,7 @@ def train(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None] 
         "rounds": config.rounds,
         "resumed_after_round": done if resume else None,
         "model": config.model,
-        "train": row["train"],
+        "train": last_train,
         "eval": row["eval"],
         "total_seconds": time.perf_counter() - started,
     }

@@ -18,12 +18,6 @@ def test_in_process_run_stops_its_worker(tmp_path):
     assert runtime.worker_children() == before
 
 
-def test_uniform_selection_is_seeded_per_round():
-    ids = [f"c{i}" for i in range(50)]
-    select = loop.client_selector(synthetic_config("client_selection=uniform", "clients_per_round=5"), ids)
-    again = loop.client_selector(synthetic_config("client_selection=uniform", "clients_per_round=5"), ids)
-    assert select(3) == again(3) and select(3) != select(4)
-    assert len(set(select(3))) == 5
 
 
 def test_divergence_stops_with_a_clear_error(tmp_path):

@@ -54,6 +54,12 @@ def format_eval(split: str, metrics: Mapping) -> str:
             f"accuracy={metrics['sparse_categorical_accuracy']:.4f}")
 
 
+def format_personalization(summary: Mapping) -> str:
+    return (f"personalized on {summary['clients']} clients: accuracy {summary['accuracy_before']:.4f} -> "
+            f"{summary['accuracy_after']:.4f}, gain mean {summary['gain_mean']:+.4f}, quartiles "
+            f"{summary['gain_q1']:+.4f} / {summary['gain_median']:+.4f} / {summary['gain_q3']:+.4f}")
+
+
 def is_finite_loss(train_metrics: Mapping) -> bool:
     return math.isfinite(float(train_metrics.get("loss", 0.0)))
 

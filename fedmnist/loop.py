@@ -23,9 +23,10 @@ from fedmnist import checkpoint as checkpoint_lib
 from fedmnist.checkpoint import Checkpoints
 from fedmnist.data import FederatedDataset, load_dataset, make_federated_data
 from fedmnist.evaluation import FederatedEvaluator
-from fedmnist.logs import (MetricsLog, TensorBoardLog, drop_events_after, format_eval, format_round,
-                           is_finite_loss, to_python, write_json)
+from fedmnist.logs import (MetricsLog, TensorBoardLog, drop_events_after, format_eval,
+                           format_personalization, format_round, is_finite_loss, to_python, write_json)
 from fedmnist.participation import Participation
+from fedmnist.personalization import PersonalizationEvaluator
 from fedmnist.model import build_model_fn, initial_weights, to_keras
 from fedmnist.process import build_training_process
 
@@ -156,6 +157,12 @@ def train(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None] 
                 checkpoints.save(state, round_num)
             if last_train:
                 rounds.set_postfix(loss=last_train["loss"], acc=last_train["sparse_categorical_accuracy"])
+        personalized = None
+        if row and config.personalization.enabled:
+            p13n_ids = eval_ids[:config.personalization.clients or None]
+            personalized = PersonalizationEvaluator(model_fn, config.personalization)(
+                weights, dataset.train, dataset.test, p13n_ids)
+            echo(format_personalization(personalized))
         board.close()
 
     if not row:
@@ -174,6 +181,7 @@ def train(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None] 
         "model": config.model,
         "train": last_train,
         "eval": row["eval"],
+        "personalization": personalized,
         "total_seconds": time.perf_counter() - started,
     }
     write_json(run_dir / SUMMARY_FILE, summary)

@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run-dir", type=Path, help="output directory (default: runs/<name>-<timestamp>)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="serve the run in TensorBoard on 127.0.0.1 while it trains and afterwards, until Ctrl-C")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -93,10 +95,18 @@ def main(argv: list[str] | None = None) -> int:
         from fedmnist import loop  # TensorFlow starts here, after the config is known to be good.
 
         print(f"run directory: {run_dir}")
-        summary = loop.train(config, run_dir, progress=not args.quiet)
-        print(f"final: train accuracy {summary['eval']['train']['sparse_categorical_accuracy']:.4f}, "
-              f"test accuracy {summary['eval']['test']['sparse_categorical_accuracy']:.4f}, "
-              f"{summary['total_seconds']:.1f} s; outputs in {run_dir}")
+        server = _start_tensorboard(run_dir) if args.tensorboard else None
+        try:
+            summary = loop.train(config, run_dir, progress=not args.quiet)
+            print(f"final: train accuracy {summary['eval']['train']['sparse_categorical_accuracy']:.4f}, "
+                  f"test accuracy {summary['eval']['test']['sparse_categorical_accuracy']:.4f}, "
+                  f"{summary['total_seconds']:.1f} s; outputs in {run_dir}")
+            if server is not None:
+                from fedmnist import dashboard
+                dashboard.serve_until_interrupted(server.wait_ready())
+        finally:
+            if server is not None:
+                server.stop()
         return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -105,6 +115,14 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(error, 2, args)
     except Exception as error:  # noqa: BLE001 - the CLI's last line of defence: one line, exit 1.
         return _fail(error, 1, args)
+
+
+def _start_tensorboard(run_dir: Path):
+    from fedmnist import dashboard
+
+    server = dashboard.TensorBoardServer(run_dir, port=dashboard.pick_port())
+    print(f"TensorBoard: {server.url}", flush=True)
+    return server
 
 
 def _fail(error: Exception, code: int, args: argparse.Namespace | None) -> int:

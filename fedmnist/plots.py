@@ -7,19 +7,50 @@ notebooks (where a returned Figure shows itself inline).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from fedmnist.logs import MetricsLog
-
 CURVES_FILE = "curves.png"
+METRICS_FILE = "metrics.jsonl"  # as fedmnist.logs writes it; not imported, to keep TensorFlow out of reports
 ACCURACY = "sparse_categorical_accuracy"
 # (where the metrics live in a row, legend label, line style)
 _SERIES = ((("train",), "train (during local training)", "-"),
            (("eval", "train"), "eval on train data", "--"),
            (("eval", "test"), "eval on test data", ":"))
+
+
+class RunError(ValueError):
+    """A directory that is not a readable fedmnist run."""
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The rows of a run's `metrics.jsonl`, checked enough to plot them."""
+    path = Path(run_dir) / METRICS_FILE
+    if not Path(run_dir).is_dir():
+        raise RunError(f"{run_dir}: no such run directory")
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise RunError(f"{run_dir}: not a fedmnist run ({METRICS_FILE} is missing)") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise RunError(f"{run_dir}: {METRICS_FILE} cannot be read: {error}") from None
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise RunError(f"{run_dir}: {METRICS_FILE} line {number} is not valid JSON") from None
+        if not isinstance(row, dict) or not isinstance(row.get("round"), int):
+            raise RunError(f"{run_dir}: {METRICS_FILE} line {number} has no round number")
+        rows.append(row)
+    if not rows:
+        raise RunError(f"{run_dir}: {METRICS_FILE} holds no rounds yet")
+    return rows
 
 
 def _lookup(row: Mapping, path: Sequence[str]) -> Mapping | None:
@@ -72,11 +103,9 @@ def plot_curves(rows: Sequence[Mapping], title: str = "") -> Figure:
 def write_curves(run_dir: str | Path, title: str | None = None) -> Path:
     """Writes `curves.png` from the run's `metrics.jsonl` and returns its path."""
     run_dir = Path(run_dir)
-    rows = MetricsLog(run_dir).rows()
-    if not rows:
-        raise ValueError(f"{run_dir} has no metrics to plot")
+    rows = read_metrics(run_dir)
     path = run_dir / CURVES_FILE
-    plot_curves(rows, run_dir.name if title is None else title).savefig(path)
+    plot_curves(rows, run_dir.resolve().name if title is None else title).savefig(path)
     return path
 
 

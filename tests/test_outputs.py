@@ -163,8 +163,12 @@ def test_tensorboard_serves_the_runs_scalars_histograms_and_config(runs):
          "--host", "127.0.0.1", "--port", str(port)],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        tags = wait_for(lambda: (t := get_json(base, "data/plugin/scalars/tags")) and len(t) == 2 and t,
-                        timeout=90, process=server)
+        def fully_loaded() -> bool:  # each run's last events are round ROUNDS's weight histograms
+            return all(len(get_json(base, "data/plugin/histograms/histograms", run=name,
+                                    tag="weights/0_dense/kernel")) == 2 for name in runs)
+
+        wait_for(fully_loaded, timeout=90, process=server)
+        tags = get_json(base, "data/plugin/scalars/tags")
         assert sorted(get_json(base, "data/runs")) == ["fast", "slow"]
         expected = {"train/loss", "train/sparse_categorical_accuracy", "eval/train/loss",
                     "eval/train/sparse_categorical_accuracy", "eval/test/loss",
@@ -225,8 +229,8 @@ def test_train_with_tensorboard_serves_the_run_until_ctrl_c(tmp_path):
         line_with("press Ctrl-C to stop it")
         server_pids = children(process.pid, b"tensorboard")
         assert server_pids
-        points = wait_for(lambda: get_json(url, "data/plugin/scalars/scalars", run=".", tag="train/loss"),
-                          timeout=30, process=process)
+        points = wait_for(lambda: (p := get_json(url, "data/plugin/scalars/scalars", run=".", tag="train/loss"))
+                          and len(p) == 2 and p, timeout=30, process=process)
         assert [step for _, step, _ in points] == [1, 2]
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=30) == 0, "".join(seen)

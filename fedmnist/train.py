@@ -1,5 +1,7 @@
 """Step 6 of the article: the command line. `python -m fedmnist.train --help` lists the options.
 
+`--tensorboard` serves the run in TensorBoard while it trains and afterwards, until Ctrl-C.
+
 Exit codes: 0 done, 2 usage or configuration error, 1 runtime failure, 130 interrupted. Errors are
 one line on stderr; `--debug` shows the traceback as well.
 """
@@ -95,14 +97,18 @@ def main(argv: list[str] | None = None) -> int:
         from fedmnist import loop  # TensorFlow starts here, after the config is known to be good.
 
         print(f"run directory: {run_dir}")
-        server = _start_tensorboard(run_dir) if args.tensorboard else None
+        server = None
+        if args.tensorboard:
+            from fedmnist import dashboard
+
+            server = dashboard.TensorBoardServer(run_dir, port=dashboard.pick_port())
+            print(f"TensorBoard: {server.url}", flush=True)
         try:
             summary = loop.train(config, run_dir, progress=not args.quiet)
             print(f"final: train accuracy {summary['eval']['train']['sparse_categorical_accuracy']:.4f}, "
                   f"test accuracy {summary['eval']['test']['sparse_categorical_accuracy']:.4f}, "
                   f"{summary['total_seconds']:.1f} s; outputs in {run_dir}")
             if server is not None:
-                from fedmnist import dashboard
                 dashboard.serve_until_interrupted(server.wait_ready())
         finally:
             if server is not None:
@@ -115,14 +121,6 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(error, 2, args)
     except Exception as error:  # noqa: BLE001 - the CLI's last line of defence: one line, exit 1.
         return _fail(error, 1, args)
-
-
-def _start_tensorboard(run_dir: Path):
-    from fedmnist import dashboard
-
-    server = dashboard.TensorBoardServer(run_dir, port=dashboard.pick_port())
-    print(f"TensorBoard: {server.url}", flush=True)
-    return server
 
 
 def _fail(error: Exception, code: int, args: argparse.Namespace | None) -> int:

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from ipykernel.kernelspec import write_kernel_spec
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
 from fedmnist import config, logs, loop, plots
@@ -18,7 +21,15 @@ NOTEBOOK_NAMES = ("federated_mnist.ipynb", "custom_model.ipynb")
 MACHINE_PATH = re.compile(r"(?<![\w.])/(?:work|home|root|tmp|usr|opt|var|Users)/")
 
 
-def execute(name: str, parameters: dict, timeout: int = 600) -> nbformat.NotebookNode:
+def this_interpreters_kernel(tmp_path: Path) -> KernelManager:
+    """A kernel manager for an ipykernel on this very interpreter, whatever kernelspecs named
+    `python3` the machine has (the environment's own one runs whichever `python` is on PATH)."""
+    write_kernel_spec(tmp_path / "kernels" / "fedmnist")
+    return KernelManager(kernel_name="fedmnist",
+                         kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")]))
+
+
+def execute(name: str, parameters: dict, tmp_path: Path, timeout: int = 600) -> nbformat.NotebookNode:
     """Runs a notebook in a fresh kernel, with `parameters` injected after its `parameters` cell
     (as papermill does), from the notebooks directory as Jupyter would."""
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
@@ -27,7 +38,7 @@ def execute(name: str, parameters: dict, timeout: int = 600) -> nbformat.Noteboo
     source = "\n".join(f"{key} = {value!r}" for key, value in parameters.items())
     notebook.cells.insert(index + 1, nbformat.v4.new_code_cell(
         source, metadata={"tags": ["injected-parameters"]}))
-    NotebookClient(notebook, timeout=timeout, kernel_name="python3",
+    NotebookClient(notebook, km=this_interpreters_kernel(tmp_path), timeout=timeout,
                    resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
     return notebook
 
@@ -61,7 +72,8 @@ def no_leftover_workers():
 @pytest.mark.usefixtures("no_leftover_workers")
 def test_federated_mnist_notebook_trains_like_the_cli(tmp_path):
     run_dir = tmp_path / "notebook"
-    notebook = execute("federated_mnist.ipynb", {"NUM_ROUNDS": 2, "DATASET": "digits", "RUN_DIR": str(run_dir)})
+    notebook = execute("federated_mnist.ipynb", {"NUM_ROUNDS": 2, "DATASET": "digits", "RUN_DIR": str(run_dir)},
+                       tmp_path)
 
     rows = plots.read_metrics(run_dir)
     assert [row["round"] for row in rows] == [1, 2]
@@ -86,7 +98,8 @@ def test_federated_mnist_notebook_trains_like_the_cli(tmp_path):
 
 @pytest.mark.usefixtures("no_leftover_workers")
 def test_custom_model_notebook_matches_keras(tmp_path):
-    notebook = execute("custom_model.ipynb", {"NUM_ROUNDS": 2, "DATASET": "digits", "RUN_DIR": str(tmp_path)})
+    notebook = execute("custom_model.ipynb", {"NUM_ROUNDS": 2, "DATASET": "digits", "RUN_DIR": str(tmp_path)},
+                       tmp_path)
 
     comparison = json.loads((tmp_path / "comparison.json").read_text())
     custom, keras = comparison["train"]["MnistModel"], comparison["train"]["Keras"]

@@ -95,6 +95,7 @@ class Config:
     client_selection: Literal["fixed", "uniform"] = "fixed"
     eval_every: int = _field(0, minimum=0)
     eval_clients: int = _field(10, minimum=0)
+    histogram_every: int = _field(1, minimum=0)
     model: Literal["linear", "cnn"] = "linear"
     checkpoint_every: int = _field(1, minimum=1)
     checkpoints_kept: int = _field(3, minimum=1)

@@ -87,7 +87,8 @@ class MetricsLog:
 
 
 class TensorBoardLog:
-    """Scalars per round under `train/...`, `eval/train/...`, `eval/test/...`, `time/...`."""
+    """Scalars per round under `train/...`, `eval/train/...`, `eval/test/...`, `time/...`,
+    `learning_rate/...`; histograms `weights/...`; the resolved config as text."""
 
     def __init__(self, run_dir: Path):
         self.writer = tf.summary.create_file_writer(str(run_dir))
@@ -96,6 +97,20 @@ class TensorBoardLog:
         with self.writer.as_default():
             for tag, value in flatten(metrics).items():
                 tf.summary.scalar(tag, value, step=step)
+        self.writer.flush()
+
+    def write_text(self, tag: str, text: str, step: int = 0) -> None:
+        """Text shown in TensorBoard's Text tab; a 4-space indent keeps its Markdown verbatim."""
+        verbatim = "\n".join("    " + line for line in text.splitlines())
+        with self.writer.as_default():
+            tf.summary.text(tag, verbatim, step=step)
+        self.writer.flush()
+
+    def write_histograms(self, step: int, arrays: Mapping[str, Any]) -> None:
+        """One histogram per named array, e.g. `weights/dense/kernel`."""
+        with self.writer.as_default():
+            for tag, value in arrays.items():
+                tf.summary.histogram(tag, np.asarray(value), step=step)
         self.writer.flush()
 
     def close(self) -> None:

@@ -18,16 +18,16 @@ import yaml
 from tqdm import tqdm
 
 from fedmnist import config as config_lib
-from fedmnist import installed_versions, runtime
 from fedmnist import checkpoint as checkpoint_lib
+from fedmnist import dashboard, installed_versions, plots, runtime
 from fedmnist.checkpoint import Checkpoints
 from fedmnist.data import FederatedDataset, load_dataset, make_federated_data
 from fedmnist.evaluation import FederatedEvaluator
 from fedmnist.logs import (MetricsLog, TensorBoardLog, drop_events_after, format_eval,
                            format_personalization, format_round, is_finite_loss, to_python, write_json)
+from fedmnist.model import build_model_fn, create_model, initial_weights, to_keras
 from fedmnist.participation import Participation
 from fedmnist.personalization import PersonalizationEvaluator
-from fedmnist.model import build_model_fn, initial_weights, to_keras
 from fedmnist.process import build_training_process
 
 CONFIG_FILE = "config.yaml"
@@ -108,6 +108,7 @@ def train(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None] 
     eval_data = {split: make_federated_data(client_data, eval_ids, **preprocess_kwargs(config, epochs=1))
                  for split, client_data in (("train", dataset.train), ("test", dataset.test))}
     metrics_log, checkpoints = MetricsLog(run_dir), Checkpoints(run_dir, keep=config.checkpoints_kept)
+    histogram_names = dashboard.weight_names(create_model(config.model, dataset.num_classes))
 
     with runtime.local_runtime(log_path=run_dir / "worker.log"):
         process = build_training_process(model_fn, config.client_optimizer, config.server_optimizer)
@@ -122,6 +123,8 @@ def train(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None] 
             drop_events_after(run_dir, done)
             echo(f"resuming after round {done}")
         board = TensorBoardLog(run_dir)
+        if done == 0:
+            board.write_text("config", (run_dir / CONFIG_FILE).read_text())
         weights = process.get_model_weights(state)
         row: dict = {}
         last_train: dict | None = None
@@ -152,7 +155,10 @@ def train(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None] 
             row["seconds"] = time.perf_counter() - round_started
             metrics_log.append(row)
             board.write(round_num, {k: row[k] for k in ("train", "eval", "participation") if k in row}
-                        | {"time": {"round_seconds": row["seconds"]}})
+                        | {"time": {"round_seconds": row["seconds"]},
+                           "learning_rate": dashboard.learning_rates(process, state)})
+            if config.histogram_every and (last or round_num % config.histogram_every == 0):
+                board.write_histograms(round_num, dashboard.weight_arrays(histogram_names, weights))
             if last or round_num % config.checkpoint_every == 0:
                 checkpoints.save(state, round_num)
             if last_train:
@@ -185,6 +191,7 @@ def train(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None] 
         "total_seconds": time.perf_counter() - started,
     }
     write_json(run_dir / SUMMARY_FILE, summary)
+    plots.write_curves(run_dir)
     return summary
 
 

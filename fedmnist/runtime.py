@@ -145,6 +145,18 @@ def local_runtime(log_path: Path | None = None) -> Iterator[LocalWorker]:
         worker.stop()
 
 
+def start_local_runtime(log_path: Path | None = None) -> contextlib.ExitStack:
+    """`local_runtime()` for interactive sessions (notebooks), where no `with` block spans cells.
+
+    The worker serves until `.close()` is called on the returned object, or the interpreter exits
+    (and, like every worker here, it dies with its parent process).
+    """
+    stack = contextlib.ExitStack()
+    stack.enter_context(local_runtime(log_path))
+    atexit.register(stack.close)
+    return stack
+
+
 def worker_children() -> list[int]:
     """Process ids of `worker_binary` processes whose parent is this process."""
     pids = []

@@ -1,5 +1,7 @@
 """Step 6 of the article: the command line. `python -m fedmnist.train --help` lists the options.
 
+`--tensorboard` serves the run in TensorBoard while it trains and afterwards, until Ctrl-C.
+
 Exit codes: 0 done, 2 usage or configuration error, 1 runtime failure, 130 interrupted. Errors are
 one line on stderr; `--debug` shows the traceback as well.
 """
@@ -45,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="continue a stopped run from its last checkpoint, with its own config "
                              "(--rounds may extend it)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="serve the run in TensorBoard on 127.0.0.1 while it trains and afterwards, until Ctrl-C")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -131,6 +135,11 @@ class StopRequest:
     def __call__(self) -> bool:
         return self.requested
 
+    @staticmethod
+    def restore_defaults() -> None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
 
 def main(argv: list[str] | None = None) -> int:
     args = run_dir = None
@@ -146,11 +155,24 @@ def main(argv: list[str] | None = None) -> int:
         from fedmnist import loop  # TensorFlow starts here, after the config is known to be good.
 
         print(f"run directory: {run_dir}")
-        summary = loop.train(config, run_dir, progress=not args.quiet, resume=bool(args.resume),
-                             stop_requested=stop)
-        print(f"final: train accuracy {summary['eval']['train']['sparse_categorical_accuracy']:.4f}, "
-              f"test accuracy {summary['eval']['test']['sparse_categorical_accuracy']:.4f}, "
-              f"{summary['total_seconds']:.1f} s; outputs in {run_dir}")
+        server = None
+        if args.tensorboard:
+            from fedmnist import dashboard
+
+            server = dashboard.TensorBoardServer(run_dir, port=dashboard.pick_port())
+            print(f"TensorBoard: {server.url}", flush=True)
+        try:
+            summary = loop.train(config, run_dir, progress=not args.quiet, resume=bool(args.resume),
+                                 stop_requested=stop)
+            print(f"final: train accuracy {summary['eval']['train']['sparse_categorical_accuracy']:.4f}, "
+                  f"test accuracy {summary['eval']['test']['sparse_categorical_accuracy']:.4f}, "
+                  f"{summary['total_seconds']:.1f} s; outputs in {run_dir}")
+            if server is not None:
+                stop.restore_defaults()  # training is over: Ctrl-C now just stops TensorBoard
+                dashboard.serve_until_interrupted(server.wait_ready())
+        finally:
+            if server is not None:
+                server.stop()
         return 0
     except KeyboardInterrupt as error:
         return _interrupted(str(error) or "interrupted during a round", run_dir)

@@ -1,0 +1,139 @@
+"""TensorBoard: what a run shows there beyond its metrics, and a server this package starts and stops.
+
+`python -m fedmnist.train --tensorboard` serves the run directory while it trains and afterwards,
+until Ctrl-C. By hand: `uv run tensorboard --logdir runs` (all runs) or `--logdir runs/<run>`.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import portpicker
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from fedmnist import runtime
+from fedmnist.logs import to_python
+
+DEFAULT_PORT = 6006
+_STARTUP_TIMEOUT_SECONDS = 60.0
+
+
+class TensorBoardError(RuntimeError):
+    """TensorBoard could not be started or did not answer."""
+
+
+# --- What a run logs besides its metrics ----------------------------------------------------------
+
+def learning_rates(process: tff.learning.templates.LearningProcess, state) -> dict[str, float]:
+    """The client and server learning rates held in the training state (TFF's hparams)."""
+    hparams = to_python(process.get_hparams(state))
+    parts = {"client": hparams.get("client_work", {}), "server": hparams.get("finalizer", {})}
+    return {side: float(values["learning_rate"]) for side, values in parts.items()
+            if "learning_rate" in values}
+
+
+def weight_names(keras_model: tf.keras.Model) -> list[str]:
+    """Stable names for the model's trainable weights, in `ModelWeights.trainable` order:
+    `<layer index>_<layer type>/<weight>`, e.g. `0_dense/kernel` (Keras' own layer names carry a
+    per-process counter, `dense_7`, so they differ from run to run)."""
+    names = []
+    for index, layer in enumerate(keras_model.layers):
+        kind = layer.__class__.__name__.lower()
+        for weight in layer.trainable_weights:
+            short = weight.name.split("/")[-1].split(":")[0]
+            names.append(f"{index}_{kind}/{short}")
+    return names
+
+
+def weight_arrays(names: list[str], weights: tff.learning.models.ModelWeights) -> dict[str, np.ndarray]:
+    return {f"weights/{name}": np.asarray(value) for name, value in zip(names, weights.trainable)}
+
+
+# --- The server -------------------------------------------------------------------------------------
+
+def pick_port(preferred: int = DEFAULT_PORT) -> int:
+    """TensorBoard's usual port when it is free, else any free local port."""
+    return preferred if portpicker.is_port_free(preferred) else portpicker.pick_unused_port()
+
+
+class TensorBoardServer:
+    """`tensorboard --logdir LOGDIR` on 127.0.0.1 as a child process, killed with its parent."""
+
+    def __init__(self, logdir: str | Path, port: int | None = None, host: str = "127.0.0.1",
+                 reload_interval: float = 2.0):
+        self.host = host
+        self.port = port or portpicker.pick_unused_port()
+        self._output = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", host,
+             "--port", str(self.port), "--reload_interval", str(reload_interval)],
+            stdin=subprocess.DEVNULL, stdout=self._output, stderr=subprocess.STDOUT,
+            preexec_fn=runtime._die_with_parent)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/"
+
+    def get(self, path: str, timeout: float = 5.0) -> bytes:
+        """The body of `GET <url><path>`, e.g. `get("data/runs")`."""
+        with urllib.request.urlopen(self.url + path.lstrip("/"), timeout=timeout) as response:
+            return response.read()
+
+    def wait_ready(self, timeout: float = _STARTUP_TIMEOUT_SECONDS) -> "TensorBoardServer":
+        """Returns once the server answers its data API; raises if it exits or times out."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise TensorBoardError(f"TensorBoard exited with code {self.process.returncode}: "
+                                       f"{self._last_output_line()}")
+            try:
+                self.get("data/runs", timeout=2.0)
+                return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TensorBoardError(f"TensorBoard did not answer on port {self.port} within {timeout:.0f} s")
+            time.sleep(0.2)
+
+    def _last_output_line(self) -> str:
+        self._output.seek(0)
+        lines = [line for line in self._output.read().decode(errors="replace").splitlines() if line.strip()]
+        return lines[-1] if lines else "no output"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._output.close()
+
+    def __enter__(self) -> "TensorBoardServer":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+def serve_until_interrupted(server: TensorBoardServer, echo=print) -> None:
+    """Keeps the server up until Ctrl-C (or until it exits by itself)."""
+    echo(f"TensorBoard is serving the run at {server.url}; press Ctrl-C to stop it")
+    try:
+        while server.process.poll() is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()

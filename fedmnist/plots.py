@@ -1,0 +1,132 @@
+"""Learning curves from a run's `metrics.jsonl`: `curves.png` in every run directory.
+
+Figures are built with `matplotlib.figure.Figure` and saved through the Agg canvas, so plotting
+never touches pyplot's global state or needs a display, and works the same in scripts, tests and
+notebooks (where a returned Figure shows itself inline).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+CURVES_FILE = "curves.png"
+METRICS_FILE = "metrics.jsonl"  # as fedmnist.logs writes it; not imported, to keep TensorFlow out of reports
+ACCURACY = "sparse_categorical_accuracy"
+# (where the metrics live in a row, legend label, line style)
+_SERIES = ((("train",), "train (during local training)", "-"),
+           (("eval", "train"), "eval on train data", "--"),
+           (("eval", "test"), "eval on test data", ":"))
+
+
+class RunError(ValueError):
+    """A directory that is not a readable fedmnist run."""
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The rows of a run's `metrics.jsonl`, checked enough to plot them."""
+    path = Path(run_dir) / METRICS_FILE
+    if not Path(run_dir).is_dir():
+        raise RunError(f"{run_dir}: no such run directory")
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise RunError(f"{run_dir}: not a fedmnist run ({METRICS_FILE} is missing)") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise RunError(f"{run_dir}: {METRICS_FILE} cannot be read: {error}") from None
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise RunError(f"{run_dir}: {METRICS_FILE} line {number} is not valid JSON") from None
+        if not isinstance(row, dict) or not isinstance(row.get("round"), int):
+            raise RunError(f"{run_dir}: {METRICS_FILE} line {number} has no round number")
+        rows.append(row)
+    if not rows:
+        raise RunError(f"{run_dir}: {METRICS_FILE} holds no rounds yet")
+    return rows
+
+
+def _lookup(row: Mapping, path: Sequence[str]) -> Mapping | None:
+    for key in path:
+        row = row.get(key) if isinstance(row, Mapping) else None
+    return row if isinstance(row, Mapping) else None
+
+
+def accuracy_key(metrics: Mapping) -> str:
+    """The accuracy metric's name: Keras models report `sparse_categorical_accuracy`, the
+    tutorial's hand-written model `accuracy`."""
+    return ACCURACY if ACCURACY in metrics else "accuracy"
+
+
+def series(rows: Sequence[Mapping], path: Sequence[str], metric: str) -> tuple[list[int], list[float]]:
+    """(rounds, values) of one metric, e.g. `series(rows, ("eval", "test"), "loss")`; rounds
+    without that metric (no evaluation that round) are skipped."""
+    rounds, values = [], []
+    for row in rows:
+        metrics = _lookup(row, path)
+        if metrics is None:
+            continue
+        name = accuracy_key(metrics) if metric == ACCURACY else metric
+        if name in metrics:
+            rounds.append(int(row["round"]))
+            values.append(float(metrics[name]))
+    return rounds, values
+
+
+def plot_curves(rows: Sequence[Mapping], title: str = "") -> Figure:
+    """Loss and accuracy per round: training metrics and federated evaluation, side by side."""
+    figure = Figure(figsize=(10, 4), dpi=100, layout="constrained")
+    loss_axes, accuracy_axes = figure.subplots(1, 2)
+    for axes, metric, label in ((loss_axes, "loss", "loss"), (accuracy_axes, ACCURACY, "accuracy")):
+        for path, name, style in _SERIES:
+            rounds, values = series(rows, path, metric)
+            if rounds:
+                axes.plot(rounds, values, style, marker="o", markersize=4, label=name)
+        axes.set_xlabel("round")
+        axes.set_ylabel(label)
+        axes.grid(alpha=0.3)
+        axes.xaxis.get_major_locator().set_params(integer=True)
+    accuracy_axes.set_ylim(0.0, 1.0)
+    accuracy_axes.legend(loc="lower right", fontsize="small")
+    if title:
+        figure.suptitle(title)
+    return figure
+
+
+def write_curves(run_dir: str | Path, title: str | None = None) -> Path:
+    """Writes `curves.png` from the run's `metrics.jsonl` and returns its path."""
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir)
+    path = run_dir / CURVES_FILE
+    plot_curves(rows, run_dir.resolve().name if title is None else title).savefig(path)
+    return path
+
+
+def plot_accuracy_overlay(runs: Mapping[str, Sequence[Mapping]]) -> Figure:
+    """The accuracy curves of several runs in one figure: training accuracy on the left,
+    federated evaluation on test data on the right, one colour per run."""
+    figure = Figure(figsize=(11, 4.5), dpi=100, layout="constrained")
+    train_axes, test_axes = figure.subplots(1, 2, sharey=True)
+    for index, (name, rows) in enumerate(runs.items()):
+        colour = f"C{index % 10}"
+        for axes, path in ((train_axes, ("train",)), (test_axes, ("eval", "test"))):
+            rounds, values = series(rows, path, ACCURACY)
+            if rounds:
+                axes.plot(rounds, values, "-", marker="o", markersize=4, color=colour, label=name)
+    train_axes.set_title("train accuracy (during local training)")
+    test_axes.set_title("federated evaluation on test data")
+    for axes in (train_axes, test_axes):
+        axes.set_xlabel("round")
+        axes.grid(alpha=0.3)
+        axes.set_ylim(0.0, 1.0)
+        axes.xaxis.get_major_locator().set_params(integer=True)
+    train_axes.set_ylabel("accuracy")
+    train_axes.legend(loc="lower right", fontsize="small")
+    return figure

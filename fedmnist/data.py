@@ -242,3 +242,9 @@ def _load_source(cfg: DataConfig, seed: int) -> FederatedDataset:
         return load_digits(cfg.num_clients, cfg.partition, seed, cfg.dirichlet_alpha, cfg.test_fraction)
     return load_synthetic(cfg.num_clients, cfg.examples_per_client, seed, cfg.partition,
                           cfg.dirichlet_alpha, cfg.test_fraction)
+
+
+if __name__ == "__main__":
+    from fedmnist.population import main
+
+    sys.exit(main())

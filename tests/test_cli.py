@@ -32,7 +32,8 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     accumulator = event_accumulator.EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
     accumulator.Reload()
     return {tag: [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in accumulator.Tensors(tag)]
-            for tag in accumulator.Tags()["tensors"]}
+            for tag in accumulator.Tags()["tensors"]
+            if accumulator.SummaryMetadata(tag).plugin_data.plugin_name == "scalars"}
 
 
 def test_digits_run_prints_rounds_and_final_accuracy(digits_run):

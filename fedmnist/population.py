@@ -1,0 +1,114 @@
+"""`python -m fedmnist.data describe`: what a federated population looks like.
+
+Prints the number of clients, examples per client (min / median / max), and how skewed the clients'
+labels are: the mean total-variation distance between each client's label distribution and the
+whole population's (0 for identical mixes, 1 for disjoint labels), the mean number of distinct labels
+per client and the mean share of each client's most common label. Writes a PNG of per-client label
+histograms and of the examples-per-client distribution.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from fedmnist import config as config_lib
+
+
+def label_counts(client_data, client_ids, num_classes: int) -> np.ndarray:
+    """A (clients x classes) matrix of example counts."""
+    counts = np.zeros((len(client_ids), num_classes), dtype=np.int64)
+    for row, client_id in enumerate(client_ids):
+        labels = client_data.create_tf_dataset_for_client(client_id).map(lambda e: e["label"])
+        for label, count in zip(*np.unique(list(labels.as_numpy_iterator()), return_counts=True)):
+            counts[row, label] = count
+    return counts
+
+
+def describe(counts: np.ndarray) -> dict:
+    sizes = counts.sum(axis=1)
+    client_mix = counts / sizes[:, None]
+    overall = counts.sum(axis=0) / counts.sum()
+    return {
+        "clients": int(len(sizes)),
+        "examples": int(sizes.sum()),
+        "examples_min": int(sizes.min()),
+        "examples_median": float(np.median(sizes)),
+        "examples_max": int(sizes.max()),
+        "label_tv_distance": float(0.5 * np.abs(client_mix - overall).sum(axis=1).mean()),
+        "labels_per_client": float((counts > 0).sum(axis=1).mean()),
+        "top_label_share": float(client_mix.max(axis=1).mean()),
+    }
+
+
+def format_description(name: str, stats: dict) -> str:
+    return "\n".join([
+        f"population: {name}",
+        f"  clients            {stats['clients']}",
+        f"  train examples     {stats['examples']} (per client: min {stats['examples_min']}, "
+        f"median {stats['examples_median']:g}, max {stats['examples_max']})",
+        f"  label skew         {stats['label_tv_distance']:.3f} mean total-variation distance to the "
+        f"population's label mix (0 = IID)",
+        f"  labels per client  {stats['labels_per_client']:.2f} on average; most common label holds "
+        f"{stats['top_label_share']:.1%} of a client's examples",
+    ])
+
+
+def plot(counts: np.ndarray, path: Path, title: str, max_clients: int = 40) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = counts[:max_clients]
+    figure, (heat, sizes) = plt.subplots(1, 2, figsize=(12, 0.18 * len(shown) + 2.5),
+                                         gridspec_kw={"width_ratios": [3, 1]})
+    image = heat.imshow(shown / shown.sum(axis=1, keepdims=True), aspect="auto", cmap="viridis")
+    heat.set(xlabel="label", ylabel="client", title=f"label share per client (first {len(shown)})")
+    heat.yaxis.get_major_locator().set_params(integer=True)
+    figure.colorbar(image, ax=heat, fraction=0.03)
+    sizes.hist(counts.sum(axis=1), bins=min(30, len(counts)))
+    sizes.set(xlabel="train examples per client", ylabel="clients", title="client sizes")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fedmnist.data",
+                                     description="Describe the federated population a config selects.")
+    parser.add_argument("command", choices=["describe"])
+    parser.add_argument("--config", help="YAML config file (default: the tutorial's)")
+    parser.add_argument("--dataset", help="auto, emnist, digits or synthetic")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--output", type=Path, help="PNG path (default: population-<dataset>.png)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing PNG")
+    args = parser.parse_args(argv)
+    try:
+        overrides = ([f"data.dataset={args.dataset}"] if args.dataset else []) + args.set
+        config = config_lib.load(args.config, overrides)
+    except config_lib.ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    output = args.output or Path(f"population-{config.data.dataset}.png")
+    if output.exists() and not args.overwrite:
+        print(f"error: {output} exists; pass --overwrite or another --output", file=sys.stderr)
+        return 2
+
+    from fedmnist.data import DataUnavailableError, load_dataset
+
+    try:
+        dataset = load_dataset(config.data, config.seed)
+    except DataUnavailableError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    counts = label_counts(dataset.train, dataset.train.client_ids, dataset.num_classes)
+    name = f"{dataset.name}, partition {config.data.partition}" if dataset.name != "emnist" else "emnist"
+    print(format_description(name, describe(counts)))
+    plot(counts, output, name)
+    print(f"label histograms: {output}")
+    return 0

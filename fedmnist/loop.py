@@ -19,12 +19,12 @@ from tqdm import tqdm
 
 from fedmnist import config as config_lib
 from fedmnist import installed_versions, runtime
+from fedmnist.aggregation import build_process
 from fedmnist.data import FederatedDataset, load_dataset, make_federated_data
 from fedmnist.evaluation import FederatedEvaluator
 from fedmnist.logs import (MetricsLog, TensorBoardLog, format_eval, format_round, is_finite_loss,
                            to_python, write_json)
 from fedmnist.model import build_model_fn, initial_weights, to_keras
-from fedmnist.process import build_training_process
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
@@ -95,7 +95,9 @@ def train(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None] 
     metrics_log, board = MetricsLog(run_dir), TensorBoardLog(run_dir)
 
     with runtime.local_runtime(log_path=run_dir / "worker.log"):
-        process = build_training_process(model_fn, config.client_optimizer, config.server_optimizer)
+        process, aggregation = build_process(config, model_fn, len(dataset.train.client_ids))
+        if header := aggregation.header():
+            echo(header)
         evaluator = FederatedEvaluator(model_fn)
         state = process.set_model_weights(
             process.initialize(), initial_weights(config.model, dataset.num_classes, config.seed))
@@ -111,15 +113,18 @@ def train(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None] 
                     f"training diverged at round {round_num} (loss {train_metrics['loss']}); "
                     f"lower the learning rates")
             state = result.state
-            row = {"round": round_num, "clients": client_ids, "train": train_metrics}
+            row = {"round": round_num, "clients": client_ids, "train": train_metrics,
+                   "aggregation": aggregation.round(round_num, result.metrics)}
             echo(format_round(round_num, train_metrics))
+            if line := aggregation.line(round_num, row["aggregation"]):
+                echo(line)
             last = round_num == config.rounds
             if last or (config.eval_every and round_num % config.eval_every == 0):
                 weights = process.get_model_weights(state)
                 row["eval"] = {split: evaluator(weights, data) for split, data in eval_data.items()}
             row["seconds"] = time.perf_counter() - round_started
             metrics_log.append(row)
-            board.write(round_num, {k: row[k] for k in ("train", "eval") if k in row}
+            board.write(round_num, {k: row[k] for k in ("train", "eval", "aggregation") if k in row}
                         | {"time": {"round_seconds": row["seconds"]}})
             rounds.set_postfix(loss=train_metrics["loss"], acc=train_metrics["sparse_categorical_accuracy"])
         final_weights = process.get_model_weights(state)
@@ -137,6 +142,7 @@ def train(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None] 
         "model": config.model,
         "train": row["train"],
         "eval": row["eval"],
+        "aggregation": aggregation.summary(),
         "total_seconds": time.perf_counter() - started,
     }
     write_json(run_dir / SUMMARY_FILE, summary)

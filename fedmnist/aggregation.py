@@ -15,9 +15,10 @@ tensor of each shape. The small scalars that adaptive clipping and zeroing add a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 import tensorflow as tf
@@ -90,15 +91,15 @@ def encoded_bits(shape: tuple[int, ...], bits: int, threshold: int) -> int:
     return sum(int(np.prod(t.shape)) * t.dtype.size * 8 for t in tf.nest.flatten(encoded))
 
 
-class _quiet_bitpacking:
+@contextlib.contextmanager
+def _quiet_bitpacking() -> Iterator[None]:
     """The bitpacking stage logs a memory warning on the root logger each time it is traced."""
-
-    def __enter__(self):
-        self.filter = lambda record: "bitpacking" not in record.getMessage()
-        logging.getLogger().addFilter(self.filter)
-
-    def __exit__(self, *exc):
-        logging.getLogger().removeFilter(self.filter)
+    quiet = lambda record: "bitpacking" not in record.getMessage()  # noqa: E731
+    logging.getLogger().addFilter(quiet)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(quiet)
 
 
 # --- The process and its report ----------------------------------------------------------------
@@ -189,7 +190,7 @@ class AggregationReport:
 
 
 def build_process(config: config_lib.Config, model_fn: Callable[[], tff.learning.models.VariableModel],
-                  num_clients: int):
+                  num_clients: int) -> tuple[object, AggregationReport]:
     """The training process for `config.aggregation` (a LearningProcess, or SecureFedAvg with its
     surface) and the report that goes with it. `num_clients` is the population size."""
     mode = config.aggregation

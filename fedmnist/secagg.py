@@ -46,7 +46,11 @@ _RAW = (serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 class SecureAggregationError(RuntimeError):
-    """The protocol cannot finish this round (too many dropouts, bad messages)."""
+    """The protocol cannot finish this round (too many dropouts, bad messages).
+
+    `view` is what the server had received when the round aborted, when known."""
+
+    view: "ServerView | None" = None
 
 
 # --- Building blocks -------------------------------------------------------------------------
@@ -127,6 +131,12 @@ class ServerView:
     encrypted_shares: dict[int, dict[int, bytes]] = dataclasses.field(default_factory=dict)
     masked_inputs: dict[int, bytes] = dataclasses.field(default_factory=dict)
     unmasking: dict[int, UnmaskingResponse] = dataclasses.field(default_factory=dict)
+
+    def mean_bytes_sent(self) -> float:
+        """Bytes sent per client, averaged over the clients that sent a masked input (else all)."""
+        sent = self.bytes_sent()
+        senders = [sent[u] for u in self.masked_inputs] or list(sent.values())
+        return float(np.mean(senders)) if senders else 0.0
 
     def bytes_sent(self) -> dict[int, int]:
         """Bytes each client sent to the server over the whole protocol."""
@@ -295,7 +305,11 @@ def run_protocol(inputs: Mapping[int, np.ndarray], threshold: int, bits: int,
     gone = sorted(set(view.encrypted_shares) - set(survivors))
     if len(survivors) >= threshold:  # below it, honest clients refuse to answer
         view.unmasking = {v: clients[v].unmasking_response(survivors, gone) for v in survivors}
-    return server_aggregate(view), view
+    try:
+        return server_aggregate(view), view
+    except SecureAggregationError as error:
+        error.view = view
+        raise
 
 
 # --- Fixed point: float updates in, integers modulo 2^k out ------------------------------------

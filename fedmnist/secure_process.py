@@ -97,16 +97,24 @@ class SecureFedAvg:
             total, self.last_view = secagg.run_protocol(inputs, self.threshold, self.settings.bits, dropped,
                                                         self.entropy)
         except secagg.SecureAggregationError as error:
-            report.update(failed=1, error=f"{error}; the round is skipped and the global model kept")
+            self.last_view = error.view
+            report.update(failed=1, error=f"{error}; the round is skipped and the global model kept",
+                          **self._traffic(error.view))
             return self._output(state, client_metrics, report, collections.OrderedDict(update_non_finite=0))
         mean, total_weight = secagg.decode_mean(total, self.scale, self.settings.bits)
-        sent = self.last_view.bytes_sent()
-        protocol_bytes = float(np.mean([sent[u] for u in self.last_view.masked_inputs]))
-        plain_bytes = 4 * self.last_view.length  # float32 update and weight, as TFF's mean sends them
-        report.update(failed=0, total_weight=total_weight, bytes_per_client=protocol_bytes,
-                      extra_bytes_per_client=protocol_bytes - plain_bytes, quantization_step=1.0 / self.scale)
+        report.update(failed=0, total_weight=total_weight, quantization_step=1.0 / self.scale,
+                      **self._traffic(self.last_view))
         new_state, finalizer_metrics = self.server_phase(state, _unflatten(mean, structure))
         return self._output(new_state, client_metrics, report, finalizer_metrics)
+
+    @staticmethod
+    def _traffic(view: secagg.ServerView | None) -> dict:
+        """Bytes a client sent over the protocol, and how many more than TFF's float32 mean sends
+        (the update and the weight, 4 bytes each)."""
+        if view is None:
+            return {}
+        sent = view.mean_bytes_sent()
+        return {"bytes_per_client": sent, "extra_bytes_per_client": sent - 4 * view.length}
 
     @staticmethod
     def _output(state, client_metrics, report, finalizer_metrics) -> tff.learning.templates.LearningProcessOutput:

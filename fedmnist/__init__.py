@@ -6,6 +6,9 @@ from importlib import metadata
 # TensorFlow 2.14 logs spurious C++ errors at import (duplicate cuDNN/cuFFT/cuBLAS factories on a
 # CPU-only machine) that bury the run's own output; real failures still raise Python exceptions.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# gRPC logs an INFO line each time a worker is started while its threads run (several runs in one
+# process, e.g. a notebook).
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 __version__ = metadata.version("fedmnist")
 

@@ -87,6 +87,30 @@ class PersonalizationConfig:
 
 
 @dataclasses.dataclass
+class SecureConfig:
+    """`aggregation: secure`: Bonawitz et al.'s pairwise masking (fedmnist/secagg.py)."""
+    dropout: float = _field(0.0, minimum=0, below=1)       # chance a client drops out, per round
+    threshold: Optional[int] = _field(None, minimum=1)      # Shamir threshold t; null = majority
+    bits: int = _field(32, minimum=8, maximum=64)           # inputs are integers modulo 2^bits
+    clip: float = _field(2.0, above=0)                      # L2 bound on each client's update
+    max_client_weight: int = _field(2048, minimum=1)        # cap on a client's example weight
+
+
+@dataclasses.dataclass
+class DPConfig:
+    """`aggregation: dp`: tff.learning.dp_aggregator with adaptive clipping."""
+    noise_multiplier: float = _field(0.5, minimum=0)        # must stay below 0.1 x clients_per_round
+    delta: Optional[float] = _field(None, above=0, below=1)  # null = 1 / num_clients^1.1
+
+
+@dataclasses.dataclass
+class CompressionConfig:
+    """`aggregation: compressed`: uniform quantization as tff.learning.compression_aggregator."""
+    bits: int = _field(8, minimum=1, maximum=16)
+    threshold: int = _field(20000, minimum=0)              # only tensors larger than this are quantized
+
+
+@dataclasses.dataclass
 class Config:
     name: str = "tutorial"
     seed: int = _field(0, minimum=0)
@@ -106,6 +130,10 @@ class Config:
         default_factory=lambda: OptimizerConfig(learning_rate=1.0))
     availability: AvailabilityConfig = dataclasses.field(default_factory=AvailabilityConfig)
     personalization: PersonalizationConfig = dataclasses.field(default_factory=PersonalizationConfig)
+    aggregation: Literal["plain", "secure", "dp", "compressed"] = "plain"
+    secure: SecureConfig = dataclasses.field(default_factory=SecureConfig)
+    dp: DPConfig = dataclasses.field(default_factory=DPConfig)
+    compression: CompressionConfig = dataclasses.field(default_factory=CompressionConfig)
 
 
 # --- Building a Config from plain data ---------------------------------------------------------
@@ -195,6 +223,37 @@ def check_consistency(config: Config) -> None:
     if data.dataset == "digits" and data.num_clients > 1797 // 2:
         raise ConfigError(f"data.num_clients: digits has 1,797 examples, too few for "
                           f"{data.num_clients} clients (at most {1797 // 2})")
+    check_aggregation(config)
+
+
+def secure_threshold(config: Config) -> int:
+    """The Shamir threshold: as configured, else a majority of the clients in a round."""
+    return config.secure.threshold or config.clients_per_round // 2 + 1
+
+
+def check_aggregation(config: Config) -> None:
+    if config.aggregation == "dp" and config.client_selection == "fixed":
+        raise ConfigError("aggregation: dp needs client_selection: uniform; with a fixed list of clients "
+                          "there is no sampling to account the privacy spent for")
+    if config.aggregation == "dp" and config.dp.noise_multiplier >= 0.1 * config.clients_per_round:
+        # dp_aggregator spends part of the budget on clip-norm estimation, with noise of standard
+        # deviation 0.05 x clients_per_round; the rest must still reach the requested multiplier.
+        raise ConfigError(f"dp.noise_multiplier: with {config.clients_per_round} clients per round "
+                          f"tff.learning.dp_aggregator needs a noise multiplier below "
+                          f"{0.1 * config.clients_per_round:g}; lower it or raise clients_per_round")
+    if config.aggregation != "secure":
+        return
+    from fedmnist import secagg  # numpy and cryptography only
+
+    secure = config.secure
+    if secure_threshold(config) > config.clients_per_round:
+        raise ConfigError(f"secure.threshold: {secure.threshold} is more than the "
+                          f"{config.clients_per_round} clients per round")
+    scale = secagg.fixed_point_scale(secure.bits, secure.clip, secure.max_client_weight, config.clients_per_round)
+    if secagg.precision_bits(secure.clip, scale) < secagg.MIN_PRECISION_BITS:
+        raise ConfigError(f"secure.bits: {secure.bits} bits leave too little precision for "
+                          f"{config.clients_per_round} clients with weights up to {secure.max_client_weight} "
+                          f"and clip {secure.clip:g}; raise secure.bits or lower secure.max_client_weight")
 
 
 # --- Files and overrides --------------------------------------------------------------------

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from fedmnist import config as config_lib
 from fedmnist import checkpoint as checkpoint_lib
 from fedmnist import dashboard, installed_versions, plots, runtime
+from fedmnist.aggregation import build_process
 from fedmnist.checkpoint import Checkpoints
 from fedmnist.data import FederatedDataset, load_dataset, make_federated_data
 from fedmnist.evaluation import FederatedEvaluator
@@ -28,7 +29,6 @@ from fedmnist.logs import (MetricsLog, TensorBoardLog, drop_events_after, format
 from fedmnist.model import build_model_fn, create_model, initial_weights, to_keras
 from fedmnist.participation import Participation
 from fedmnist.personalization import PersonalizationEvaluator
-from fedmnist.process import build_training_process
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
@@ -111,7 +111,9 @@ def train(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None] 
     histogram_names = dashboard.weight_names(create_model(config.model, dataset.num_classes))
 
     with runtime.local_runtime(log_path=run_dir / "worker.log"):
-        process = build_training_process(model_fn, config.client_optimizer, config.server_optimizer)
+        process, aggregation = build_process(config, model_fn, len(dataset.train.client_ids))
+        if header := aggregation.header():
+            echo(header)
         evaluator = FederatedEvaluator(model_fn)
         state = process.set_model_weights(
             process.initialize(), initial_weights(config.model, dataset.num_classes, config.seed))
@@ -140,6 +142,8 @@ def train(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None] 
                 echo(f"round {round_num:2d} skipped: {len(plan.completed)} of {len(plan.selected)} selected "
                      f"clients completed, fewer than availability.min_clients")
             else:
+                if hasattr(process, "begin_round"):  # secure aggregation keys its simulated dropouts by round
+                    process.begin_round(round_num)
                 result = process.next(state, make_federated_data(dataset.train, plan.completed, **train_kwargs))
                 train_metrics = to_python(result.metrics["client_work"]["train"])
                 weights = process.get_model_weights(result.state)
@@ -148,13 +152,16 @@ def train(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None] 
                         f"training diverged at round {round_num} (loss {train_metrics['loss']}); the last "
                         f"good state is kept in {checkpoint_lib.DIRECTORY}/; lower the learning rates")
                 state, row["train"], last_train = result.state, train_metrics, train_metrics
+                row["aggregation"] = aggregation.round(round_num, result.metrics)
                 echo(format_round(round_num, train_metrics))
+                if line := aggregation.line(round_num, row["aggregation"]):
+                    echo(line)
             last = round_num == config.rounds
             if last or (config.eval_every and round_num % config.eval_every == 0):
                 row["eval"] = {split: evaluator(weights, data) for split, data in eval_data.items()}
             row["seconds"] = time.perf_counter() - round_started
             metrics_log.append(row)
-            board.write(round_num, {k: row[k] for k in ("train", "eval", "participation") if k in row}
+            board.write(round_num, {k: row[k] for k in ("train", "eval", "participation", "aggregation") if k in row}
                         | {"time": {"round_seconds": row["seconds"]},
                            "learning_rate": dashboard.learning_rates(process, state)})
             if config.histogram_every and (last or round_num % config.histogram_every == 0):
@@ -188,6 +195,7 @@ def train(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None] 
         "train": last_train,
         "eval": row["eval"],
         "personalization": personalized,
+        "aggregation": aggregation.summary(),
         "total_seconds": time.perf_counter() - started,
     }
     write_json(run_dir / SUMMARY_FILE, summary)

@@ -9,6 +9,8 @@ aside (kept, renamed `corrupt-round_N`) and the newest intact one is used.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,24 @@ class CheckpointError(RuntimeError):
 
 
 def _run(coroutine):
-    return asyncio.run(coroutine)
+    """Runs a coroutine to completion, also from inside a running event loop (Jupyter)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
+
+@contextlib.contextmanager
+def _quiet_tensorflow_logger():
+    logger = tf.get_logger()
+    level = logger.level
+    logger.setLevel("WARNING")
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _signature(structure: Any) -> list[tuple[tuple[int, ...], str]]:
@@ -44,7 +63,8 @@ class Checkpoints:
 
     def save(self, state: Any, round_num: int) -> None:
         try:
-            _run(self.manager.save(state, round_num))
+            with _quiet_tensorflow_logger():  # SavedModel logs "Assets written to: <path>" at INFO
+                _run(self.manager.save(state, round_num))
         except (tf.errors.OpError, OSError) as error:
             reason = getattr(error, "strerror", None) or str(getattr(error, "message", error)).split("; ")[-1]
             raise CheckpointError(f"cannot save checkpoint {PREFIX}{round_num} in {self.root}: {reason}; "

@@ -84,6 +84,9 @@ class SecureFedAvg:
     def set_model_weights(self, state, weights: tff.learning.models.ModelWeights):
         return self._fed_avg.set_model_weights(state, weights)
 
+    def get_hparams(self, state):
+        return self._fed_avg.get_hparams(state)
+
     def begin_round(self, round_num: int) -> None:
         """Keys the simulated dropouts by round, so a resumed run drops the same clients."""
         self._dropouts = np.random.default_rng([self.seed, 2017, round_num])

@@ -8,6 +8,7 @@ placed right after the cell tagged `parameters`, as papermill does. Execution er
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -54,6 +55,10 @@ def execute_notebook(path: str | Path, parameters: Mapping[str, object] | None =
         client = NotebookClient(notebook, timeout=timeout, km=_kernel_manager(Path(kernel_dir)),
                                 resources={"metadata": {"path": str(cwd or Path(path).parent)}})
         client.execute()
+    # Collect the kernel's clients now: left to interpreter exit, their finalizers log a
+    # "could not destroy zmq context" stack trace.
+    del client
+    gc.collect()
     return notebook
 
 

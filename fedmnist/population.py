@@ -9,13 +9,13 @@ histograms and of the examples-per-client distribution.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from fedmnist import config as config_lib
+from fedmnist.cli import ArgumentParser, UsageError
 
 
 def label_counts(client_data, client_ids, num_classes: int) -> np.ndarray:
@@ -79,7 +79,7 @@ def plot(counts: np.ndarray, path: Path, title: str, max_clients: int = 40) -> N
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedmnist.data",
+    parser = ArgumentParser(prog="python -m fedmnist.data",
                                      description="Describe the federated population a config selects.")
     parser.add_argument("command", choices=["describe"])
     parser.add_argument("--config", help="YAML config file (default: the tutorial's)")
@@ -87,11 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--output", type=Path, help="PNG path (default: population-<dataset>.png)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing PNG")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         overrides = ([f"data.dataset={args.dataset}"] if args.dataset else []) + args.set
         config = config_lib.load(args.config, overrides)
-    except config_lib.ConfigError as error:
+    except (UsageError, config_lib.ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     output = args.output or Path(f"population-{config.data.dataset}.png")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from fedmnist.cli import ArgumentParser, UsageError
 from fedmnist.plots import ACCURACY, RunError, accuracy_key, plot_accuracy_overlay, read_metrics
 
 RUNS_ROOT = Path("runs")
@@ -25,17 +26,8 @@ COLUMNS = ("run", "dataset", "model", "rounds", "train loss", "train acc", "eval
            "eval test acc", "seconds")
 
 
-class UsageError(Exception):
-    """Bad command-line usage (exit code 2)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        raise UsageError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m fedmnist.report",
+    parser = ArgumentParser(prog="python -m fedmnist.report",
                      description="Final metrics of fedmnist runs as a table, and their accuracy curves in one PNG.")
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="a run directory")
     parser.add_argument("--output", type=Path,

@@ -17,21 +17,13 @@ import traceback
 from pathlib import Path
 
 from fedmnist import config as config_lib
+from fedmnist.cli import ArgumentParser, UsageError
 
 RUNS_ROOT = Path("runs")
 
 
-class UsageError(Exception):
-    """Bad command-line usage (exit code 2)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        raise UsageError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m fedmnist.train",
+    parser = ArgumentParser(prog="python -m fedmnist.train",
                      description="Federated averaging on federated EMNIST (or offline digits), as in the TFF tutorial.")
     parser.add_argument("--config", help="YAML config file (default: the tutorial's settings)")
     parser.add_argument("--rounds", type=int, help="number of federated rounds")

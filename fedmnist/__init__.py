@@ -6,6 +6,8 @@ from importlib import metadata
 # TensorFlow 2.14 logs spurious C++ errors at import (duplicate cuDNN/cuFFT/cuBLAS factories on a
 # CPU-only machine) that bury the run's own output; real failures still raise Python exceptions.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# gRPC logs an INFO line ("skipping fork() handlers") each time a second TFF worker is started.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 __version__ = metadata.version("fedmnist")
 

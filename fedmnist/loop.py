@@ -24,7 +24,7 @@ from fedmnist.evaluation import FederatedEvaluator
 from fedmnist.logs import (MetricsLog, TensorBoardLog, format_eval, format_round, is_finite_loss,
                            to_python, write_json)
 from fedmnist.model import build_model_fn, initial_weights, to_keras
-from fedmnist.process import build_training_process
+from fedmnist.prepared import build_training
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
@@ -94,8 +94,9 @@ def train(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None] 
                  for split, client_data in (("train", dataset.train), ("test", dataset.test))}
     metrics_log, board = MetricsLog(run_dir), TensorBoardLog(run_dir)
 
-    with runtime.local_runtime(log_path=run_dir / "worker.log"):
-        process = build_training_process(model_fn, config.client_optimizer, config.server_optimizer)
+    with runtime.local_runtime(log_path=run_dir / "worker.log", num_workers=config.num_workers,
+                               addresses=config.workers):
+        process, client_inputs = build_training(config, model_fn, dataset.train, train_kwargs)
         evaluator = FederatedEvaluator(model_fn)
         state = process.set_model_weights(
             process.initialize(), initial_weights(config.model, dataset.num_classes, config.seed))
@@ -104,7 +105,7 @@ def train(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None] 
         for round_num in rounds:
             round_started = time.perf_counter()
             client_ids = select(round_num)
-            result = process.next(state, make_federated_data(dataset.train, client_ids, **train_kwargs))
+            result = process.next(state, client_inputs(client_ids))
             train_metrics = to_python(result.metrics["client_work"]["train"])
             if not is_finite_loss(train_metrics):
                 raise TrainingDivergedError(

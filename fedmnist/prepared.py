@@ -28,7 +28,9 @@ from tensorflow_federated.python.learning.models import model_weights as model_w
 from tensorflow_federated.python.learning.templates import (apply_optimizer_finalizer, client_works,
                                                             composers, distributors)
 
-from fedmnist.data import batch_format_fn
+from fedmnist.config import Config
+from fedmnist.data import batch_format_fn, make_federated_data
+from fedmnist.process import build_optimizer, build_training_process
 
 # A client's prepared data: all its examples (as `batch_format_fn` shapes a batch) and the order of
 # the article's shuffled, repeated stream as indices into them.
@@ -209,3 +211,19 @@ def build_prepared_fed_avg(model_fn: Callable[[], tff.learning.models.VariableMo
         build_prepared_client_work(model_fn, client_optimizer, batch_size),
         aggregator,
         apply_optimizer_finalizer.build_apply_optimizer_finalizer(server_optimizer, weights_type))
+
+
+def build_training(config: Config, model_fn: Callable[[], tff.learning.models.VariableModel],
+                   client_data: tff.simulation.datasets.ClientData, preprocess_kwargs: dict,
+                   ) -> tuple[tff.learning.templates.LearningProcess, Callable[[Sequence[str]], list]]:
+    """The training process and the function turning a round's client ids into its input.
+
+    `client_input: prepared` (default): the process above fed with `PreparedClients`;
+    `client_input: datasets`: the article's `build_weighted_fed_avg` fed with `make_federated_data`.
+    """
+    if config.client_input == "datasets":
+        process = build_training_process(model_fn, config.client_optimizer, config.server_optimizer)
+        return process, lambda client_ids: make_federated_data(client_data, client_ids, **preprocess_kwargs)
+    process = build_prepared_fed_avg(model_fn, build_optimizer(config.client_optimizer),
+                                     build_optimizer(config.server_optimizer), config.preprocess.batch_size)
+    return process, PreparedClients(client_data, preprocess_kwargs)

@@ -6,6 +6,14 @@ package launches the worker itself instead: its output goes to a log file (or no
 kills it when the parent dies, even by SIGKILL (`PR_SET_PDEATHSIG`), and `stop()` ends it
 explicitly. The execution context is TFF's own `SyncExecutionContext` speaking gRPC to it, exactly
 what `tff.backends.native.set_sync_local_cpp_execution_context` builds.
+
+With several workers (local ones the package starts, or `python -m fedmnist.worker` processes named
+by address) each round's clients are split across them by TFF's mergeable-computation context
+(`tff.backends.native.create_mergeable_comp_execution_context`): every worker trains its share of
+the clients and pre-aggregates it, and the partial aggregates are merged.
+
+`worker_binary` has no option to choose its listening address: it listens on all interfaces with
+unauthenticated gRPC, so run it (and fedmnist) only where its ports are unreachable from untrusted hosts.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -107,31 +115,53 @@ def _executor_factory(stub: tff.framework.RemoteExecutorGrpcStub,
     return tff.framework.ResourceManagingExecutorFactory(executor_stack_fn=stack_fn)
 
 
+def _context_kwargs(stub: tff.framework.RemoteExecutorGrpcStub) -> dict:
+    return dict(executor_fn=_executor_factory(stub),
+                compiler_fn=tff.backends.native.desugar_and_transform_to_native,
+                transform_args=tff.tensorflow.transform_args,
+                transform_result=tff.tensorflow.transform_result)
+
+
 def execution_context(stub: tff.framework.RemoteExecutorGrpcStub) -> tff.framework.SyncExecutionContext:
-    return tff.framework.SyncExecutionContext(
-        executor_fn=_executor_factory(stub),
-        compiler_fn=tff.backends.native.desugar_and_transform_to_native,
-        transform_args=tff.tensorflow.transform_args,
-        transform_result=tff.tensorflow.transform_result,
-    )
+    return tff.framework.SyncExecutionContext(**_context_kwargs(stub))
+
+
+def async_execution_context(stub: tff.framework.RemoteExecutorGrpcStub) -> tff.framework.AsyncExecutionContext:
+    return tff.framework.AsyncExecutionContext(**_context_kwargs(stub))
+
+
+def multi_worker_context(stubs: list[tff.framework.RemoteExecutorGrpcStub]):
+    """One worker: the plain sync context. Several: each round's clients split across them."""
+    if len(stubs) == 1:
+        return execution_context(stubs[0])
+    return tff.backends.native.create_mergeable_comp_execution_context(
+        [async_execution_context(stub) for stub in stubs])
 
 
 @contextlib.contextmanager
-def local_runtime(log_path: Path | None = None) -> Iterator[LocalWorker]:
-    """Starts a local worker, makes it TFF's default context, and stops it on the way out.
+def local_runtime(log_path: Path | None = None, num_workers: int = 1,
+                  addresses: Sequence[str] = ()) -> Iterator[list[LocalWorker]]:
+    """Makes TFF's default context run on workers, and stops the workers it started on the way out.
 
-    The context that was the default before is restored afterwards.
+    With `addresses` it connects to those running workers (`python -m fedmnist.worker`); otherwise
+    it starts `num_workers` local ones and yields them. The previous default context is restored.
     """
     context_stack = tff.framework.get_context_stack()
     previous = context_stack.current
-    worker = LocalWorker(log_path=log_path)
+    workers: list[LocalWorker] = []
     try:
-        stub = connect(worker.address, worker.process)
-        context_stack.set_default_context(execution_context(stub))
-        yield worker
+        if addresses:
+            stubs = [connect(address) for address in addresses]
+        else:
+            for _ in range(num_workers):
+                workers.append(LocalWorker(log_path=log_path))
+            stubs = [connect(worker.address, worker.process) for worker in workers]
+        context_stack.set_default_context(multi_worker_context(stubs))
+        yield workers
     finally:
         context_stack.set_default_context(previous)
-        worker.stop()
+        for worker in workers:
+            worker.stop()
 
 
 def worker_children() -> list[int]:

@@ -25,7 +25,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -91,9 +91,17 @@ class LocalWorker:
         atexit.unregister(self.stop)
 
 
-def connect(address: str, process: subprocess.Popen | None = None) -> tff.framework.RemoteExecutorGrpcStub:
-    """Returns a stub for the executor service at `address`, once it answers."""
+def connect(address: str, process: subprocess.Popen | None = None,
+            wait: bool = True) -> tff.framework.RemoteExecutorGrpcStub:
+    """Returns a stub for the executor service at `address`, once it answers (at once with `wait=False`)."""
     stub = tff.framework.RemoteExecutorGrpcStub(grpc.insecure_channel(address, _GRPC_OPTIONS))
+    if wait:
+        wait_until_ready(stub, address, process)
+    return stub
+
+
+def wait_until_ready(stub: tff.framework.RemoteExecutorGrpcStub, address: str,
+                     process: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + _STARTUP_TIMEOUT_SECONDS
     while not stub.is_ready:
         if process is not None and process.poll() is not None:
@@ -101,12 +109,13 @@ def connect(address: str, process: subprocess.Popen | None = None) -> tff.framew
         if time.monotonic() > deadline:
             raise RuntimeStartError(f"TFF worker at {address} did not answer within {_STARTUP_TIMEOUT_SECONDS:.0f} s")
         time.sleep(0.05)
-    return stub
 
 
-def _executor_factory(stub: tff.framework.RemoteExecutorGrpcStub,
-                      default_num_clients: int = 0) -> tff.framework.ResourceManagingExecutorFactory:
+def _executor_factory(stub: tff.framework.RemoteExecutorGrpcStub, default_num_clients: int = 0,
+                      ready: Callable[[], None] | None = None) -> tff.framework.ResourceManagingExecutorFactory:
     def stack_fn(cardinalities):
+        if ready is not None:
+            ready()
         cardinalities.setdefault(tff.CLIENTS, default_num_clients)
         executor = tff.framework.RemoteExecutor(stub)
         executor.set_cardinalities(cardinalities)
@@ -115,27 +124,44 @@ def _executor_factory(stub: tff.framework.RemoteExecutorGrpcStub,
     return tff.framework.ResourceManagingExecutorFactory(executor_stack_fn=stack_fn)
 
 
-def _context_kwargs(stub: tff.framework.RemoteExecutorGrpcStub) -> dict:
-    return dict(executor_fn=_executor_factory(stub),
+def _context_kwargs(stub: tff.framework.RemoteExecutorGrpcStub, ready: Callable[[], None] | None = None) -> dict:
+    return dict(executor_fn=_executor_factory(stub, ready=ready),
                 compiler_fn=tff.backends.native.desugar_and_transform_to_native,
                 transform_args=tff.tensorflow.transform_args,
                 transform_result=tff.tensorflow.transform_result)
 
 
-def execution_context(stub: tff.framework.RemoteExecutorGrpcStub) -> tff.framework.SyncExecutionContext:
-    return tff.framework.SyncExecutionContext(**_context_kwargs(stub))
+def execution_context(stub: tff.framework.RemoteExecutorGrpcStub,
+                      ready: Callable[[], None] | None = None) -> tff.framework.SyncExecutionContext:
+    return tff.framework.SyncExecutionContext(**_context_kwargs(stub, ready))
 
 
-def async_execution_context(stub: tff.framework.RemoteExecutorGrpcStub) -> tff.framework.AsyncExecutionContext:
-    return tff.framework.AsyncExecutionContext(**_context_kwargs(stub))
+def async_execution_context(stub: tff.framework.RemoteExecutorGrpcStub,
+                            ready: Callable[[], None] | None = None) -> tff.framework.AsyncExecutionContext:
+    return tff.framework.AsyncExecutionContext(**_context_kwargs(stub, ready))
 
 
-def multi_worker_context(stubs: list[tff.framework.RemoteExecutorGrpcStub]):
+def multi_worker_context(stubs: list[tff.framework.RemoteExecutorGrpcStub],
+                         readies: Sequence[Callable[[], None] | None] = ()):
     """One worker: the plain sync context. Several: each round's clients split across them."""
+    readies = list(readies) or [None] * len(stubs)
     if len(stubs) == 1:
-        return execution_context(stubs[0])
+        return execution_context(stubs[0], readies[0])
     return tff.backends.native.create_mergeable_comp_execution_context(
-        [async_execution_context(stub) for stub in stubs])
+        [async_execution_context(stub, ready) for stub, ready in zip(stubs, readies)])
+
+
+def _ready_once(stub: tff.framework.RemoteExecutorGrpcStub, address: str,
+                process: subprocess.Popen) -> Callable[[], None]:
+    """Waits for a starting worker on first use, so it boots while the computations are traced."""
+    done = []
+
+    def ready() -> None:
+        if not done:
+            wait_until_ready(stub, address, process)
+            done.append(True)
+
+    return ready
 
 
 @contextlib.contextmanager
@@ -151,12 +177,13 @@ def local_runtime(log_path: Path | None = None, num_workers: int = 1,
     workers: list[LocalWorker] = []
     try:
         if addresses:
-            stubs = [connect(address) for address in addresses]
+            stubs, readies = [connect(address) for address in addresses], []
         else:
             for _ in range(num_workers):
                 workers.append(LocalWorker(log_path=log_path))
-            stubs = [connect(worker.address, worker.process) for worker in workers]
-        context_stack.set_default_context(multi_worker_context(stubs))
+            stubs = [connect(w.address, wait=False) for w in workers]
+            readies = [_ready_once(stub, w.address, w.process) for stub, w in zip(stubs, workers)]
+        context_stack.set_default_context(multi_worker_context(stubs, readies))
         yield workers
     finally:
         context_stack.set_default_context(previous)

@@ -143,11 +143,14 @@ def run_package(config, dataset=None) -> dict:
     from fedmnist import loop, runtime
 
     rss_by_round: dict[int, int] = {}
+    workers_rss_by_round: dict[int, int] = {}
     with TreeMemory() as memory, tempfile.TemporaryDirectory(prefix="fedmnist-bench-") as run_dir, \
             _population(dataset):
         def echo(line: str) -> None:
             if line.startswith("round"):
-                rss_by_round[int(line.split(",")[0].split()[1])] = memory.current()
+                round_num = int(line.split(",")[0].split()[1])
+                rss_by_round[round_num] = memory.current()
+                workers_rss_by_round[round_num] = rss_by_round[round_num] - memory.root.memory_info().rss
 
         loop.train(config, Path(run_dir), echo=echo, progress=False)
         rows = loop.MetricsLog(Path(run_dir)).rows()
@@ -159,6 +162,7 @@ def run_package(config, dataset=None) -> dict:
     figures = summarize([r["seconds"] for r in rows], rows[-1]["train"]["num_examples"], memory.peak,
                         per_round[-1]["accuracy"], per_round)
     figures["rss_gb_by_round"] = {k: v / 1e9 for k, v in sorted(rss_by_round.items())}
+    figures["workers_rss_gb_by_round"] = {k: v / 1e9 for k, v in sorted(workers_rss_by_round.items())}
     return figures
 
 
@@ -354,7 +358,7 @@ def whole_runs(repeats: int) -> dict:
     return out
 
 
-def core_scaling(workload: str) -> dict:
+def core_scaling(workload: str, extra: tuple[str, ...] = ()) -> dict:
     """The package path of `workload` in fresh processes pinned to one core, then to all cores."""
     all_cpus = os.sched_getaffinity(0)
     out = {}
@@ -362,7 +366,8 @@ def core_scaling(workload: str) -> dict:
         for label, cpus in (("one_core", {min(all_cpus)}), ("all_cores", all_cpus)):
             json_path = Path(scratch) / f"{label}.json"
             time_process([sys.executable, "-m", "fedmnist.bench", "--workload", workload, "--paths",
-                          "prepared", "--no-floor", "--json", str(json_path)], cpus=cpus)
+                          "prepared", "--no-floor", "--json", str(json_path)]
+                         + [f"--set={e}" for e in extra], cpus=cpus)
             figures = json.loads(json_path.read_text())[workload]["prepared"]
             out[label] = {"cpus": len(cpus), "steady_s_per_round": figures["steady_s_per_round"],
                           "examples_per_s": figures["examples_per_s"]}
@@ -386,7 +391,7 @@ def scale_population(num_clients: int = 3383, seed: int = 0):
 
     rng = np.random.default_rng(seed)
     sizes = np.clip(rng.lognormal(mean=np.log(90), sigma=0.5, size=num_clients), 10, 460).astype(np.int64)
-    prototypes = tf.constant(rng.uniform(0.0, 1.0, size=(10, 28, 28)), tf.float32)
+    prototypes = rng.uniform(0.0, 1.0, size=(10, 28, 28)).astype(np.float32)
     ids = [f"client_{i:04d}" for i in range(num_clients)]
     index = {cid: i for i, cid in enumerate(ids)}
 
@@ -394,10 +399,10 @@ def scale_population(num_clients: int = 3383, seed: int = 0):
         def dataset_fn(client_id: str) -> tf.data.Dataset:
             i = index[client_id]
             n = int(sizes[i]) if split == 0 else max(2, int(sizes[i]) // 8)
-            generator = tf.random.Generator.from_seed(i * 2 + split)
-            labels = generator.uniform([n], 0, 10, tf.int32)
-            noise = generator.normal([n, 28, 28], stddev=0.35)
-            pixels = tf.clip_by_value(tf.gather(prototypes, labels) + noise, 0.0, 1.0)
+            client_rng = np.random.default_rng([seed, i, split])
+            labels = client_rng.integers(0, 10, size=n).astype(np.int32)
+            noise = client_rng.normal(0.0, 0.9, size=(n, 28, 28)).astype(np.float32)
+            pixels = np.clip(prototypes[labels] + noise, 0.0, 1.0)
             return tf.data.Dataset.from_tensor_slices({"label": labels, "pixels": pixels})
         return dataset_fn
 
@@ -409,7 +414,7 @@ def scale_population(num_clients: int = 3383, seed: int = 0):
 # --- Running and printing ------------------------------------------------------------------
 
 def bench_workload(name: str, paths: tuple[str, ...], floor: bool, whole_run_repeats: int,
-                   cores: bool, log: Callable[[str], None]) -> dict:
+                   cores: bool, log: Callable[[str], None], extra: tuple[str, ...] = ()) -> dict:
     from fedmnist import config as config_lib
 
     spec = WORKLOAD_SPECS[name]
@@ -419,17 +424,17 @@ def bench_workload(name: str, paths: tuple[str, ...], floor: bool, whole_run_rep
         out["population_train_examples"] = total
     for path in paths:
         log(f"[{name}] package path: {path}")
-        config = config_lib.load(None, list(spec.overrides) + list(PATH_OVERRIDES[path]))
+        config = config_lib.load(None, list(spec.overrides) + list(PATH_OVERRIDES[path]) + list(extra))
         out[path] = run_package(config, dataset)
     if floor:
         log(f"[{name}] plain-TensorFlow floor")
-        out["floor"] = run_floor(config_lib.load(None, list(spec.overrides)), dataset)
+        out["floor"] = run_floor(config_lib.load(None, list(spec.overrides) + list(extra)), dataset)
     if name == "tutorial" and whole_run_repeats:
         log(f"[{name}] whole runs as fresh processes ({whole_run_repeats}x each)")
         out["whole_run"] = whole_runs(whole_run_repeats)
     if name == "cnn" and cores:
         log(f"[{name}] one core vs all cores (fresh processes)")
-        out["cores"] = core_scaling(name)
+        out["cores"] = core_scaling(name, extra)
     return out
 
 
@@ -480,8 +485,9 @@ def report(name: str, figures: dict) -> list[str]:
         if name == "scale" and 20 in rss and rss:
             last = max(rss)
             growth = (rss[last] - rss[20]) / rss[20] * 100
+            workers = figures[path]["workers_rss_gb_by_round"]
             lines.append(f"{path}: tree RSS {rss[20]:.3f} GB at round 20, {rss[last]:.3f} GB at round {last} "
-                         f"({growth:+.1f}%)")
+                         f"({growth:+.1f}%; of which TFF workers {workers[20]:.3f} -> {workers[last]:.3f} GB)")
     return lines
 
 
@@ -496,6 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--whole-runs", type=int, default=2, metavar="N",
                         help="tutorial: time the whole default run and the bare script N times each (0 = skip)")
     parser.add_argument("--no-cores", action="store_true", help="cnn: skip the one-core vs all-cores runs")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key of every workload, e.g. --set rounds=20")
     args = parser.parse_args(argv)
 
     def log(message: str) -> None:
@@ -505,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.workload or DEFAULT_WORKLOADS:
         paths = tuple(args.paths or WORKLOAD_SPECS[name].paths)
         results[name] = bench_workload(name, paths, not args.no_floor, args.whole_runs,
-                                       not args.no_cores, log)
+                                       not args.no_cores, log, tuple(args.set))
         print("\n".join(report(name, results[name])), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -411,6 +411,135 @@ def scale_population(num_clients: int = 3383, seed: int = 0):
     return FederatedDataset("synthetic-emnist-sized", train, test, 10), int(sizes.sum())
 
 
+# --- What TFF offers, measured on the tutorial workload (--explore) -----------------------------
+
+def _digits_dataset_computation(client_data, client_ids: list[str], preprocess_kwargs: dict, seed: int):
+    """A `tff.Computation` from a client id to its preprocessed dataset, built inside the worker
+    (for `tff.simulation.compose_dataset_computation_with_learning_process`). The clients' examples
+    are embedded in the computation, as a cached ClientData's `dataset_computation` would read them."""
+    import numpy as np
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    from fedmnist.data import preprocess
+
+    parts = [next(iter(client_data.create_tf_dataset_for_client(c).batch(10**6))) for c in client_ids]
+    ends = np.cumsum([len(p["label"]) for p in parts])
+    starts = ends - np.array([len(p["label"]) for p in parts])
+    pixels = np.concatenate([p["pixels"].numpy() for p in parts])
+    labels = np.concatenate([p["label"].numpy() for p in parts])
+
+    @tff.tensorflow.computation(np.str_)
+    def dataset_computation(client_id):
+        table = tf.lookup.StaticHashTable(
+            tf.lookup.KeyValueTensorInitializer(tf.constant(client_ids), tf.range(len(client_ids), dtype=tf.int64)),
+            default_value=-1)
+        i = table.lookup(client_id)
+        start, end = tf.gather(tf.constant(starts), i), tf.gather(tf.constant(ends), i)
+        examples = {"label": tf.constant(labels)[start:end], "pixels": tf.constant(pixels)[start:end]}
+        tf.random.set_seed(seed)  # the graph seed that the eager pipeline takes from the global seed
+        return preprocess(tf.data.Dataset.from_tensor_slices(examples), **preprocess_kwargs)
+
+    return dataset_computation
+
+
+def explore(rounds: int = 12, repeats: int = 2, log: Callable[[str], None] = print) -> dict:
+    """Round times of the ways TFF can run the tutorial workload, and whether each keeps its numbers."""
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    from fedmnist import config as config_lib
+    from fedmnist import data, loop, model, prepared, process, runtime
+
+    config = config_lib.load(None, ["data.dataset=digits"])
+    dataset = data.load_dataset(config.data, config.seed)
+    select = loop.client_selector(config, dataset.train.client_ids)
+    kwargs = loop.preprocess_kwargs(config)
+    model_fn = model.build_model_fn(config.model, dataset.num_classes)
+    opt = lambda cfg: process.build_optimizer(cfg)  # noqa: E731
+    iterator = tff.learning.LoopImplementation.DATASET_ITERATOR
+    articles = lambda ids: data.make_federated_data(dataset.train, ids, **kwargs)  # noqa: E731
+
+    def fed_avg(**extra):
+        return tff.learning.algorithms.build_weighted_fed_avg(
+            model_fn, opt(config.client_optimizer), opt(config.server_optimizer), **extra)
+
+    def composed():
+        computation = _digits_dataset_computation(dataset.train, list(dataset.train.client_ids), kwargs,
+                                                  config.seed)
+        return tff.simulation.compose_dataset_computation_with_learning_process(computation, fed_avg())
+
+    def prepared_process():
+        return prepared.build_prepared_fed_avg(model_fn, opt(config.client_optimizer),
+                                               opt(config.server_optimizer), config.preprocess.batch_size)
+
+    # name: (process builder, client input, runtime settings)
+    variants = {
+        "article: build_weighted_fed_avg, tf.data each round": (fed_avg, articles, {}),
+        "+ worker max_concurrent_computation_calls=1": (fed_avg, articles, {"max_calls": 1}),
+        "+ worker max_concurrent_computation_calls=2": (fed_avg, articles, {"max_calls": 2}),
+        "+ context default_num_clients=10": (fed_avg, articles, {"default_num_clients": 10}),
+        "+ LoopImplementation.DATASET_ITERATOR": (lambda: fed_avg(loop_implementation=iterator), articles, {}),
+        "compose_dataset_computation (datasets built in the worker)": (composed, lambda ids: list(ids), {}),
+        "prepared tensors (package default)": (prepared_process, None, {}),
+        "prepared tensors, 2 local workers": (prepared_process, None, {"workers": 2}),
+    }
+    results, reference = {}, None
+    for repeat, (name, (build, feed, settings)) in ((r, v) for r in range(repeats) for v in variants.items()):
+        log(f"[explore {repeat + 1}/{repeats}] {name}")
+        workers = [runtime.LocalWorker(max_concurrent_computation_calls=settings.get("max_calls", -1))
+                   for _ in range(settings.get("workers", 1))]
+        stack = tff.framework.get_context_stack()
+        previous = stack.current
+        try:
+            stubs = [runtime.connect(w.address, w.process) for w in workers]
+            if len(stubs) == 1:
+                context = tff.framework.SyncExecutionContext(
+                    executor_fn=runtime._executor_factory(stubs[0], settings.get("default_num_clients", 0)),
+                    compiler_fn=tff.backends.native.desugar_and_transform_to_native,
+                    transform_args=tff.tensorflow.transform_args,
+                    transform_result=tff.tensorflow.transform_result)
+            else:
+                context = runtime.multi_worker_context(stubs)
+            stack.set_default_context(context)
+            tf.keras.utils.set_random_seed(config.seed)
+            learning_process = build()
+            client_input = feed or prepared.PreparedClients(dataset.train, kwargs)
+            state = learning_process.set_model_weights(
+                learning_process.initialize(), model.initial_weights(config.model, dataset.num_classes, config.seed))
+            seconds, per_round = [], []
+            for round_num in range(1, rounds + 1):
+                started = time.perf_counter()
+                result = learning_process.next(state, client_input(select(round_num)))
+                seconds.append(time.perf_counter() - started)
+                state = result.state
+                train = result.metrics["client_work"]["train"]
+                per_round.append({"loss": float(train["loss"]),
+                                  "accuracy": float(train["sparse_categorical_accuracy"])})
+        finally:
+            stack.set_default_context(previous)
+            for w in workers:
+                w.stop()
+        reference = reference or per_round
+        figures = results.setdefault(name, {"all_s_per_round": [], "max_metric_diff_vs_article": 0.0})
+        figures["all_s_per_round"].append(statistics.median(seconds[1:]))
+        figures["steady_s_per_round"] = min(figures["all_s_per_round"])
+        figures["max_metric_diff_vs_article"] = max(figures["max_metric_diff_vs_article"],
+                                                    _max_diff(reference, per_round))
+    return results
+
+
+def report_explore(results: dict) -> list[str]:
+    base = next(iter(results.values()))["steady_s_per_round"]
+    lines = ["== explore: the tutorial workload through each of TFF's options (process.next only; "
+             "best of the repeats' medians)",
+             f"{'variant':<62} {'s/round':>8} {'vs article':>10} {'metrics |diff|':>15}"]
+    for name, f in results.items():
+        lines.append(f"{name:<62} {f['steady_s_per_round']:>8.4f} {base / f['steady_s_per_round']:>9.1f}x "
+                     f"{f['max_metric_diff_vs_article']:>15.1e}")
+    return lines
+
+
 # --- Running and printing ------------------------------------------------------------------
 
 def bench_workload(name: str, paths: tuple[str, ...], floor: bool, whole_run_repeats: int,
@@ -456,8 +585,11 @@ def report(name: str, figures: dict) -> list[str]:
             f = figures[path]
             diff = abs(f["final_accuracy"] - floor["final_accuracy"])
             verdict = "agree" if diff <= AGREEMENT_TOLERANCE else "DISAGREE"
+            first_loss = abs(f["per_round"][0]["loss"] - floor["per_round"][0]["loss"])
             lines.append(f"{path} / floor: {f['steady_s_per_round'] / floor['steady_s_per_round']:.1f}x "
-                         f"slower per round; final accuracy {verdict} with the floor (|diff| {diff:.1e})")
+                         f"per round; final accuracy {verdict} with the floor (|diff| {diff:.1e} "
+                         f"vs tolerance {AGREEMENT_TOLERANCE:g}; round-1 loss |diff| {first_loss:.1e}, "
+                         f"all rounds max {_max_diff(f['per_round'], floor['per_round']):.1e})")
     if "tff-datasets" in figures:
         for path in ("prepared", "prepared-2-workers"):
             if path in figures:
@@ -502,6 +634,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--whole-runs", type=int, default=2, metavar="N",
                         help="tutorial: time the whole default run and the bare script N times each (0 = skip)")
     parser.add_argument("--no-cores", action="store_true", help="cnn: skip the one-core vs all-cores runs")
+    parser.add_argument("--explore", action="store_true",
+                        help="also time TFF's options (worker concurrency, iterator loop, datasets built "
+                             "in the worker, prepared tensors, 2 workers) on the tutorial workload")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key of every workload, e.g. --set rounds=20")
     args = parser.parse_args(argv)
@@ -509,12 +644,19 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    results = {}
-    for name in args.workload or DEFAULT_WORKLOADS:
+    results = {"load_average_at_start": os.getloadavg()[0], "cpus": len(os.sched_getaffinity(0))}
+    print(f"machine: {results['cpus']} CPUs, load average {results['load_average_at_start']:.2f} at start", flush=True)
+    for name in args.workload or (() if args.explore else DEFAULT_WORKLOADS):
         paths = tuple(args.paths or WORKLOAD_SPECS[name].paths)
         results[name] = bench_workload(name, paths, not args.no_floor, args.whole_runs,
                                        not args.no_cores, log, tuple(args.set))
         print("\n".join(report(name, results[name])), flush=True)
+    if args.explore:
+        results["explore"] = explore(log=log)
+        print("\n".join(report_explore(results["explore"])), flush=True)
+    results["load_average_at_end"] = os.getloadavg()[0]
+    print(f"load average {results['load_average_at_end']:.2f} at end (other processes on the machine "
+          f"slow every figure above; ratios measured in the same process are the robust ones)", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0

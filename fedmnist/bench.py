@@ -49,7 +49,7 @@ WORKLOAD_SPECS = {
     "cnn": Workload(
         ("model=cnn", "data.dataset=synthetic", "data.num_clients=500", "clients_per_round=50",
          "client_selection=uniform", "rounds=5", "client_optimizer.learning_rate=0.05"),
-        ("prepared",),
+        ("prepared", "prepared-2-workers"),
         "CNN, 50 of 500 synthetic clients (40 train examples each) per round, 5 epochs, batch 20, 5 rounds"),
     "scale": Workload(
         ("data.dataset=synthetic", "data.num_clients=3383", "clients_per_round=100",
@@ -366,7 +366,7 @@ def core_scaling(workload: str, extra: tuple[str, ...] = ()) -> dict:
         for label, cpus in (("one_core", {min(all_cpus)}), ("all_cores", all_cpus)):
             json_path = Path(scratch) / f"{label}.json"
             time_process([sys.executable, "-m", "fedmnist.bench", "--workload", workload, "--paths",
-                          "prepared", "--no-floor", "--json", str(json_path)]
+                          "prepared", "--no-floor", "--no-cores", "--json", str(json_path)]
                          + [f"--set={e}" for e in extra], cpus=cpus)
             figures = json.loads(json_path.read_text())[workload]["prepared"]
             out[label] = {"cpus": len(cpus), "steady_s_per_round": figures["steady_s_per_round"],

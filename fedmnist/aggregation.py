@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -26,7 +26,9 @@ import tensorflow_federated as tff
 
 from fedmnist import config as config_lib
 from fedmnist.logs import to_python
-from fedmnist.process import build_optimizer, build_training_process
+from fedmnist.data import make_federated_data
+from fedmnist.prepared import build_training
+from fedmnist.process import build_optimizer
 from fedmnist.secure_process import SecureFedAvg
 
 FLOAT_BITS = 32
@@ -190,13 +192,19 @@ class AggregationReport:
 
 
 def build_process(config: config_lib.Config, model_fn: Callable[[], tff.learning.models.VariableModel],
-                  num_clients: int) -> tuple[object, AggregationReport]:
+                  client_data: tff.simulation.datasets.ClientData, preprocess_kwargs: dict,
+                  ) -> tuple[object, AggregationReport, Callable[[Sequence[str]], list]]:
     """The training process for `config.aggregation` (a LearningProcess, or SecureFedAvg with its
-    surface) and the report that goes with it. `num_clients` is the population size."""
+    surface), the report that goes with it, and the function that turns a round's client ids into the
+    process's input: prepared client tensors for `plain` (fedmnist/prepared.py, unless
+    `client_input: datasets`), the article's `make_federated_data` otherwise."""
     mode = config.aggregation
+    num_clients = len(client_data.client_ids)
+    report = AggregationReport(config, update_shapes(model_fn), num_clients)
     if mode == "plain":
-        process = build_training_process(model_fn, config.client_optimizer, config.server_optimizer)
-    elif mode == "secure":
+        process, client_inputs = build_training(config, model_fn, client_data, preprocess_kwargs)
+        return process, report, client_inputs
+    if mode == "secure":
         process = SecureFedAvg(model_fn, config.client_optimizer, config.server_optimizer, config.secure,
                                config_lib.secure_threshold(config), config.clients_per_round, config.seed)
     elif mode == "dp":
@@ -214,4 +222,4 @@ def build_process(config: config_lib.Config, model_fn: Callable[[], tff.learning
                 model_aggregator=aggregator)
     else:
         raise ValueError(f"unknown aggregation {mode!r}")
-    return process, AggregationReport(config, update_shapes(model_fn), num_clients)
+    return process, report, lambda client_ids: make_federated_data(client_data, client_ids, **preprocess_kwargs)

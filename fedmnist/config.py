@@ -123,6 +123,11 @@ class Config:
     model: Literal["linear", "cnn"] = "linear"
     checkpoint_every: int = _field(1, minimum=1)
     checkpoints_kept: int = _field(3, minimum=1)
+    # How clients' data reaches TFF: "prepared" tensors built once (fast, same numbers; see
+    # fedmnist/prepared.py) or "datasets", the article's tf.data pipelines rebuilt every round.
+    client_input: Literal["prepared", "datasets"] = "prepared"
+    num_workers: int = _field(1, minimum=1)  # local TFF workers the package starts; clients split across them
+    workers: list[str] = dataclasses.field(default_factory=list)  # host:port of running workers instead
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     preprocess: PreprocessConfig = dataclasses.field(default_factory=PreprocessConfig)
     client_optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
@@ -154,6 +159,11 @@ def _check_value(key: str, kind: Any, value: Any) -> Any:
         if value not in typing.get_args(kind):
             raise ConfigError(f"{key}: {value!r} is not {_type_name(kind)}")
         return value
+    if origin is list:
+        (item_kind,) = typing.get_args(kind)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_check_value(f"{key}[{i}]", item_kind, item) for i, item in enumerate(value)]
     if dataclasses.is_dataclass(kind):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of settings, got {value!r}")
@@ -208,8 +218,20 @@ def from_dict(values: dict, cls: type = Config, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def check_address(key: str, address: str) -> None:
+    """`host:port` with a port in 1..65535 (IPv6 hosts in brackets: `[::1]:8000`)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{key}: {address!r} is not host:port (e.g. localhost:8000)")
+
+
 def check_consistency(config: Config) -> None:
     """Rules that involve more than one key."""
+    for i, address in enumerate(config.workers):
+        check_address(f"workers[{i}]", address)
+    if config.workers and config.num_workers != 1:
+        raise ConfigError("num_workers: set it only for local workers; with workers listed, "
+                          "each listed address is one worker")
     data = config.data
     if data.dataset in ("digits", "synthetic") and config.clients_per_round > data.num_clients:
         raise ConfigError(f"clients_per_round: {config.clients_per_round} is more than the "

@@ -16,7 +16,10 @@ class FederatedEvaluator:
     """Evaluates model weights on client datasets; the evaluation process is built once."""
 
     def __init__(self, model_fn: Callable[[], tff.learning.models.VariableModel]):
-        self.process = tff.learning.algorithms.build_fed_eval(model_fn)
+        # The iterator loop gives the same metrics as the default DatasetReduce loop, about 2x faster
+        # in TFF's worker (README, "Performance").
+        self.process = tff.learning.algorithms.build_fed_eval(
+            model_fn, loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR)
         self._state = self.process.initialize()
 
     def __call__(self, weights: tff.learning.models.ModelWeights,

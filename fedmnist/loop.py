@@ -110,8 +110,9 @@ def train(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None] 
     metrics_log, checkpoints = MetricsLog(run_dir), Checkpoints(run_dir, keep=config.checkpoints_kept)
     histogram_names = dashboard.weight_names(create_model(config.model, dataset.num_classes))
 
-    with runtime.local_runtime(log_path=run_dir / "worker.log"):
-        process, aggregation = build_process(config, model_fn, len(dataset.train.client_ids))
+    with runtime.local_runtime(log_path=run_dir / "worker.log", num_workers=config.num_workers,
+                               addresses=config.workers):
+        process, aggregation, client_inputs = build_process(config, model_fn, dataset.train, train_kwargs)
         if header := aggregation.header():
             echo(header)
         evaluator = FederatedEvaluator(model_fn)
@@ -144,7 +145,7 @@ def train(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None] 
             else:
                 if hasattr(process, "begin_round"):  # secure aggregation keys its simulated dropouts by round
                     process.begin_round(round_num)
-                result = process.next(state, make_federated_data(dataset.train, plan.completed, **train_kwargs))
+                result = process.next(state, client_inputs(plan.completed))
                 train_metrics = to_python(result.metrics["client_work"]["train"])
                 weights = process.get_model_weights(result.state)
                 if not (is_finite_loss(train_metrics) and all_finite(weights.trainable)):

@@ -9,6 +9,14 @@ what `tff.backends.native.set_sync_local_cpp_execution_context` builds.
 
 Importing this module replaces TFF's default context by one that starts such a worker on first use
 (for notebooks and library use); `local_runtime()` gives a run its own worker for its duration.
+
+With several workers (local ones the package starts, or `python -m fedmnist.worker` processes named
+by address) each round's clients are split across them by TFF's mergeable-computation context
+(`tff.backends.native.create_mergeable_comp_execution_context`): every worker trains its share of
+the clients and pre-aggregates it, and the partial aggregates are merged.
+
+`worker_binary` has no option to choose its listening address: it listens on all interfaces with
+unauthenticated gRPC, so run it (and fedmnist) only where its ports are unreachable from untrusted hosts.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -36,6 +44,10 @@ _GRPC_OPTIONS = [
     ("grpc.max_send_message_length", _GRPC_MAX_MESSAGE_BYTES),
 ]
 _STARTUP_TIMEOUT_SECONDS = 60.0
+# The worker deserializes every client's data every round into buffers of a few hundred KB. glibc
+# keeps such freed buffers in its heap, fragmented, and the worker's RSS grows round after round;
+# served by mmap instead, they go back to the system when freed (README, "Performance": flat memory).
+_WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 class RuntimeStartError(RuntimeError):
@@ -66,7 +78,7 @@ class LocalWorker:
             [str(binary), f"--port={self.port}",
              f"--max_concurrent_computation_calls={max_concurrent_computation_calls}"],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
-            preexec_fn=_die_with_parent,
+            env=_WORKER_ENV | dict(os.environ), preexec_fn=_die_with_parent,
         )
         if log_path:
             self._log.write(f"fedmnist: worker_binary pid {self.process.pid} port {self.port}\n".encode())
@@ -90,9 +102,17 @@ class LocalWorker:
         atexit.unregister(self.stop)
 
 
-def connect(address: str, process: subprocess.Popen | None = None) -> tff.framework.RemoteExecutorGrpcStub:
-    """Returns a stub for the executor service at `address`, once it answers."""
+def connect(address: str, process: subprocess.Popen | None = None,
+            wait: bool = True) -> tff.framework.RemoteExecutorGrpcStub:
+    """Returns a stub for the executor service at `address`, once it answers (at once with `wait=False`)."""
     stub = tff.framework.RemoteExecutorGrpcStub(grpc.insecure_channel(address, _GRPC_OPTIONS))
+    if wait:
+        wait_until_ready(stub, address, process)
+    return stub
+
+
+def wait_until_ready(stub: tff.framework.RemoteExecutorGrpcStub, address: str,
+                     process: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + _STARTUP_TIMEOUT_SECONDS
     while not stub.is_ready:
         if process is not None and process.poll() is not None:
@@ -100,49 +120,91 @@ def connect(address: str, process: subprocess.Popen | None = None) -> tff.framew
         if time.monotonic() > deadline:
             raise RuntimeStartError(f"TFF worker at {address} did not answer within {_STARTUP_TIMEOUT_SECONDS:.0f} s")
         time.sleep(0.05)
-    return stub
 
 
-def _executor_factory(stub: tff.framework.RemoteExecutorGrpcStub,
+def _remote_executor(stub: tff.framework.RemoteExecutorGrpcStub, cardinalities,
+                     default_num_clients: int = 0) -> tff.framework.RemoteExecutor:
+    cardinalities.setdefault(tff.CLIENTS, default_num_clients)
+    executor = tff.framework.RemoteExecutor(stub)
+    executor.set_cardinalities(cardinalities)
+    return executor
+
+
+def _executor_factory(stub: tff.framework.RemoteExecutorGrpcStub, ready: Callable[[], None] | None = None,
                       default_num_clients: int = 0) -> tff.framework.ResourceManagingExecutorFactory:
     def stack_fn(cardinalities):
-        cardinalities.setdefault(tff.CLIENTS, default_num_clients)
-        executor = tff.framework.RemoteExecutor(stub)
-        executor.set_cardinalities(cardinalities)
-        return executor
+        if ready is not None:
+            ready()
+        return _remote_executor(stub, cardinalities, default_num_clients)
 
     return tff.framework.ResourceManagingExecutorFactory(executor_stack_fn=stack_fn)
 
 
-def execution_context(stub: tff.framework.RemoteExecutorGrpcStub) -> tff.framework.SyncExecutionContext:
-    return _sync_context(_executor_factory(stub))
+def _context_kwargs(factory: tff.framework.ExecutorFactory) -> dict:
+    return dict(executor_fn=factory,
+                compiler_fn=tff.backends.native.desugar_and_transform_to_native,
+                transform_args=tff.tensorflow.transform_args,
+                transform_result=tff.tensorflow.transform_result)
 
 
-def _sync_context(factory: tff.framework.ExecutorFactory) -> tff.framework.SyncExecutionContext:
-    return tff.framework.SyncExecutionContext(
-        executor_fn=factory,
-        compiler_fn=tff.backends.native.desugar_and_transform_to_native,
-        transform_args=tff.tensorflow.transform_args,
-        transform_result=tff.tensorflow.transform_result,
-    )
+def execution_context(stub: tff.framework.RemoteExecutorGrpcStub,
+                      ready: Callable[[], None] | None = None) -> tff.framework.SyncExecutionContext:
+    return tff.framework.SyncExecutionContext(**_context_kwargs(_executor_factory(stub, ready)))
+
+
+def async_execution_context(stub: tff.framework.RemoteExecutorGrpcStub,
+                            ready: Callable[[], None] | None = None) -> tff.framework.AsyncExecutionContext:
+    return tff.framework.AsyncExecutionContext(**_context_kwargs(_executor_factory(stub, ready)))
+
+
+def multi_worker_context(stubs: list[tff.framework.RemoteExecutorGrpcStub],
+                         readies: Sequence[Callable[[], None] | None] = ()):
+    """One worker: the plain sync context. Several: each round's clients split across them."""
+    readies = list(readies) or [None] * len(stubs)
+    if len(stubs) == 1:
+        return execution_context(stubs[0], readies[0])
+    return tff.backends.native.create_mergeable_comp_execution_context(
+        [async_execution_context(stub, ready) for stub, ready in zip(stubs, readies)])
+
+
+def _ready_once(stub: tff.framework.RemoteExecutorGrpcStub, address: str,
+                process: subprocess.Popen) -> Callable[[], None]:
+    """Waits for a starting worker on first use, so it boots while the computations are traced."""
+    done = []
+
+    def ready() -> None:
+        if not done:
+            wait_until_ready(stub, address, process)
+            done.append(True)
+
+    return ready
 
 
 @contextlib.contextmanager
-def local_runtime(log_path: Path | None = None) -> Iterator[LocalWorker]:
-    """Starts a local worker, makes it TFF's default context, and stops it on the way out.
+def local_runtime(log_path: Path | None = None, num_workers: int = 1,
+                  addresses: Sequence[str] = ()) -> Iterator[list[LocalWorker]]:
+    """Makes TFF's default context run on workers, and stops the workers it started on the way out.
 
-    The context that was the default before is restored afterwards.
+    With `addresses` it connects to those running workers (`python -m fedmnist.worker`); otherwise
+    it starts `num_workers` local ones and yields them. The previous default context is restored.
     """
     context_stack = tff.framework.get_context_stack()
     previous = context_stack.current
-    worker = LocalWorker(log_path=log_path)
+    workers: list[LocalWorker] = []
     try:
-        stub = connect(worker.address, worker.process)
-        context_stack.set_default_context(execution_context(stub))
-        yield worker
+        if addresses:
+            stubs, readies = [connect(address) for address in addresses], []
+        else:
+            for _ in range(num_workers):
+                workers.append(LocalWorker(log_path=log_path))
+            stubs = [connect(w.address, wait=False) for w in workers]
+            readies = [_ready_once(stub, w.address, w.process) for stub, w in zip(stubs, workers)]
+        context_stack.set_default_context(multi_worker_context(stubs, readies))
+        yield workers
     finally:
         context_stack.set_default_context(previous)
-        worker.stop()
+        for worker in workers:
+            worker.stop()
 
 
 def start_local_runtime(log_path: Path | None = None) -> contextlib.ExitStack:
@@ -185,17 +247,15 @@ class _OnDemandWorker:
         if self.worker is None or self.worker.process.poll() is not None:
             self.worker = LocalWorker()
             self.stub = connect(self.worker.address, self.worker.process)
-        cardinalities.setdefault(tff.CLIENTS, 0)
-        executor = tff.framework.RemoteExecutor(self.stub)
-        executor.set_cardinalities(cardinalities)
-        return executor
+        return _remote_executor(self.stub, cardinalities)
 
 
 def install_default_context() -> None:
     """Makes TFF's default context one whose worker this package owns (started on first use)."""
     on_demand = _OnDemandWorker()
     factory = tff.framework.ResourceManagingExecutorFactory(executor_stack_fn=on_demand.stack_fn)
-    tff.framework.get_context_stack().set_default_context(_sync_context(factory))
+    tff.framework.get_context_stack().set_default_context(
+        tff.framework.SyncExecutionContext(**_context_kwargs(factory)))
     # Collect TFF's replaced context now: left to interpreter shutdown, its finalizer fails noisily.
     gc.collect()
 

@@ -1,0 +1,229 @@
+"""Fast, exact rounds: each client's preprocessed data is prepared once and trained without tf.data.
+
+The article hands `process.next` a fresh `tf.data` pipeline per client per round
+(`make_federated_data`). TFF serializes each pipeline, and its worker deserializes it and instantiates
+the pipeline's and the training loop's functions again for every client in every round: on the tutorial
+workload that per-client overhead, not the arithmetic, is nearly all of a round (README, "Performance").
+
+Here each client's data is prepared once, as tensors: its examples after `batch_format_fn`
+(`x`, `y`) and the order in which the article's `preprocess` visits them (`order`: `repeat(epochs)`
+then `shuffle(buffer, seed)`). TFF rebuilds the datasets every round, so every round sees that
+pipeline's first-iteration order; `order` records it, and the client work below slices the batches in
+exactly that order. The SGD steps, the client weighting, the aggregation and the metrics are TFF's,
+so the per-round metrics equal the article's path (the tests check it to 1e-6).
+"""
+
+from __future__ import annotations
+
+import collections
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+# TFF's own pieces of `build_weighted_fed_avg`, so only the data path differs from it.
+from tensorflow_federated.python.learning import tensor_utils
+from tensorflow_federated.python.learning.models import model_weights as model_weights_lib
+from tensorflow_federated.python.learning.templates import (apply_optimizer_finalizer, client_works,
+                                                            composers, distributors)
+
+from fedmnist.config import Config
+from fedmnist.data import batch_format_fn, make_federated_data
+from fedmnist.process import build_optimizer, build_training_process
+
+# A client's prepared data: all its examples (as `batch_format_fn` shapes a batch) and the order of
+# the article's shuffled, repeated stream as indices into them.
+PREPARED_SPEC = OrderedDict(
+    x=tf.TensorSpec([None, 784], tf.float32),
+    y=tf.TensorSpec([None, 1], tf.int32),
+    order=tf.TensorSpec([None], tf.int32))
+DEFAULT_CACHE_BYTES = 256 * 2**20
+
+
+def shuffle_order(num_examples: int, epochs: int, shuffle_buffer: int, seed: int) -> np.ndarray:
+    """The order in which `preprocess` visits a client's examples on a dataset's first iteration.
+
+    Shuffling depends only on the element count and the seeds, so the article's
+    `repeat(epochs).shuffle(buffer, seed)` on the indices gives the order it applies to the examples.
+    Like the article's pipeline it reads TensorFlow's global seed, which must be what it is when the
+    article's path builds its datasets (`tf.keras.utils.set_random_seed(config.seed)` in the loop).
+    """
+    total = num_examples * epochs
+    if total == 0:
+        return np.zeros([0], np.int32)
+    stream = tf.data.Dataset.range(num_examples).repeat(epochs).shuffle(shuffle_buffer, seed=seed)
+    return stream.batch(total).get_single_element().numpy().astype(np.int32)
+
+
+def prepare_client(dataset: tf.data.Dataset, epochs: int, shuffle_buffer: int, seed: int,
+                   **_unused_preprocess_kwargs) -> OrderedDict:
+    """One client's raw dataset as `PREPARED_SPEC` numpy arrays (takes `preprocess`'s keyword arguments)."""
+    examples = list(dataset.batch(2**31 - 1))
+    if examples:
+        formatted = batch_format_fn(examples[0])
+        x, y = formatted["x"].numpy(), formatted["y"].numpy()
+    else:
+        x, y = np.zeros([0, 784], np.float32), np.zeros([0, 1], np.int32)
+    return OrderedDict(x=x, y=y, order=shuffle_order(len(x), epochs, shuffle_buffer, seed))
+
+
+class PreparedClients:
+    """Prepared client inputs for `process.next`, built on first use and kept in a bounded LRU cache.
+
+    Each input is a one-element `tf.data.Dataset` holding a client's prepared tensors (TFF's
+    client-work template takes sequences); it has no shuffle state, so it is reused across rounds.
+    The cache keeps memory flat when many clients are sampled: past `max_bytes` the least recently
+    used clients are dropped and prepared again when next selected.
+    """
+
+    def __init__(self, client_data: tff.simulation.datasets.ClientData, preprocess_kwargs: dict,
+                 max_bytes: int = DEFAULT_CACHE_BYTES):
+        self.client_data = client_data
+        self.preprocess_kwargs = dict(preprocess_kwargs)
+        self.max_bytes = max_bytes
+        self._cache: collections.OrderedDict[str, tuple[tf.data.Dataset, int]] = collections.OrderedDict()
+        self._bytes = 0
+
+    def _prepare(self, client_id: str) -> tuple[tf.data.Dataset, int]:
+        arrays = prepare_client(self.client_data.create_tf_dataset_for_client(client_id),
+                                **self.preprocess_kwargs)
+        return tf.data.Dataset.from_tensors(arrays), sum(a.nbytes for a in arrays.values())
+
+    def dataset(self, client_id: str) -> tf.data.Dataset:
+        if client_id in self._cache:
+            self._cache.move_to_end(client_id)
+            return self._cache[client_id][0]
+        entry = self._prepare(client_id)
+        self._cache[client_id] = entry
+        self._bytes += entry[1]
+        while self._bytes > self.max_bytes and len(self._cache) > 1:
+            _, (_, size) = self._cache.popitem(last=False)
+            self._bytes -= size
+        return entry[0]
+
+    def __call__(self, client_ids: Sequence[str]) -> list[tf.data.Dataset]:
+        return [self.dataset(c) for c in client_ids]
+
+    @property
+    def cached_bytes(self) -> int:
+        return self._bytes
+
+
+def build_prepared_client_work(model_fn: Callable[[], tff.learning.models.VariableModel],
+                               optimizer: tff.learning.optimizers.Optimizer,
+                               batch_size: int) -> tff.learning.templates.ClientWorkProcess:
+    """TFF's `build_model_delta_client_work` (example-weighted), reading prepared tensors.
+
+    The training step, the non-finite guard and the metrics are the same as TFF's; only the loop
+    differs: `order[i:i + batch_size]` picks each batch, so no tf.data runs in the worker.
+    """
+    with tf.Graph().as_default():
+        whimsy_model = model_fn()
+        metrics_aggregation_fn = tff.learning.metrics.sum_then_finalize(whimsy_model.metric_finalizers())
+    weights_type = model_weights_lib.weights_type_from_model(whimsy_model)
+    data_type = tff.SequenceType(tff.types.tensorflow_to_type(PREPARED_SPEC))
+    initial_hparams = optimizer.get_hparams(optimizer.initialize(tf.TensorSpec((), tf.float32)))
+
+    @tff.federated_computation
+    def init_fn():
+        return tff.federated_value(initial_hparams, tff.SERVER)
+
+    hparams_type = init_fn.type_signature.result.member
+
+    @tff.tensorflow.computation(hparams_type, weights_type, data_type)
+    def client_update(hparams, initial_weights, prepared_sequence):
+        model = model_fn()
+        prepared = prepared_sequence.get_single_element()
+
+        @tf.function
+        def train():
+            weights = model_weights_lib.ModelWeights.from_model(model)
+            tf.nest.map_structure(lambda v, t: v.assign(t), weights, initial_weights)
+            trainable = tuple(tf.nest.flatten(weights.trainable))
+            specs = tuple(tf.TensorSpec(v.shape, v.dtype) for v in trainable)
+            optimizer_state = optimizer.set_hparams(optimizer.initialize(specs), hparams)
+            order = prepared["order"]
+            num_examples = tf.zeros([], tf.int64)
+            for start in tf.range(0, tf.size(order), batch_size):
+                indices = order[start:start + batch_size]
+                batch = OrderedDict(x=tf.gather(prepared["x"], indices), y=tf.gather(prepared["y"], indices))
+                with tf.GradientTape() as tape:
+                    output = model.forward_pass(batch, training=True)
+                gradients = tape.gradient(output.loss, weights.trainable)
+                optimizer_state, updated = optimizer.next(
+                    optimizer_state, tuple(tf.nest.flatten(weights.trainable)), tuple(tf.nest.flatten(gradients)))
+                tf.nest.map_structure(lambda v, t: v.assign(t), weights.trainable,
+                                      tf.nest.pack_sequence_as(weights.trainable, updated))
+                num_examples += tf.cast(output.num_examples, tf.int64)
+            update = tf.nest.map_structure(tf.subtract, initial_weights.trainable, weights.trainable)
+            update, has_non_finite = tensor_utils.zero_all_if_any_non_finite(update)
+            if has_non_finite > 0:
+                model.reset_metrics()
+                weight = tf.constant(0.0, tf.float32)
+            else:
+                weight = tf.cast(num_examples, tf.float32)
+            return (client_works.ClientResult(update=update, update_weight=weight),
+                    model.report_local_unfinalized_metrics())
+
+        return train()
+
+    @tff.federated_computation(init_fn.type_signature.result,
+                               tff.FederatedType(weights_type, tff.CLIENTS),
+                               tff.FederatedType(data_type, tff.CLIENTS))
+    def next_fn(state, weights, client_data):
+        client_result, model_outputs = tff.federated_map(
+            client_update, (tff.federated_broadcast(state), weights, client_data))
+        measurements = tff.federated_zip(OrderedDict(train=metrics_aggregation_fn(model_outputs)))
+        return tff.templates.MeasuredProcessOutput(state, client_result, measurements)
+
+    @tff.tensorflow.computation(hparams_type)
+    def get_hparams_fn(state):
+        return state
+
+    @tff.tensorflow.computation(hparams_type, hparams_type)
+    def set_hparams_fn(state, hparams):
+        del state
+        return hparams
+
+    return tff.learning.templates.ClientWorkProcess(
+        init_fn, next_fn, get_hparams_fn=get_hparams_fn, set_hparams_fn=set_hparams_fn)
+
+
+def build_prepared_fed_avg(model_fn: Callable[[], tff.learning.models.VariableModel],
+                           client_optimizer: tff.learning.optimizers.Optimizer,
+                           server_optimizer: tff.learning.optimizers.Optimizer,
+                           batch_size: int,
+                           model_aggregator: tff.aggregators.WeightedAggregationFactory | None = None,
+                           ) -> tff.learning.templates.LearningProcess:
+    """`build_weighted_fed_avg` with the prepared-tensor client work; the same components otherwise."""
+
+    @tff.tensorflow.computation
+    def initial_model_weights_fn():
+        return model_weights_lib.ModelWeights.from_model(model_fn())
+
+    weights_type = initial_model_weights_fn.type_signature.result
+    aggregator = (model_aggregator or tff.aggregators.MeanFactory()).create(
+        weights_type.trainable, tff.TensorType(np.float32))
+    return composers.compose_learning_process(
+        initial_model_weights_fn,
+        distributors.build_broadcast_process(weights_type),
+        build_prepared_client_work(model_fn, client_optimizer, batch_size),
+        aggregator,
+        apply_optimizer_finalizer.build_apply_optimizer_finalizer(server_optimizer, weights_type))
+
+
+def build_training(config: Config, model_fn: Callable[[], tff.learning.models.VariableModel],
+                   client_data: tff.simulation.datasets.ClientData, preprocess_kwargs: dict,
+                   ) -> tuple[tff.learning.templates.LearningProcess, Callable[[Sequence[str]], list]]:
+    """The training process and the function turning a round's client ids into its input.
+
+    `client_input: prepared` (default): the process above fed with `PreparedClients`;
+    `client_input: datasets`: the article's `build_weighted_fed_avg` fed with `make_federated_data`.
+    """
+    if config.client_input == "datasets":
+        process = build_training_process(model_fn, config.client_optimizer, config.server_optimizer)
+        return process, lambda client_ids: make_federated_data(client_data, client_ids, **preprocess_kwargs)
+    process = build_prepared_fed_avg(model_fn, build_optimizer(config.client_optimizer),
+                                     build_optimizer(config.server_optimizer), config.preprocess.batch_size)
+    return process, PreparedClients(client_data, preprocess_kwargs)

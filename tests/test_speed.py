@@ -1,0 +1,152 @@
+"""Speed features keep the numbers: prepared client tensors (same batches and metrics as the article's
+tf.data path), several local TFF workers, and `python -m fedmnist.worker` processes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import portpicker
+import psutil
+import pytest
+import tensorflow as tf
+
+from fedmnist import config as config_lib
+from fedmnist import data, logs, loop, prepared, runtime, train, worker
+
+SMALL = ["data.dataset=synthetic", "data.num_clients=8", "data.examples_per_client=30",
+         "clients_per_round=4", "client_selection=uniform", "rounds=3", "eval_clients=4", "seed=3"]
+
+
+def small_config(*overrides: str) -> config_lib.Config:
+    return config_lib.load(None, SMALL + list(overrides))
+
+
+def run(config: config_lib.Config, run_dir) -> list[dict]:
+    loop.train(config, run_dir, echo=lambda line: None, progress=False)
+    assert runtime.worker_children() == []
+    return [json.loads(line) for line in (run_dir / logs.METRICS_FILE).read_text().splitlines()]
+
+
+def assert_same_rounds(a: list[dict], b: list[dict], tolerance: float) -> None:
+    assert [r["clients"] for r in a] == [r["clients"] for r in b]
+    for row_a, row_b in zip(a, b):
+        for key in ("loss", "sparse_categorical_accuracy", "num_examples", "num_batches"):
+            assert row_a["train"][key] == pytest.approx(row_b["train"][key], abs=tolerance), (row_a, row_b)
+    for split in ("train", "test"):
+        for key, value in a[-1]["eval"][split].items():
+            assert value == pytest.approx(b[-1]["eval"][split][key], abs=tolerance)
+
+
+@pytest.fixture(scope="module")
+def prepared_run(tmp_path_factory) -> list[dict]:
+    return run(small_config("client_input=prepared"), tmp_path_factory.mktemp("prepared"))
+
+
+def test_shuffle_order_reproduces_the_articles_batches():
+    dataset = data.load_synthetic(num_clients=2, examples_per_client=37, seed=5)
+    client = dataset.train.create_tf_dataset_for_client(dataset.train.client_ids[0])
+    kwargs = dict(epochs=3, batch_size=7, shuffle_buffer=10, prefetch_buffer=2, seed=4)
+    tf.keras.utils.set_random_seed(11)
+    article = list(data.preprocess(client, **kwargs))
+    tf.keras.utils.set_random_seed(11)
+    arrays = prepared.prepare_client(client, **kwargs)
+    order = arrays["order"]
+    assert len(order) == 3 * len(arrays["x"])
+    batches = [order[i:i + 7] for i in range(0, len(order), 7)]
+    assert len(batches) == len(article)
+    for indices, batch in zip(batches, article):
+        np.testing.assert_array_equal(arrays["x"][indices], batch["x"].numpy())
+        np.testing.assert_array_equal(arrays["y"][indices], batch["y"].numpy())
+
+
+def test_prepared_rounds_equal_the_articles_path(prepared_run, tmp_path):
+    article = run(small_config("client_input=datasets"), tmp_path)
+    assert_same_rounds(prepared_run, article, tolerance=1e-6)
+    assert prepared_run[-1]["train"]["loss"] < prepared_run[0]["train"]["loss"]
+
+
+def test_benchmark_floor_does_the_same_sgd_steps(prepared_run):
+    from fedmnist import bench
+
+    floor = bench.run_floor(small_config())
+    assert len(floor["per_round"]) == len(prepared_run)
+    for row, floor_row in zip(prepared_run, floor["per_round"]):
+        assert floor_row["loss"] == pytest.approx(row["train"]["loss"], abs=1e-5)
+        assert floor_row["accuracy"] == pytest.approx(row["train"]["sparse_categorical_accuracy"], abs=1e-6)
+    assert floor["steady_s_per_round"] > 0 and floor["peak_rss_gb"] > 0
+
+
+def test_cache_stays_within_its_byte_budget():
+    dataset = data.load_synthetic(num_clients=6, examples_per_client=20, seed=1)
+    kwargs = loop.preprocess_kwargs(small_config())
+    one_client = prepared.PreparedClients(dataset.train, kwargs).dataset(dataset.train.client_ids[0])
+    size = sum(t.numpy().nbytes for t in one_client.get_single_element().values())
+    clients = prepared.PreparedClients(dataset.train, kwargs, max_bytes=int(2.5 * size))
+    first = clients(dataset.train.client_ids[:1])[0].get_single_element()
+    clients(dataset.train.client_ids)
+    assert clients.cached_bytes <= 2.5 * size
+    again = clients(dataset.train.client_ids[:1])[0].get_single_element()   # evicted, prepared anew
+    for key in ("x", "y", "order"):
+        np.testing.assert_array_equal(first[key].numpy(), again[key].numpy())
+
+
+# --- Several workers ---------------------------------------------------------------------------
+
+def test_two_local_workers_give_the_same_rounds(prepared_run, tmp_path):
+    two = run(small_config("num_workers=2"), tmp_path)
+    # The two workers' partial sums are merged, so float32 sums are grouped differently.
+    assert_same_rounds(prepared_run, two, tolerance=1e-6)
+
+
+def test_worker_command_serves_a_training_run(prepared_run, tmp_path):
+    port = portpicker.pick_unused_port()
+    command = subprocess.Popen([sys.executable, "-m", "fedmnist.worker", "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "serving on port" in command.stdout.readline()
+        binaries = psutil.Process(command.pid).children()
+        assert [p.name() for p in binaries] == ["worker_binary"]
+        remote = run(small_config(f"workers=[localhost:{port}]"), tmp_path)
+        assert_same_rounds(prepared_run, remote, tolerance=1e-6)
+    finally:
+        command.send_signal(signal.SIGTERM)
+        code = command.wait(timeout=30)
+    assert code == 0
+    assert "unauthenticated" in command.stderr.read()
+    time.sleep(0.2)
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in binaries)
+
+
+def test_worker_command_rejects_a_bad_port(capsys):
+    assert worker.main(["--port", "70000"]) == 2
+    assert "between 1 and 65535" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["workers=[localhost]"], "is not host:port"),
+    (["workers=localhost:8000"], "expected a list"),
+    (["workers=[localhost:8000]", "num_workers=2"], "num_workers"),
+    (["num_workers=0"], "at least 1"),
+    (["client_input=fast"], "one of 'prepared', 'datasets'"),
+])
+def test_bad_runtime_settings_are_config_errors(overrides, message, tmp_path, capsys):
+    argv = ["--run-dir", str(tmp_path / "run")] + [f"--set={o}" for o in overrides]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_unreachable_worker_is_a_runtime_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(runtime, "_STARTUP_TIMEOUT_SECONDS", 1.0)
+    port = portpicker.pick_unused_port()
+    with pytest.raises(runtime.RuntimeStartError, match="did not answer"):
+        with runtime.local_runtime(addresses=[f"localhost:{port}"]):
+            pass
+    assert runtime.worker_children() == []
+    config_lib.check_address("workers[0]", f"localhost:{port}")

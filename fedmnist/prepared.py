@@ -59,10 +59,11 @@ def shuffle_order(num_examples: int, epochs: int, shuffle_buffer: int, seed: int
 def prepare_client(dataset: tf.data.Dataset, epochs: int, shuffle_buffer: int, seed: int,
                    **_unused_preprocess_kwargs) -> OrderedDict:
     """One client's raw dataset as `PREPARED_SPEC` numpy arrays (takes `preprocess`'s keyword arguments)."""
-    examples = list(dataset.batch(2**31 - 1))
-    if examples:
-        formatted = batch_format_fn(examples[0])
-        x, y = formatted["x"].numpy(), formatted["y"].numpy()
+    # Moderate batches: one batch of 2**31 - 1 stalls on TFF's SQL-backed EMNIST datasets.
+    batches = [batch_format_fn(batch) for batch in dataset.batch(4096)]
+    if batches:
+        x = np.concatenate([b["x"].numpy() for b in batches])
+        y = np.concatenate([b["y"].numpy() for b in batches])
     else:
         x, y = np.zeros([0, 784], np.float32), np.zeros([0, 1], np.int32)
     return OrderedDict(x=x, y=y, order=shuffle_order(len(x), epochs, shuffle_buffer, seed))

@@ -118,13 +118,7 @@ def train(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None] 
         evaluator = FederatedEvaluator(model_fn)
         state = process.set_model_weights(
             process.initialize(), initial_weights(config.model, dataset.num_classes, config.seed))
-        done = 0
-        if resume:
-            saved, done = checkpoints.load_latest(state, warn=echo)
-            state = state if saved is None else saved
-            metrics_log.drop_after(done)
-            drop_events_after(run_dir, done)
-            echo(f"resuming after round {done}")
+        state, done = _restore(run_dir, checkpoints, metrics_log, state, echo) if resume else (state, 0)
         board = TensorBoardLog(run_dir)
         if done == 0:
             board.write_text("config", (run_dir / CONFIG_FILE).read_text())
@@ -202,6 +196,16 @@ def train(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None] 
     write_json(run_dir / SUMMARY_FILE, summary)
     plots.write_curves(run_dir)
     return summary
+
+
+def _restore(run_dir: Path, checkpoints: Checkpoints, metrics_log: MetricsLog, initial_state,
+             echo: Callable[[str], None]) -> tuple[object, int]:
+    """The newest intact checkpoint's state and round; what was logged after it is dropped."""
+    saved, done = checkpoints.load_latest(initial_state, warn=echo)
+    metrics_log.drop_after(done)
+    drop_events_after(run_dir, done)
+    echo(f"resuming after round {done}")
+    return (initial_state if saved is None else saved), done
 
 
 def _save_for_stop(checkpoints: Checkpoints, state, round_num: int) -> int:

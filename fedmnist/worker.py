@@ -13,10 +13,17 @@ import argparse
 import signal
 import sys
 
-from fedmnist.train import UsageError, _Parser
-
 SECURITY_NOTE = ("note: the TFF worker listens on all network interfaces with unauthenticated gRPC; "
                  "run it only on a trusted network or behind a firewall")
+
+
+class UsageError(Exception):
+    """Bad command-line usage (exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        raise UsageError(f"{message} (see --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:

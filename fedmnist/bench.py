@@ -623,12 +623,15 @@ def report(name: str, figures: dict) -> list[str]:
                      f"{c['speedup']:.2f}x")
     for path in paths:
         rss = figures[path].get("rss_gb_by_round", {})
-        if name == "scale" and 20 in rss and rss:
+        if name == "scale" and 20 in rss:
             last = max(rss)
-            growth = (rss[last] - rss[20]) / rss[20] * 100
+            # Medians over 5 rounds: a single sample swings with the round's transient buffers.
+            window = lambda series, end: statistics.median(series[r] for r in range(end - 4, end + 1))  # noqa: E731
+            early, late = window(rss, 20), window(rss, last)
             workers = figures[path]["workers_rss_gb_by_round"]
-            lines.append(f"{path}: tree RSS {rss[20]:.3f} GB at round 20, {rss[last]:.3f} GB at round {last} "
-                         f"({growth:+.1f}%; of which TFF workers {workers[20]:.3f} -> {workers[last]:.3f} GB)")
+            lines.append(f"{path}: tree RSS {early:.3f} GB at rounds 16-20, {late:.3f} GB at rounds "
+                         f"{last - 4}-{last} ({(late - early) / early * 100:+.1f}%; TFF workers "
+                         f"{window(workers, 20):.3f} -> {window(workers, last):.3f} GB)")
     return lines
 
 

@@ -47,7 +47,17 @@ _STARTUP_TIMEOUT_SECONDS = 60.0
 # The worker deserializes every client's data every round into buffers of a few hundred KB. glibc
 # keeps such freed buffers in its heap, fragmented, and the worker's RSS grows round after round;
 # served by mmap instead, they go back to the system when freed (README, "Performance": flat memory).
-_WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+_MMAP_THRESHOLD_BYTES = 128 * 1024
+_WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(_MMAP_THRESHOLD_BYTES)}
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def release_large_buffers() -> None:
+    """The same for this process, which serializes every client's data every round (glibc only)."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+    except (OSError, AttributeError):
+        pass
 
 
 class RuntimeStartError(RuntimeError):
@@ -188,6 +198,7 @@ def local_runtime(log_path: Path | None = None, num_workers: int = 1,
     With `addresses` it connects to those running workers (`python -m fedmnist.worker`); otherwise
     it starts `num_workers` local ones and yields them. The previous default context is restored.
     """
+    release_large_buffers()
     context_stack = tff.framework.get_context_stack()
     previous = context_stack.current
     workers: list[LocalWorker] = []

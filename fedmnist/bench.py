@@ -367,19 +367,22 @@ def whole_runs(repeats: int) -> dict:
 
 
 def core_scaling(workload: str, extra: tuple[str, ...] = ()) -> dict:
-    """The package path of `workload` in fresh processes pinned to one core, then to all cores."""
+    """The package path and the floor of `workload` in fresh processes pinned to one core, then to all."""
     all_cpus = os.sched_getaffinity(0)
     out = {}
     with tempfile.TemporaryDirectory(prefix="fedmnist-bench-") as scratch:
         for label, cpus in (("one_core", {min(all_cpus)}), ("all_cores", all_cpus)):
             json_path = Path(scratch) / f"{label}.json"
             time_process([sys.executable, "-m", "fedmnist.bench", "--workload", workload, "--paths",
-                          "prepared", "--no-floor", "--no-cores", "--json", str(json_path)]
+                          "prepared", "--no-cores", "--json", str(json_path)]
                          + [f"--set={e}" for e in extra], cpus=cpus)
-            figures = json.loads(json_path.read_text())[workload]["prepared"]
-            out[label] = {"cpus": len(cpus), "steady_s_per_round": figures["steady_s_per_round"],
-                          "examples_per_s": figures["examples_per_s"]}
+            figures = json.loads(json_path.read_text())[workload]
+            out[label] = {"cpus": len(cpus), "steady_s_per_round": figures["prepared"]["steady_s_per_round"],
+                          "examples_per_s": figures["prepared"]["examples_per_s"],
+                          "floor_steady_s_per_round": figures["floor"]["steady_s_per_round"]}
     out["speedup"] = out["one_core"]["steady_s_per_round"] / out["all_cores"]["steady_s_per_round"]
+    out["floor_speedup"] = (out["one_core"]["floor_steady_s_per_round"]
+                            / out["all_cores"]["floor_steady_s_per_round"])
     return out
 
 
@@ -620,7 +623,8 @@ def report(name: str, figures: dict) -> list[str]:
         c = figures["cores"]
         lines.append(f"cores: one core {c['one_core']['steady_s_per_round']:.3f} s/round, "
                      f"{c['all_cores']['cpus']} cores {c['all_cores']['steady_s_per_round']:.3f} s/round: "
-                     f"{c['speedup']:.2f}x")
+                     f"{c['speedup']:.2f}x (the floor: {c['one_core']['floor_steady_s_per_round']:.3f} vs "
+                     f"{c['all_cores']['floor_steady_s_per_round']:.3f} s/round, {c['floor_speedup']:.2f}x)")
     for path in paths:
         rss = figures[path].get("rss_gb_by_round", {})
         if name == "scale" and 20 in rss:

@@ -93,8 +93,12 @@ class SecureFedAvg:
 
     def next(self, state, client_data: Sequence[tf.data.Dataset]) -> tff.learning.templates.LearningProcessOutput:
         updates, weights, client_metrics = self.client_phase(state, list(client_data))
-        if len(updates) < self.threshold:
-            raise ValueError(f"{len(updates)} clients in the round, fewer than the threshold {self.threshold}")
+        if len(updates) < self.threshold:  # e.g. clients lost to availability dropouts before training ended
+            report = collections.OrderedDict(
+                clients=len(updates), dropped=0, threshold=self.threshold, failed=1,
+                error=f"only {len(updates)} clients completed, fewer than the threshold {self.threshold}; "
+                      f"the round is skipped and the global model kept")
+            return self._output(state, client_metrics, report, collections.OrderedDict(update_non_finite=0))
         structure = updates[0]
         inputs = {number: secagg.encode(_flatten(update), weight, self.settings.clip, self.scale,
                                         self.settings.max_client_weight, self.settings.bits)

@@ -189,3 +189,20 @@ def test_unaccountable_or_impossible_configs_are_refused(tmp_path, overrides, me
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
     assert not (tmp_path / "runs").exists()
+
+
+def test_secure_rounds_with_too_few_available_clients_are_skipped_not_fatal(tmp_path):
+    from fedmnist import config as config_lib
+    from fedmnist import loop
+
+    config = config_lib.load(None, [
+        "data.dataset=synthetic", "data.num_clients=8", "clients_per_round=6", "client_selection=uniform",
+        "rounds=4", "preprocess.epochs=1", "aggregation=secure", "secure.threshold=5",
+        "availability.model=daily", "availability.dropout=0.5", "availability.min_clients=1"])
+    loop.train(config, tmp_path, echo=lambda line: None, progress=False)
+    rows = loop.MetricsLog(tmp_path).rows()
+    assert [row["round"] for row in rows] == [1, 2, 3, 4]
+    trained = [row for row in rows if "train" in row]
+    short = [row for row in trained if row["participation"]["completed"] < 5]
+    assert short, "the seeded dropouts should leave some round below the threshold"
+    assert all(row["aggregation"]["failed"] == 1 for row in short)

@@ -156,11 +156,9 @@ def train(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None] 
                 row["eval"] = {split: evaluator(weights, data) for split, data in eval_data.items()}
             row["seconds"] = time.perf_counter() - round_started
             metrics_log.append(row)
-            board.write(round_num, {k: row[k] for k in ("train", "eval", "participation", "aggregation") if k in row}
-                        | {"time": {"round_seconds": row["seconds"]},
-                           "learning_rate": dashboard.learning_rates(process, state)})
-            if config.histogram_every and (last or round_num % config.histogram_every == 0):
-                board.write_histograms(round_num, dashboard.weight_arrays(histogram_names, weights))
+            histograms = config.histogram_every and (last or round_num % config.histogram_every == 0)
+            _log_to_tensorboard(board, row, dashboard.learning_rates(process, state),
+                                dashboard.weight_arrays(histogram_names, weights) if histograms else None)
             if last or round_num % config.checkpoint_every == 0:
                 checkpoints.save(state, round_num)
             if last_train:
@@ -196,6 +194,17 @@ def train(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None] 
     write_json(run_dir / SUMMARY_FILE, summary)
     plots.write_curves(run_dir)
     return summary
+
+
+def _log_to_tensorboard(board: TensorBoardLog, row: dict, learning_rates: dict,
+                        weight_histograms: dict | None) -> None:
+    """One round's scalars (train, eval, participation, aggregation, time, learning rates) and,
+    when given, histograms of the global model's weights."""
+    scalars = {k: row[k] for k in ("train", "eval", "participation", "aggregation") if k in row}
+    board.write(row["round"], scalars | {"time": {"round_seconds": row["seconds"]},
+                                         "learning_rate": learning_rates})
+    if weight_histograms is not None:
+        board.write_histograms(row["round"], weight_histograms)
 
 
 def _restore(run_dir: Path, checkpoints: Checkpoints, metrics_log: MetricsLog, initial_state,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
+import tensorflow_federated as tff
 import yaml
 from tqdm import tqdm
 
@@ -79,6 +80,18 @@ class Interrupted(Exception):
         self.round_num = round_num
 
 
+def model_weights(process: tff.learning.templates.LearningProcess, state) -> tff.learning.models.ModelWeights:
+    """The global model's weights in `state`, as `process.get_model_weights` gives them.
+
+    TFF's FedAvg state already holds them, in Python, once `next` returns; reading them there saves a
+    call to the worker every round. Other processes' states go through `get_model_weights`.
+    """
+    weights = getattr(state, "global_model_weights", None)
+    if isinstance(weights, tff.learning.models.ModelWeights):
+        return weights
+    return process.get_model_weights(state)
+
+
 def _never() -> bool:
     return False
 
@@ -122,7 +135,7 @@ def train(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None] 
         board = TensorBoardLog(run_dir)
         if done == 0:
             board.write_text("config", (run_dir / CONFIG_FILE).read_text())
-        weights = process.get_model_weights(state)
+        weights = model_weights(process, state)
         row: dict = {}
         last_train: dict | None = None
         rounds = tqdm(range(done + 1, config.rounds + 1), desc="rounds", unit="round",
@@ -141,7 +154,7 @@ def train(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None] 
                     process.begin_round(round_num)
                 result = process.next(state, client_inputs(plan.completed))
                 train_metrics = to_python(result.metrics["client_work"]["train"])
-                weights = process.get_model_weights(result.state)
+                weights = model_weights(process, result.state)
                 if not (is_finite_loss(train_metrics) and all_finite(weights.trainable)):
                     raise TrainingDivergedError(
                         f"training diverged at round {round_num} (loss {train_metrics['loss']}); the last "

@@ -80,6 +80,12 @@ def worker_binary_path() -> Path:
     return Path(tff.__file__).parent / "data" / "worker_binary"
 
 
+def _unmapped(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address, with an IPv4 address in its IPv6 form (::ffff:a.b.c.d) as plain IPv4."""
+    address = ipaddress.ip_address(ip)
+    return getattr(address, "ipv4_mapped", None) or address
+
+
 def _die_with_parent() -> None:
     # Runs in the child between fork and exec: ask the kernel to SIGKILL it when the parent dies.
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -143,7 +149,7 @@ class LocalWorker:
         """Stops the worker and raises RuntimeStartError if it listens beyond its host (the shim did not load)."""
         if self.all_interfaces:
             return
-        stray = self.listening_addresses() - {self.host, f"::ffff:{self.host}"}
+        stray = {ip for ip in self.listening_addresses() if _unmapped(ip) != _unmapped(self.host)}
         if stray:
             self.stop()
             raise RuntimeStartError(f"TFF worker on port {self.port} listens on {', '.join(sorted(stray))}, "

@@ -507,12 +507,12 @@ def explore(rounds: int = 12, repeats: int = 2, log: Callable[[str], None] = pri
     results, reference = {}, None
     for repeat, (name, (build, feed, settings)) in ((r, v) for r in range(repeats) for v in variants.items()):
         log(f"[explore {repeat + 1}/{repeats}] {name}")
-        workers = [runtime.LocalWorker(max_concurrent_computation_calls=settings.get("max_calls", -1))
+        workers = [runtime.loopback_worker(max_concurrent_computation_calls=settings.get("max_calls", -1))
                    for _ in range(settings.get("workers", 1))]
         stack = tff.framework.get_context_stack()
         previous = stack.current
         try:
-            stubs = [runtime.connect(w.address, w.process) for w in workers]
+            stubs = [w.connect() for w in workers]
             if len(stubs) == 1:
                 context = tff.framework.SyncExecutionContext(
                     executor_fn=runtime._executor_factory(

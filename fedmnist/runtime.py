@@ -15,8 +15,12 @@ by address) each round's clients are split across them by TFF's mergeable-comput
 (`tff.backends.native.create_mergeable_comp_execution_context`): every worker trains its share of
 the clients and pre-aggregates it, and the partial aggregates are merged.
 
-`worker_binary` has no option to choose its listening address: it listens on all interfaces with
-unauthenticated gRPC, so run it (and fedmnist) only where its ports are unreachable from untrusted hosts.
+Workers speak unauthenticated gRPC, so they listen on loopback (127.0.0.1) unless a `host` is given
+explicitly. `worker_binary` itself can only listen on every interface; `fedmnist.bind` preloads a
+small shim into it that turns that wildcard bind into a bind to the chosen address, compiling it with
+the C compiler on first use. Where no compiler is available, the workers this package starts for its
+own runs still start, on all interfaces, after one warning line on stderr; a worker asked explicitly
+for one address (`python -m fedmnist.worker --host H`) does not start at all.
 """
 
 from __future__ import annotations
@@ -25,16 +29,21 @@ import atexit
 import contextlib
 import ctypes
 import gc
+import ipaddress
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import grpc
 import portpicker
+import psutil
 import tensorflow_federated as tff
+
+from fedmnist import bind
 
 _PR_SET_PDEATHSIG = 1
 _GRPC_MAX_MESSAGE_BYTES = 2 * 1000 * 1000 * 1000
@@ -60,12 +69,21 @@ def release_large_buffers() -> None:
         pass
 
 
+LOOPBACK = "127.0.0.1"  # not "localhost": a client would try ::1 first, where the worker is not
+
+
 class RuntimeStartError(RuntimeError):
     """The TFF worker could not be started or reached."""
 
 
 def worker_binary_path() -> Path:
     return Path(tff.__file__).parent / "data" / "worker_binary"
+
+
+def _unmapped(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address, with an IPv4 address in its IPv6 form (::ffff:a.b.c.d) as plain IPv4."""
+    address = ipaddress.ip_address(ip)
+    return getattr(address, "ipv4_mapped", None) or address
 
 
 def _die_with_parent() -> None:
@@ -75,29 +93,67 @@ def _die_with_parent() -> None:
 
 
 class LocalWorker:
-    """One `worker_binary` child process serving TFF's executor service on a local port."""
+    """One `worker_binary` child process serving TFF's executor service on a local port.
+
+    It listens on `host` only (loopback by default); `0.0.0.0` or `::` means every interface. Raises
+    `bind.ShimBuildError` when it cannot be kept to one address (no C compiler to build the shim).
+    """
 
     def __init__(self, port: int | None = None, max_concurrent_computation_calls: int = -1,
-                 log_path: Path | None = None):
+                 log_path: Path | None = None, host: str = LOOPBACK):
+        self.host = str(ipaddress.ip_address(host))
         self.port = port or portpicker.pick_unused_port()
         binary = worker_binary_path()
         if not binary.is_file():
             raise RuntimeStartError(f"TFF worker binary not found at {binary.name}; reinstall tensorflow-federated")
+        shim_env = bind.child_env(self.host)
         self._log = open(log_path, "ab") if log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(
             [str(binary), f"--port={self.port}",
              f"--max_concurrent_computation_calls={max_concurrent_computation_calls}"],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
-            env=_WORKER_ENV | dict(os.environ), preexec_fn=_die_with_parent,
+            env=_WORKER_ENV | dict(os.environ) | shim_env, preexec_fn=_die_with_parent,
         )
         if log_path:
-            self._log.write(f"fedmnist: worker_binary pid {self.process.pid} port {self.port}\n".encode())
+            self._log.write(f"fedmnist: worker_binary pid {self.process.pid} port {self.port} "
+                            f"host {self.host}\n".encode())
             self._log.flush()
         atexit.register(self.stop)
 
     @property
+    def all_interfaces(self) -> bool:
+        return bind.is_all_interfaces(self.host)
+
+    @property
     def address(self) -> str:
-        return f"localhost:{self.port}"
+        """Where to reach it: its host, or loopback for one listening on every interface."""
+        host = LOOPBACK if self.all_interfaces else self.host
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    def connect(self, wait: bool = True) -> tff.framework.RemoteExecutorGrpcStub:
+        """A stub for this worker, once it answers and listens where it should (at once with `wait=False`)."""
+        stub = connect(self.address, wait=False)
+        if wait:
+            self.wait_until_ready(stub)
+        return stub
+
+    def wait_until_ready(self, stub: tff.framework.RemoteExecutorGrpcStub) -> None:
+        wait_until_ready(stub, self.address, self.process)
+        self.check_listening()
+
+    def listening_addresses(self) -> set[str]:
+        return {c.laddr.ip for c in psutil.Process(self.process.pid).net_connections(kind="inet")
+                if c.status == psutil.CONN_LISTEN}
+
+    def check_listening(self) -> None:
+        """Stops the worker and raises RuntimeStartError if it listens beyond its host (the shim did not load)."""
+        if self.all_interfaces:
+            return
+        stray = {ip for ip in self.listening_addresses() if _unmapped(ip) != _unmapped(self.host)}
+        if stray:
+            self.stop()
+            raise RuntimeStartError(f"TFF worker on port {self.port} listens on {', '.join(sorted(stray))}, "
+                                    f"not only {self.host}: the bind shim did not take effect")
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -177,17 +233,32 @@ def multi_worker_context(stubs: list[tff.framework.RemoteExecutorGrpcStub],
         [async_execution_context(stub, ready) for stub, ready in zip(stubs, readies)])
 
 
-def _ready_once(stub: tff.framework.RemoteExecutorGrpcStub, address: str,
-                process: subprocess.Popen) -> Callable[[], None]:
+def _ready_once(stub: tff.framework.RemoteExecutorGrpcStub, worker: LocalWorker) -> Callable[[], None]:
     """Waits for a starting worker on first use, so it boots while the computations are traced."""
     done = []
 
     def ready() -> None:
         if not done:
-            wait_until_ready(stub, address, process)
+            worker.wait_until_ready(stub)
             done.append(True)
 
     return ready
+
+
+_fallback_warned: list[bool] = []
+
+
+def loopback_worker(**kwargs) -> LocalWorker:
+    """A LocalWorker for the package's own runs: on loopback, or where the bind shim cannot be built,
+    on every interface after one warning line on stderr (once per process)."""
+    try:
+        return LocalWorker(**kwargs)
+    except bind.ShimBuildError as error:
+        if not _fallback_warned:
+            _fallback_warned.append(True)
+            print(f"fedmnist: warning: TFF workers listen on all interfaces, not {LOOPBACK} ({error}); "
+                  "install a C compiler (e.g. gcc) to keep them on loopback", file=sys.stderr, flush=True)
+        return LocalWorker(host="0.0.0.0", **kwargs)
 
 
 @contextlib.contextmanager
@@ -196,7 +267,7 @@ def local_runtime(log_path: Path | None = None, num_workers: int = 1,
     """Makes TFF's default context run on workers, and stops the workers it started on the way out.
 
     With `addresses` it connects to those running workers (`python -m fedmnist.worker`); otherwise
-    it starts `num_workers` local ones and yields them. The previous default context is restored.
+    it starts `num_workers` local ones on loopback and yields them. The previous default context is restored.
     """
     release_large_buffers()
     context_stack = tff.framework.get_context_stack()
@@ -207,9 +278,9 @@ def local_runtime(log_path: Path | None = None, num_workers: int = 1,
             stubs, readies = [connect(address) for address in addresses], []
         else:
             for _ in range(num_workers):
-                workers.append(LocalWorker(log_path=log_path))
-            stubs = [connect(w.address, wait=False) for w in workers]
-            readies = [_ready_once(stub, w.address, w.process) for stub, w in zip(stubs, workers)]
+                workers.append(loopback_worker(log_path=log_path))
+            stubs = [w.connect(wait=False) for w in workers]
+            readies = [_ready_once(stub, w) for stub, w in zip(stubs, workers)]
         context_stack.set_default_context(multi_worker_context(stubs, readies))
         yield workers
     finally:
@@ -256,8 +327,8 @@ class _OnDemandWorker:
 
     def stack_fn(self, cardinalities):
         if self.worker is None or self.worker.process.poll() is not None:
-            self.worker = LocalWorker()
-            self.stub = connect(self.worker.address, self.worker.process)
+            self.worker = loopback_worker()
+            self.stub = self.worker.connect()
         return _remote_executor(self.stub, cardinalities)
 
 

@@ -42,6 +42,17 @@ def worker_pid(run_dir: Path) -> int:
     return int(first.split(" pid ")[1].split()[0])
 
 
+LOOPBACK_IPS = {"127.0.0.1", "::ffff:127.0.0.1"}  # the second: 127.0.0.1 on a dual-stack socket
+WILDCARD_IPS = {"0.0.0.0", "::"}
+
+
+def listening_ips(pid: int) -> set[str]:
+    """The local IP addresses that process `pid` listens on."""
+    import psutil
+
+    return {c.laddr.ip for c in psutil.Process(pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+
+
 def process_alive(pid: int) -> bool:
     """True when `pid` exists and is not a zombie."""
     try:

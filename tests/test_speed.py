@@ -3,11 +3,14 @@ tf.data path), several local TFF workers, and `python -m fedmnist.worker` proces
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from types import SimpleNamespace
 
 import numpy as np
 import portpicker
@@ -16,6 +19,7 @@ import pytest
 import tensorflow as tf
 
 from fedmnist import config as config_lib
+from conftest import LOOPBACK_IPS, listening_ips
 from fedmnist import data, logs, loop, prepared, runtime, train, worker
 
 SMALL = ["data.dataset=synthetic", "data.num_clients=8", "data.examples_per_client=30",
@@ -104,23 +108,55 @@ def test_two_local_workers_give_the_same_rounds(prepared_run, tmp_path):
     assert_same_rounds(prepared_run, two, tolerance=1e-6)
 
 
-def test_worker_command_serves_a_training_run(prepared_run, tmp_path):
-    port = portpicker.pick_unused_port()
-    command = subprocess.Popen([sys.executable, "-m", "fedmnist.worker", "--port", str(port)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+@contextlib.contextmanager
+def worker_commands(*hosts: str | None) -> Iterator[list[SimpleNamespace]]:
+    """Runs `python -m fedmnist.worker --port P [--host H]` for each host (None: no --host), started
+    together so that their TensorFlow imports overlap. Yields each one's port, worker_binary and
+    "serving" line; then stops them by SIGTERM, checks that each exits with 0 and its worker_binary
+    is gone, and sets each one's `stderr`."""
+    started = []
+    for host in hosts:
+        port = portpicker.pick_unused_port()
+        command = subprocess.Popen([sys.executable, "-m", "fedmnist.worker", "--port", str(port),
+                                    *(["--host", host] if host else [])],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        started.append(SimpleNamespace(port=port, command=command, binaries=[], stderr=""))
     try:
-        assert "serving on port" in command.stdout.readline()
-        binaries = psutil.Process(command.pid).children()
-        assert [p.name() for p in binaries] == ["worker_binary"]
-        remote = run(small_config(f"workers=[localhost:{port}]"), tmp_path)
-        assert_same_rounds(prepared_run, remote, tolerance=1e-6)
+        for one in started:
+            one.serving = one.command.stdout.readline()
+            assert f"port {one.port}" in one.serving, one.serving
+            one.binaries = psutil.Process(one.command.pid).children()
+            assert [p.name() for p in one.binaries] == ["worker_binary"]
+            one.binary = one.binaries[0]
+        yield started
     finally:
-        command.send_signal(signal.SIGTERM)
-        code = command.wait(timeout=30)
-    assert code == 0
-    assert "unauthenticated" in command.stderr.read()
+        for one in started:
+            one.command.send_signal(signal.SIGTERM)
+        for one in started:
+            one.code = one.command.wait(timeout=30)
+            one.stderr = one.command.stderr.read()
     time.sleep(0.2)
-    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in binaries)
+    for one in started:
+        assert one.code == 0, one.stderr
+        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in one.binaries)
+
+
+def test_worker_command_listens_on_loopback_unless_told_and_serves_a_training_run(prepared_run, tmp_path):
+    with worker_commands(None, "0.0.0.0") as (default, everywhere):
+        assert "serving on 127.0.0.1 port" in default.serving
+        assert listening_ips(default.binary.pid) <= LOOPBACK_IPS and listening_ips(default.binary.pid)
+        assert "serving on 0.0.0.0 port" in everywhere.serving
+        assert listening_ips(everywhere.binary.pid) == {"::"}  # gRPC's dual-stack wildcard socket
+        remote = run(small_config(f"workers=[127.0.0.1:{default.port}]"), tmp_path)
+        assert_same_rounds(prepared_run, remote, tolerance=1e-6)
+    assert "unauthenticated" not in default.stderr
+    assert "unauthenticated" in everywhere.stderr and "trusted network" in everywhere.stderr
+
+
+def test_worker_command_rejects_a_bad_host(capsys):
+    assert worker.main(["--port", "8000", "--host", "worker.example"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not an IP address" in err[0]
 
 
 def test_worker_command_rejects_a_bad_port(capsys):

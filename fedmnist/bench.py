@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -407,7 +408,7 @@ def scale_population(num_clients: int = 3383, seed: int = 0):
     import tensorflow as tf
     import tensorflow_federated as tff
 
-    from fedmnist.data import FederatedDataset
+    from fedmnist.data import FederatedDataset, examples_dataset
 
     rng = np.random.default_rng(seed)
     sizes = np.clip(rng.lognormal(mean=np.log(90), sigma=0.5, size=num_clients), 10, 460).astype(np.int64)
@@ -423,7 +424,7 @@ def scale_population(num_clients: int = 3383, seed: int = 0):
             labels = client_rng.integers(0, 10, size=n).astype(np.int32)
             noise = client_rng.normal(0.0, 0.9, size=(n, 28, 28)).astype(np.float32)
             pixels = np.clip(prototypes[labels] + noise, 0.0, 1.0)
-            return tf.data.Dataset.from_tensor_slices({"label": labels, "pixels": pixels})
+            return examples_dataset(OrderedDict(label=labels, pixels=pixels))
         return dataset_fn
 
     train = tff.simulation.datasets.ClientData.from_clients_and_tf_fn(ids, client_fn(0))

@@ -87,6 +87,19 @@ def input_spec() -> collections.OrderedDict:
 
 # --- In-memory client data ---------------------------------------------------------------
 
+EXAMPLES_SPEC = collections.OrderedDict(label=tf.TensorSpec([None], tf.int32),
+                                        pixels=tf.TensorSpec([None, 28, 28], tf.float32))
+
+
+@tf.function(input_signature=[EXAMPLES_SPEC])
+def examples_dataset(examples: collections.OrderedDict) -> tf.data.Dataset:
+    """A client's examples, one EMNIST-like element each, from arrays of any length.
+
+    Built eagerly, `from_tensor_slices` would record each client's length in its op and TensorFlow
+    would keep a kernel per distinct length, so memory would grow with every new client size sampled.
+    """
+    return tf.data.Dataset.from_tensor_slices(examples)
+
 def client_data_from_arrays(clients: dict[str, tuple[np.ndarray, np.ndarray]]
                             ) -> tff.simulation.datasets.ClientData:
     """A ClientData over `{client_id: (pixels, labels)}` numpy arrays held in memory."""
@@ -95,7 +108,7 @@ def client_data_from_arrays(clients: dict[str, tuple[np.ndarray, np.ndarray]]
                for cid, (pixels, labels) in clients.items()}
 
     def dataset_fn(client_id: str) -> tf.data.Dataset:
-        return tf.data.Dataset.from_tensor_slices(tensors[client_id])
+        return examples_dataset(tensors[client_id])
 
     return tff.simulation.datasets.ClientData.from_clients_and_tf_fn(list(tensors), dataset_fn)
 

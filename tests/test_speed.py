@@ -100,6 +100,23 @@ def test_cache_stays_within_its_byte_budget():
         np.testing.assert_array_equal(first[key].numpy(), again[key].numpy())
 
 
+def test_clients_of_any_size_share_one_dataset_kernel():
+    # One traced function for every client size: TensorFlow keeps no per-size kernels, so memory
+    # stays flat however many client sizes a long run samples (bench's `scale` workload).
+    clients = {f"c{n}": (np.random.default_rng(n).uniform(size=(n, 28, 28)), np.arange(n) % 10)
+               for n in (3, 17, 40)}
+    client_data = data.client_data_from_arrays(clients)
+    traces_before = (data.examples_dataset.experimental_get_tracing_count(),
+                     prepared.as_dataset.experimental_get_tracing_count())
+    cache = prepared.PreparedClients(client_data, loop.preprocess_kwargs(small_config()))
+    for dataset, (client_id, (pixels, _)) in zip(cache(list(clients)), clients.items()):
+        assert dataset.element_spec == prepared.PREPARED_SPEC
+        assert len(dataset.get_single_element()["x"]) == len(pixels)
+    traces_after = (data.examples_dataset.experimental_get_tracing_count(),
+                    prepared.as_dataset.experimental_get_tracing_count())
+    assert all(after - before <= 1 for before, after in zip(traces_before, traces_after))
+
+
 # --- Several workers ---------------------------------------------------------------------------
 
 def test_two_local_workers_give_the_same_rounds(prepared_run, tmp_path):

@@ -255,11 +255,15 @@ def run_floor(config, dataset=None, nudge_weights: bool = False) -> dict:
 
 # --- Whole runs as fresh processes -------------------------------------------------------------
 
+# fedmnist.runtime runs TFF's worker with one thread per op (faster, see there); "0" gives the bare
+# script TensorFlow's own default, as TFF's default context would.
+STOCK_WORKER_ENV = {"TF_NUM_INTRAOP_THREADS": "0"}
+
 # The article's code as a bare script (its training and evaluation sections) on the package's digits
 # clients. Two lines differ from the article: the data source, and a global seed so its shuffle order
 # (hence its numbers) equals the package's. TFF's own default context would leave its worker_binary
 # running after the script exits, so the worker is hosted by fedmnist.runtime, which is the same
-# SyncExecutionContext over the same worker_binary.
+# SyncExecutionContext over the same worker_binary, run with TFF's thread settings (STOCK_WORKER_ENV).
 BARE_TUTORIAL_SCRIPT = '''
 import collections
 import numpy as np
@@ -334,16 +338,17 @@ with runtime.local_runtime():
 '''
 
 
-def time_process(command: list[str], cpus: set[int] | None = None) -> dict:
+def time_process(command: list[str], cpus: set[int] | None = None, env: dict[str, str] | None = None) -> dict:
     """Wall time, CPU time (its own and its reaped children's, i.e. its TFF workers'), and peak tree
     RSS of a fresh process. CPU seconds are less disturbed than wall time by other load on the machine."""
-    def pin() -> None:
-        if cpus is not None:
-            os.sched_setaffinity(0, cpus)
-
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         started = time.perf_counter()
-        process = subprocess.Popen(command, stdout=out, stderr=err, text=True, preexec_fn=pin)
+        # No preexec_fn: Python code between fork and exec can deadlock on a lock that one of this
+        # process's threads (gRPC's, TreeMemory's) held at the fork. The affinity is set right after.
+        process = subprocess.Popen(command, stdout=out, stderr=err, text=True,
+                                   env=dict(os.environ) | (env or {}))
+        if cpus is not None:
+            os.sched_setaffinity(process.pid, cpus)
         with TreeMemory(process.pid) as memory:
             _, status, usage = os.wait4(process.pid, 0)
         seconds = time.perf_counter() - started
@@ -365,7 +370,8 @@ def whole_runs(repeats: int) -> dict:
             run = time_process([sys.executable, "-m", "fedmnist.train", "--quiet", "--run-dir",
                                 str(Path(scratch) / f"run{i}")])
             results["package_default_run"].append(run)
-            results["bare_tutorial_script"].append(time_process([sys.executable, "-c", BARE_TUTORIAL_SCRIPT]))
+            results["bare_tutorial_script"].append(
+                time_process([sys.executable, "-c", BARE_TUTORIAL_SCRIPT], env=STOCK_WORKER_ENV))
     out = {}
     for name, runs in results.items():
         out[name] = {"seconds": statistics.median(r["seconds"] for r in runs),

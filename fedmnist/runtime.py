@@ -57,7 +57,11 @@ _STARTUP_TIMEOUT_SECONDS = 60.0
 # keeps such freed buffers in its heap, fragmented, and the worker's RSS grows round after round;
 # served by mmap instead, they go back to the system when freed (README, "Performance": flat memory).
 _MMAP_THRESHOLD_BYTES = 128 * 1024
-_WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(_MMAP_THRESHOLD_BYTES)}
+# One thread per TensorFlow op: the worker already trains a round's clients in parallel, one per core,
+# so splitting each op across cores only adds contention, and it makes float32 sums depend on the
+# thread split. With it a round is faster and its numbers do not depend on the core count (README,
+# "Performance"). The environment wins: set TF_NUM_INTRAOP_THREADS to change it.
+_WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(_MMAP_THRESHOLD_BYTES), "TF_NUM_INTRAOP_THREADS": "1"}
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
@@ -86,10 +90,14 @@ def _unmapped(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return getattr(address, "ipv4_mapped", None) or address
 
 
+# Resolved here, not in the child: between fork and exec the child must not load libraries (a lock
+# another thread of this process held at the fork would never be released there).
+_prctl = ctypes.CDLL(None).prctl
+
+
 def _die_with_parent() -> None:
     # Runs in the child between fork and exec: ask the kernel to SIGKILL it when the parent dies.
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class LocalWorker:

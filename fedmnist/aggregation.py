@@ -176,8 +176,9 @@ class AggregationReport:
 
     def summary(self) -> dict:
         summary: dict = {"mode": self.mode}
-        if self.rows:
-            summary["upload_bytes_per_client"] = float(np.nanmean([r["upload_bytes_per_client"] for r in self.rows]))
+        uploads = [r["upload_bytes_per_client"] for r in self.rows if not np.isnan(r["upload_bytes_per_client"])]
+        if uploads:  # none when every round was skipped
+            summary["upload_bytes_per_client"] = float(np.mean(uploads))
         if self.mode == "secure":
             summary.update(failed_rounds=sum(r["failed"] for r in self.rows),
                            dropped_clients=sum(r["dropped"] for r in self.rows),

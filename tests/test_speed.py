@@ -84,6 +84,11 @@ def test_benchmark_floor_does_the_same_sgd_steps(prepared_run):
         assert floor_row["loss"] == pytest.approx(row["train"]["loss"], abs=1e-5)
         assert floor_row["accuracy"] == pytest.approx(row["train"]["sparse_categorical_accuracy"], abs=1e-6)
     assert floor["steady_s_per_round"] > 0 and floor["peak_rss_gb"] > 0
+    # One ulp on every initial weight moves a linear model's rounds by float32 rounding at most.
+    nudged = bench.run_floor(small_config(), nudge_weights=True)
+    tolerance, noise = bench.agreement_tolerance({"floor": floor, "floor_nudged": nudged})
+    assert noise < 1e-3 and tolerance == max(bench.AGREEMENT_TOLERANCE, 2 * noise)
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(floor["per_round"], nudged["per_round"])) < 1e-5
 
 
 def test_cache_stays_within_its_byte_budget():

@@ -60,13 +60,25 @@ def test_shuffle_order_reproduces_the_articles_batches():
     article = list(data.preprocess(client, **kwargs))
     tf.keras.utils.set_random_seed(11)
     arrays = prepared.prepare_client(client, **kwargs)
-    order = arrays["order"]
-    assert len(order) == 3 * len(arrays["x"])
+    order, n = arrays["order"], len(list(client))
+    assert len(order) == 3 * n and order.max() == n - 1
+    # Rows past the examples are padding to a size class: zeros that no batch reads.
+    assert len(arrays["x"]) == len(arrays["y"]) == prepared.padded_rows(n) > n
+    assert not arrays["x"][n:].any() and not arrays["y"][n:].any()
     batches = [order[i:i + 7] for i in range(0, len(order), 7)]
     assert len(batches) == len(article)
     for indices, batch in zip(batches, article):
         np.testing.assert_array_equal(arrays["x"][indices], batch["x"].numpy())
         np.testing.assert_array_equal(arrays["y"][indices], batch["y"].numpy())
+
+
+def test_size_classes_are_few_and_pad_at_most_half():
+    sizes = range(1, 1025)
+    rows = [prepared.padded_rows(n) for n in sizes]
+    assert all(n <= r <= 1.5 * n for n, r in zip(sizes, rows))
+    assert rows == sorted(rows)
+    # 1 to 3 rows are classes of their own, then two per doubling from 4 to 1,024.
+    assert len(set(rows)) == 3 + 2 * 8 + 1
 
 
 def test_prepared_rounds_equal_the_articles_path(prepared_run, tmp_path):
@@ -116,7 +128,9 @@ def test_clients_of_any_size_share_one_dataset_kernel():
     cache = prepared.PreparedClients(client_data, loop.preprocess_kwargs(small_config()))
     for dataset, (client_id, (pixels, _)) in zip(cache(list(clients)), clients.items()):
         assert dataset.element_spec == prepared.PREPARED_SPEC
-        assert len(dataset.get_single_element()["x"]) == len(pixels)
+        x = dataset.get_single_element()["x"].numpy()
+        assert len(x) == prepared.padded_rows(len(pixels))
+        np.testing.assert_array_equal(x[:len(pixels)], pixels.reshape(-1, 784).astype(np.float32))
     traces_after = (data.examples_dataset.experimental_get_tracing_count(),
                     prepared.as_dataset.experimental_get_tracing_count())
     assert all(after - before <= 1 for before, after in zip(traces_before, traces_after))

@@ -198,7 +198,7 @@ def run_floor(config, dataset=None, nudge_weights: bool = False) -> dict:
         dataset = dataset or data.load_dataset(config.data, config.seed)
         select = _selector(config, dataset.train.client_ids)
         kwargs = loop.preprocess_kwargs(config)
-        cache = prepared.PreparedClients(dataset.train, kwargs)   # the same prepared batches
+        cache = prepared.prepared_clients(config, dataset.train, kwargs)   # the same prepared batches
         keras_model = model.create_model(config.model, dataset.num_classes)
         global_weights = model.initial_weights(config.model, dataset.num_classes, config.seed).trainable
         loss_fn = tf.keras.losses.SparseCategoricalCrossentropy()
@@ -532,7 +532,7 @@ def explore(rounds: int = 12, repeats: int = 2, log: Callable[[str], None] = pri
             stack.set_default_context(context)
             tf.keras.utils.set_random_seed(config.seed)
             learning_process = build()
-            client_input = feed or prepared.PreparedClients(dataset.train, kwargs)
+            client_input = feed or prepared.prepared_clients(config, dataset.train, kwargs)
             state = learning_process.set_model_weights(
                 learning_process.initialize(), model.initial_weights(config.model, dataset.num_classes, config.seed))
             seconds, per_round = [], []

@@ -82,16 +82,16 @@ def padded_rows(num_examples: int) -> int:
 
 
 def prepare_client(dataset: tf.data.Dataset, epochs: int, shuffle_buffer: int, seed: int,
-                   **_unused_preprocess_kwargs) -> OrderedDict:
+                   size_classes: bool = True, **_unused_preprocess_kwargs) -> OrderedDict:
     """One client's raw dataset as `PREPARED_SPEC` numpy arrays (takes `preprocess`'s keyword arguments).
 
-    `x` and `y` hold the examples in their first rows and zeros up to `padded_rows`; `order` indexes
-    only the examples.
+    `x` and `y` hold the examples in their first rows, then zeros up to `padded_rows` if
+    `size_classes`; `order` indexes only the examples.
     """
     # Moderate batches: one batch of 2**31 - 1 stalls on TFF's SQL-backed EMNIST datasets.
     batches = [batch_format_fn(batch) for batch in dataset.batch(4096)]
     num_examples = sum(len(b["y"]) for b in batches)
-    rows = padded_rows(num_examples)
+    rows = padded_rows(num_examples) if size_classes else num_examples
     x, y = np.zeros([rows, 784], np.float32), np.zeros([rows, 1], np.int32)
     start = 0
     for batch in batches:
@@ -107,13 +107,14 @@ class PreparedClients:
     Each input is a one-element `tf.data.Dataset` holding a client's prepared tensors (TFF's
     client-work template takes sequences); it has no shuffle state, so it is reused across rounds.
     The cache keeps memory flat when many clients are sampled: past `max_bytes` the least recently
-    used clients are dropped and prepared again when next selected.
+    used clients are dropped and prepared again when next selected. `size_classes` pads them (see
+    `SIZE_CLASSES_PER_DOUBLING`); it only pays when the clients change from round to round.
     """
 
     def __init__(self, client_data: tff.simulation.datasets.ClientData, preprocess_kwargs: dict,
-                 max_bytes: int = DEFAULT_CACHE_BYTES):
+                 max_bytes: int = DEFAULT_CACHE_BYTES, size_classes: bool = True):
         self.client_data = client_data
-        self.preprocess_kwargs = dict(preprocess_kwargs)
+        self.preprocess_kwargs = dict(preprocess_kwargs, size_classes=size_classes)
         self.max_bytes = max_bytes
         self._cache: collections.OrderedDict[str, tuple[tf.data.Dataset, int]] = collections.OrderedDict()
         self._bytes = 0
@@ -259,4 +260,14 @@ def build_training(config: Config, model_fn: Callable[[], tff.learning.models.Va
         return process, lambda client_ids: make_federated_data(client_data, client_ids, **preprocess_kwargs)
     process = build_prepared_fed_avg(model_fn, build_optimizer(config.client_optimizer),
                                      build_optimizer(config.server_optimizer), config.preprocess.batch_size)
-    return process, PreparedClients(client_data, preprocess_kwargs)
+    return process, prepared_clients(config, client_data, preprocess_kwargs)
+
+
+def prepared_clients(config: Config, client_data: tff.simulation.datasets.ClientData,
+                     preprocess_kwargs: dict) -> PreparedClients:
+    """The prepared-client cache for `config`: padded to size classes when clients are sampled.
+
+    The same clients every round (`client_selection: fixed`, the article's) reuse the same buffers
+    unpadded, so padding would only add bytes to every round.
+    """
+    return PreparedClients(client_data, preprocess_kwargs, size_classes=config.client_selection != "fixed")

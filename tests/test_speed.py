@@ -22,7 +22,7 @@ from fedmnist import config as config_lib
 from conftest import LOOPBACK_IPS, listening_ips
 from fedmnist import data, logs, loop, prepared, runtime, train, worker
 
-SMALL = ["data.dataset=synthetic", "data.num_clients=8", "data.examples_per_client=30",
+SMALL = ["data.dataset=synthetic", "data.num_clients=8", "data.examples_per_client=33",
          "clients_per_round=4", "client_selection=uniform", "rounds=3", "eval_clients=4", "seed=3"]
 
 
@@ -81,7 +81,22 @@ def test_size_classes_are_few_and_pad_at_most_half():
     assert len(set(rows)) == 3 + 2 * 8 + 1
 
 
+def test_sampled_clients_are_padded_to_size_classes_fixed_ones_are_not():
+    dataset = data.load_synthetic(num_clients=2, examples_per_client=37, seed=5)
+    client_id = dataset.train.client_ids[0]
+    n = len(list(dataset.train.create_tf_dataset_for_client(client_id)))
+    assert prepared.padded_rows(n) > n
+    for selection, rows in (("uniform", prepared.padded_rows(n)), ("fixed", n)):
+        config = small_config(f"client_selection={selection}")
+        clients = prepared.prepared_clients(config, dataset.train, loop.preprocess_kwargs(config))
+        assert len(clients.dataset(client_id).get_single_element()["x"]) == rows
+
+
 def test_prepared_rounds_equal_the_articles_path(prepared_run, tmp_path):
+    # SMALL samples clients, so their prepared tensors carry padding rows.
+    train_data = data.load_dataset(small_config().data, 3).train
+    sizes = [len(list(train_data.create_tf_dataset_for_client(c))) for c in train_data.client_ids]
+    assert any(prepared.padded_rows(n) > n for n in sizes)
     article = run(small_config("client_input=datasets"), tmp_path)
     assert_same_rounds(prepared_run, article, tolerance=1e-6)
     assert prepared_run[-1]["train"]["loss"] < prepared_run[0]["train"]["loss"]

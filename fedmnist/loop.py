@@ -8,6 +8,8 @@ model on the evaluation clients' training and test data.
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,7 +22,7 @@ from tqdm import tqdm
 
 from fedmnist import config as config_lib
 from fedmnist import checkpoint as checkpoint_lib
-from fedmnist import dashboard, installed_versions, plots, runtime
+from fedmnist import dashboard, installed_versions, runtime
 from fedmnist.aggregation import build_process
 from fedmnist.checkpoint import Checkpoints
 from fedmnist.data import FederatedDataset, load_dataset, make_federated_data
@@ -129,6 +131,7 @@ def train(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None] 
         if header := aggregation.header():
             echo(header)
         evaluator = FederatedEvaluator(model_fn)
+        _import_while_waiting("fedmnist.plots")
         state = process.set_model_weights(
             process.initialize(), initial_weights(config.model, dataset.num_classes, config.seed))
         state, done = _restore(run_dir, checkpoints, metrics_log, state, echo) if resume else (state, 0)
@@ -205,8 +208,22 @@ def train(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None] 
         "total_seconds": time.perf_counter() - started,
     }
     write_json(run_dir / SUMMARY_FILE, summary)
-    plots.write_curves(run_dir)
+    importlib.import_module("fedmnist.plots").write_curves(run_dir)
     return summary
+
+
+def _import_while_waiting(module: str) -> None:
+    """Imports `module` in a thread while this one mostly waits on the worker (matplotlib: ~0.7 s).
+
+    A failed import is left to the main thread's own import of it, which reports it.
+    """
+    def load() -> None:
+        try:
+            importlib.import_module(module)
+        except Exception:  # noqa: BLE001
+            pass
+
+    threading.Thread(target=load, name=f"import {module}", daemon=True).start()
 
 
 def _log_to_tensorboard(board: TensorBoardLog, row: dict, learning_rates: dict,

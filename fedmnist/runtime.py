@@ -114,19 +114,20 @@ class LocalWorker:
         binary = worker_binary_path()
         if not binary.is_file():
             raise RuntimeStartError(f"TFF worker binary not found at {binary.name}; reinstall tensorflow-federated")
-        shim_env = bind.child_env(self.host)
+        self._args = [str(binary), f"--port={self.port}",
+                      f"--max_concurrent_computation_calls={max_concurrent_computation_calls}"]
+        self._env = _WORKER_ENV | dict(os.environ) | bind.child_env(self.host)
         self._log = open(log_path, "ab") if log_path else subprocess.DEVNULL
-        self.process = subprocess.Popen(
-            [str(binary), f"--port={self.port}",
-             f"--max_concurrent_computation_calls={max_concurrent_computation_calls}"],
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
-            env=_WORKER_ENV | dict(os.environ) | shim_env, preexec_fn=_die_with_parent,
-        )
-        if log_path:
-            self._log.write(f"fedmnist: worker_binary pid {self.process.pid} port {self.port} "
-                            f"host {self.host}\n".encode())
-            self._log.flush()
+        self.process = self._spawn()
         atexit.register(self.stop)
+
+    def _spawn(self) -> subprocess.Popen:
+        process = subprocess.Popen(self._args, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
+                                   env=self._env, preexec_fn=_die_with_parent)
+        if hasattr(self._log, "write"):
+            self._log.write(f"fedmnist: worker_binary pid {process.pid} port {self.port} host {self.host}\n".encode())
+            self._log.flush()
+        return process
 
     @property
     def all_interfaces(self) -> bool:
@@ -146,7 +147,15 @@ class LocalWorker:
         return stub
 
     def wait_until_ready(self, stub: tff.framework.RemoteExecutorGrpcStub) -> None:
-        wait_until_ready(stub, self.address, self.process)
+        try:
+            wait_until_ready(stub, self.address, self.process)
+        except RuntimeStartError:
+            if self.process.returncode != -signal.SIGABRT:
+                raise
+            # The gRPC inside worker_binary rarely aborts while starting (a failed check in its epoll
+            # poller: once in hundreds of starts here). A second start has always worked.
+            self.process = self._spawn()
+            wait_until_ready(stub, self.address, self.process)
         self.check_listening()
 
     def listening_addresses(self) -> set[str]:

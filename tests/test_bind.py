@@ -88,3 +88,32 @@ def test_without_a_compiler_package_workers_fall_back_with_one_warning(no_compil
         assert hello() == b"Hello, World!"
     [line] = capsys.readouterr().err.strip().splitlines()
     assert "all interfaces" in line and "no C compiler" in line and "install a C compiler" in line
+
+
+def test_a_worker_that_aborts_while_starting_is_started_once_more(monkeypatch, tmp_path):
+    # As worker_binary's gRPC rarely does: SIGABRT before it serves. The second start serves.
+    aborted = tmp_path / "aborted"
+    binary = tmp_path / "worker_binary"
+    binary.write_text(f"#!/bin/sh\nif [ ! -e '{aborted}' ]; then touch '{aborted}'; kill -ABRT $$; fi\n"
+                      f"exec '{runtime.worker_binary_path()}' \"$@\"\n")
+    binary.chmod(0o755)
+    monkeypatch.setattr(runtime, "worker_binary_path", lambda: binary)
+    worker = runtime.LocalWorker(log_path=tmp_path / "worker.log")
+    first = worker.process
+    try:
+        worker.connect()
+        assert first.returncode == -6 and aborted.exists()
+        assert worker.process.poll() is None and listening_ips(worker.process.pid) <= LOOPBACK_IPS
+        assert (tmp_path / "worker.log").read_text().count("fedmnist: worker_binary pid") == 2
+    finally:
+        worker.stop()
+
+
+def test_a_worker_that_aborts_twice_is_an_error(monkeypatch, tmp_path):
+    binary = tmp_path / "worker_binary"
+    binary.write_text("#!/bin/sh\nkill -ABRT $$\n")
+    binary.chmod(0o755)
+    monkeypatch.setattr(runtime, "worker_binary_path", lambda: binary)
+    worker = runtime.LocalWorker()
+    with pytest.raises(runtime.RuntimeStartError, match="exited with code -6"):
+        worker.connect()

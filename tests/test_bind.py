@@ -117,3 +117,21 @@ def test_a_worker_that_aborts_twice_is_an_error(monkeypatch, tmp_path):
     worker = runtime.LocalWorker()
     with pytest.raises(runtime.RuntimeStartError, match="exited with code -6"):
         worker.connect()
+
+
+def test_worker_runs_one_tf_thread_per_op_and_mmaps_large_buffers_unless_the_environment_says_otherwise(
+        monkeypatch):
+    def worker_environ() -> dict[str, str]:
+        worker = runtime.LocalWorker()
+        try:
+            worker.connect()  # serving, so past exec: /proc shows the binary's own environment
+            raw = open(f"/proc/{worker.process.pid}/environ", "rb").read().split(b"\0")
+        finally:
+            worker.stop()
+        return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+    monkeypatch.delenv("TF_NUM_INTRAOP_THREADS", raising=False)
+    environ = worker_environ()
+    assert environ["TF_NUM_INTRAOP_THREADS"] == "1" and environ["MALLOC_MMAP_THRESHOLD_"] == str(128 * 1024)
+    monkeypatch.setenv("TF_NUM_INTRAOP_THREADS", "2")
+    assert worker_environ()["TF_NUM_INTRAOP_THREADS"] == "2"

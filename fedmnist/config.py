@@ -265,7 +265,7 @@ def check_aggregation(config: Config) -> None:
                           f"{0.1 * config.clients_per_round:g}; lower it or raise clients_per_round")
     if config.aggregation != "secure":
         return
-    from fedmnist import secagg  # numpy and cryptography only
+    from fedmnist.privacy import secagg  # numpy and cryptography only
 
     secure = config.secure
     if secure_threshold(config) > config.clients_per_round:

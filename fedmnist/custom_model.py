@@ -15,7 +15,7 @@ from collections.abc import Callable
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from fedmnist.data import input_spec
+from fedmnist.data.preprocessing import input_spec
 
 NUM_CLASSES = 10
 

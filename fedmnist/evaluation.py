@@ -7,17 +7,15 @@ from collections.abc import Callable, Sequence
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from fedmnist import runtime  # noqa: F401  (TFF then runs on a worker this package stops)
-
-from fedmnist.logs import to_python
+from fedmnist.outputs.records import to_python
 
 
 class FederatedEvaluator:
     """Evaluates model weights on client datasets; the evaluation process is built once."""
 
     def __init__(self, model_fn: Callable[[], tff.learning.models.VariableModel]):
-        # The iterator loop gives the same metrics as the default DatasetReduce loop, about 2x faster
-        # in TFF's worker (README, "Performance").
+        # The iterator loop gives the same metrics as the default DatasetReduce loop, faster
+        # in TFF's worker (docs/performance.md).
         self.process = tff.learning.algorithms.build_fed_eval(
             model_fn, loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR)
         self._state = self.process.initialize()

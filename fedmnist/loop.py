@@ -1,8 +1,9 @@
-"""The federated-averaging round loop: from a config to a trained model and its run directory.
+"""Step 5 of the article: the federated-averaging round loop, from a config to a trained model.
 
-One round, as in the article: select clients, preprocess their data (`make_federated_data`), run
-`process.next`, and report the metrics; every `eval_every` rounds and at the end, evaluate the global
-model on the evaluation clients' training and test data.
+One round, as in the article: plan (select the round's clients), train (`process.next` on their
+preprocessed data), check (a diverged loss stops the run), evaluate (federated evaluation every
+`eval_every` rounds and at the end), record (one `RoundRecord`, released to `metrics.jsonl`,
+TensorBoard and checkpoints). Set-up and the end of the run (model, summary, curves) sit around it.
 """
 
 from __future__ import annotations
@@ -21,17 +22,21 @@ import yaml
 from tqdm import tqdm
 
 from fedmnist import config as config_lib
-from fedmnist import checkpoint as checkpoint_lib
-from fedmnist import dashboard, installed_versions, runtime
-from fedmnist.aggregation import build_process
-from fedmnist.checkpoint import Checkpoints
-from fedmnist.data import FederatedDataset, load_dataset, make_federated_data
+from fedmnist import installed_versions, runtime
+from fedmnist.clients.participation import Participation, RoundPlan
+from fedmnist.clients.personalization import PersonalizationEvaluator
+from fedmnist.data.preprocessing import make_federated_data
+from fedmnist.data.sources import FederatedDataset, load_dataset
 from fedmnist.evaluation import FederatedEvaluator
-from fedmnist.logs import (MetricsLog, TensorBoardLog, drop_events_after, format_eval,
-                           format_personalization, format_round, is_finite_loss, to_python, write_json)
 from fedmnist.model import build_model_fn, create_model, initial_weights, to_keras
-from fedmnist.participation import Participation
-from fedmnist.personalization import PersonalizationEvaluator
+from fedmnist.outputs import checkpoint as checkpoint_lib
+from fedmnist.outputs.checkpoint import Checkpoints
+from fedmnist.outputs.console import format_eval, format_personalization, format_round, format_skipped, is_finite_loss
+from fedmnist.outputs.metrics_log import MetricsLog, write_json
+from fedmnist.outputs.records import RoundRecord, to_python
+from fedmnist.outputs.sink import RunOutputs, run_outputs
+from fedmnist.outputs.tensorboard import TensorBoardLog, drop_events_after, learning_rates, weight_names
+from fedmnist.privacy.aggregation import Training, build_process
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
@@ -40,6 +45,100 @@ MODEL_FILE = "model.keras"
 
 class TrainingDivergedError(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+class Interrupted(Exception):
+    """A stop was requested (SIGINT/SIGTERM); the state after `round_num` is saved."""
+
+    def __init__(self, round_num: int):
+        super().__init__(f"interrupted after round {round_num}")
+        self.round_num = round_num
+
+
+def _never() -> bool:
+    return False
+
+
+def train(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None] = tqdm.write,
+          progress: bool = True, resume: bool = False, stop_requested: Callable[[], bool] = _never,
+          dataset: FederatedDataset | None = None) -> dict:
+    """Runs the job into `run_dir` (which must exist) and returns the summary it writes.
+
+    `dataset` replaces the configured data source (the benchmark's generated populations). With
+    `resume`, training continues after the newest intact checkpoint in `run_dir`; what was logged
+    after it is dropped first, so every round appears exactly once. `stop_requested` is polled
+    between rounds: when it returns True the state is checkpointed and `Interrupted` is raised.
+    """
+    started = time.perf_counter()
+    run = prepare_run(config, Path(run_dir), echo, dataset)
+    with runtime.local_runtime(log_path=run.run_dir / "worker.log", num_workers=config.num_workers,
+                               addresses=config.workers):
+        training = build_process(config, run.model_fn, run.dataset.train, preprocess_kwargs(config))
+        if header := training.report.header():
+            echo(header)
+        evaluator = FederatedEvaluator(run.model_fn)
+        _import_while_waiting("fedmnist.outputs.plots")
+        state, done = starting_state(run, training.process, resume, echo)
+        outputs = open_outputs(run, training.process, fresh=done == 0)
+        weights, record, last_train = model_weights(training.process, state), None, None
+        bar = tqdm(range(done + 1, config.rounds + 1), desc="rounds", unit="round", initial=done,
+                   total=config.rounds, disable=not progress or None)
+        for round_num in bar:
+            if stop_requested():
+                raise Interrupted(save_for_stop(run.checkpoints, state, round_num - 1))
+            round_started = time.perf_counter()
+            plan = run.participation.plan(round_num)
+            record = RoundRecord(round_num, plan.completed, plan.report())
+            if plan.skipped:
+                echo(format_skipped(round_num, len(plan.completed), len(plan.selected)))
+            else:
+                state, weights = train_round(training, state, plan, record, echo)
+                last_train = record.train
+                bar.set_postfix(loss=last_train["loss"], acc=last_train["sparse_categorical_accuracy"])
+            if round_num == config.rounds or (config.eval_every and round_num % config.eval_every == 0):
+                record.eval = {split: evaluator(weights, data) for split, data in run.eval_data.items()}
+            record.seconds = time.perf_counter() - round_started
+            outputs.release(record, state, weights)
+        personalized = personalize(run, weights, echo) if record else None
+        outputs.close()
+    if record is None:
+        raise config_lib.ConfigError(f"the run already has all {config.rounds} rounds; "
+                                     f"pass --rounds with a larger number to continue it")
+    return finish(run, training, record, last_train, weights, personalized, done if resume else None,
+                  time.perf_counter() - started, echo)
+
+
+# --- Set-up ---------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Run:
+    """What a run holds before its first round."""
+
+    config: config_lib.Config
+    run_dir: Path
+    dataset: FederatedDataset
+    model_fn: Callable[[], tff.learning.models.VariableModel]
+    participation: Participation
+    eval_ids: list[str]
+    eval_data: dict[str, list[tf.data.Dataset]]
+    checkpoints: Checkpoints
+
+
+def prepare_run(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None],
+                dataset: FederatedDataset | None = None) -> Run:
+    """Seeds, data, model, client selection and evaluation data; writes the resolved config."""
+    tf.keras.utils.set_random_seed(config.seed)
+    dataset = dataset or load_dataset(config.data, config.seed)
+    check_population(config, dataset)
+    write_config(run_dir, config)
+    echo(f"data: {dataset.name}, {len(dataset.train.client_ids)} clients, "
+         f"{config.clients_per_round} per round, model: {config.model}")
+    eval_ids = evaluation_clients(config, dataset.train.client_ids)
+    eval_data = {split: make_federated_data(client_data, eval_ids, **preprocess_kwargs(config, epochs=1))
+                 for split, client_data in (("train", dataset.train), ("test", dataset.test))}
+    return Run(config, run_dir, dataset, build_model_fn(config.model, dataset.num_classes),
+               Participation(config, dataset.train.client_ids), eval_ids, eval_data,
+               Checkpoints(run_dir, keep=config.checkpoints_kept))
 
 
 def evaluation_clients(config: config_lib.Config, client_ids: Sequence[str]) -> list[str]:
@@ -63,10 +162,6 @@ def write_config(run_dir: Path, config: config_lib.Config) -> None:
     (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
 
 
-def all_finite(arrays: Sequence) -> bool:
-    return all(np.isfinite(a).all() for a in arrays)
-
-
 def check_population(config: config_lib.Config, dataset: FederatedDataset) -> None:
     available = len(dataset.train.client_ids)
     if config.clients_per_round > available:
@@ -74,15 +169,52 @@ def check_population(config: config_lib.Config, dataset: FederatedDataset) -> No
                                      f"{available} clients of the {dataset.name} data")
 
 
-class Interrupted(Exception):
-    """A stop was requested (SIGINT/SIGTERM); the state after `round_num` is saved."""
+def starting_state(run: Run, process, resume: bool, echo: Callable[[str], None]) -> tuple[object, int]:
+    """The seeded initial state, or with `resume` the newest intact checkpoint's state and round
+    (what was logged after that round is dropped)."""
+    config = run.config
+    state = process.set_model_weights(
+        process.initialize(), initial_weights(config.model, run.dataset.num_classes, config.seed))
+    if not resume:
+        return state, 0
+    saved, done = run.checkpoints.load_latest(state, warn=echo)
+    MetricsLog(run.run_dir).drop_after(done)
+    drop_events_after(run.run_dir, done)
+    echo(f"resuming after round {done}")
+    return (state if saved is None else saved), done
 
-    def __init__(self, round_num: int):
-        super().__init__(f"interrupted after round {round_num}")
-        self.round_num = round_num
+
+def open_outputs(run: Run, process, fresh: bool) -> RunOutputs:
+    config = run.config
+    board = TensorBoardLog(run.run_dir)
+    if fresh:
+        board.write_text("config", (run.run_dir / CONFIG_FILE).read_text())
+    names = weight_names(create_model(config.model, run.dataset.num_classes))
+    return run_outputs(run.run_dir, board, run.checkpoints, lambda state: learning_rates(process, state), names,
+                       config.histogram_every, config.checkpoint_every, config.rounds)
 
 
-def model_weights(process: tff.learning.templates.LearningProcess, state) -> tff.learning.models.ModelWeights:
+# --- One round ------------------------------------------------------------------------------------
+
+def train_round(training: Training, state, plan: RoundPlan, record: RoundRecord,
+                echo: Callable[[str], None]) -> tuple[object, tff.learning.models.ModelWeights]:
+    """Trains the plan's clients; fills in the record's train and aggregation parts."""
+    training.begin_round(plan.round_num)
+    result = training.process.next(state, training.client_inputs(plan.completed))
+    record.train = to_python(result.metrics["client_work"]["train"])
+    weights = model_weights(training.process, result.state)
+    if not (is_finite_loss(record.train) and all(np.isfinite(a).all() for a in weights.trainable)):
+        raise TrainingDivergedError(
+            f"training diverged at round {plan.round_num} (loss {record.train['loss']}); the last good state "
+            f"is kept in {checkpoint_lib.DIRECTORY}/; lower the learning rates")
+    record.aggregation = training.report.round(plan.round_num, result.metrics)
+    echo(format_round(plan.round_num, record.train))
+    if line := training.report.line(plan.round_num, record.aggregation):
+        echo(line)
+    return result.state, weights
+
+
+def model_weights(process, state) -> tff.learning.models.ModelWeights:
     """The global model's weights in `state`, as `process.get_model_weights` gives them.
 
     TFF's FedAvg state already holds them, in Python, once `next` returns; reading them there saves a
@@ -94,129 +226,54 @@ def model_weights(process: tff.learning.templates.LearningProcess, state) -> tff
     return process.get_model_weights(state)
 
 
-def _never() -> bool:
-    return False
+def save_for_stop(checkpoints: Checkpoints, state, round_num: int) -> int:
+    if round_num > 0 and round_num not in checkpoints.rounds():
+        checkpoints.save(state, round_num)
+    return round_num
 
 
-def train(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None] = tqdm.write,
-          progress: bool = True, resume: bool = False, stop_requested: Callable[[], bool] = _never) -> dict:
-    """Runs the job into `run_dir` (which must exist) and returns the summary it writes.
+# --- The end of the run ---------------------------------------------------------------------------
 
-    With `resume`, training continues after the newest intact checkpoint in `run_dir`; rows of
-    `metrics.jsonl` and TensorBoard events from rounds after it are dropped first, so every round
-    appears exactly once. `stop_requested` is polled between rounds: when it returns True the
-    current state is checkpointed and `Interrupted` is raised.
-    """
-    started = time.perf_counter()
-    run_dir = Path(run_dir)
-    tf.keras.utils.set_random_seed(config.seed)
-    dataset = load_dataset(config.data, config.seed)
-    check_population(config, dataset)
-    write_config(run_dir, config)
-    echo(f"data: {dataset.name}, {len(dataset.train.client_ids)} clients, "
-         f"{config.clients_per_round} per round, model: {config.model}")
+def personalize(run: Run, weights: tff.learning.models.ModelWeights, echo: Callable[[str], None]) -> dict | None:
+    settings = run.config.personalization
+    if not settings.enabled:
+        return None
+    clients = run.eval_ids[:settings.clients or None]
+    result = PersonalizationEvaluator(run.model_fn, settings)(weights, run.dataset.train, run.dataset.test, clients)
+    echo(format_personalization(result))
+    return result
 
-    model_fn = build_model_fn(config.model, dataset.num_classes)
-    participation = Participation(config, dataset.train.client_ids)
-    eval_ids = evaluation_clients(config, dataset.train.client_ids)
-    train_kwargs = preprocess_kwargs(config)
-    eval_data = {split: make_federated_data(client_data, eval_ids, **preprocess_kwargs(config, epochs=1))
-                 for split, client_data in (("train", dataset.train), ("test", dataset.test))}
-    metrics_log, checkpoints = MetricsLog(run_dir), Checkpoints(run_dir, keep=config.checkpoints_kept)
-    histogram_names = dashboard.weight_names(create_model(config.model, dataset.num_classes))
 
-    with runtime.local_runtime(log_path=run_dir / "worker.log", num_workers=config.num_workers,
-                               addresses=config.workers):
-        process, aggregation, client_inputs = build_process(config, model_fn, dataset.train, train_kwargs)
-        if header := aggregation.header():
-            echo(header)
-        evaluator = FederatedEvaluator(model_fn)
-        _import_while_waiting("fedmnist.plots")
-        state = process.set_model_weights(
-            process.initialize(), initial_weights(config.model, dataset.num_classes, config.seed))
-        state, done = _restore(run_dir, checkpoints, metrics_log, state, echo) if resume else (state, 0)
-        board = TensorBoardLog(run_dir)
-        if done == 0:
-            board.write_text("config", (run_dir / CONFIG_FILE).read_text())
-        weights = model_weights(process, state)
-        row: dict = {}
-        last_train: dict | None = None
-        rounds = tqdm(range(done + 1, config.rounds + 1), desc="rounds", unit="round",
-                      initial=done, total=config.rounds, disable=not progress or None)
-        for round_num in rounds:
-            if stop_requested():
-                raise Interrupted(_save_for_stop(checkpoints, state, round_num - 1))
-            round_started = time.perf_counter()
-            plan = participation.plan(round_num)
-            row = {"round": round_num, "clients": plan.completed, "participation": plan.report()}
-            if plan.skipped:
-                echo(f"round {round_num:2d} skipped: {len(plan.completed)} of {len(plan.selected)} selected "
-                     f"clients completed, fewer than availability.min_clients")
-            else:
-                if hasattr(process, "begin_round"):  # secure aggregation keys its simulated dropouts by round
-                    process.begin_round(round_num)
-                result = process.next(state, client_inputs(plan.completed))
-                train_metrics = to_python(result.metrics["client_work"]["train"])
-                weights = model_weights(process, result.state)
-                if not (is_finite_loss(train_metrics) and all_finite(weights.trainable)):
-                    raise TrainingDivergedError(
-                        f"training diverged at round {round_num} (loss {train_metrics['loss']}); the last "
-                        f"good state is kept in {checkpoint_lib.DIRECTORY}/; lower the learning rates")
-                state, row["train"], last_train = result.state, train_metrics, train_metrics
-                row["aggregation"] = aggregation.round(round_num, result.metrics)
-                echo(format_round(round_num, train_metrics))
-                if line := aggregation.line(round_num, row["aggregation"]):
-                    echo(line)
-            last = round_num == config.rounds
-            if last or (config.eval_every and round_num % config.eval_every == 0):
-                row["eval"] = {split: evaluator(weights, data) for split, data in eval_data.items()}
-            row["seconds"] = time.perf_counter() - round_started
-            metrics_log.append(row)
-            histograms = config.histogram_every and (last or round_num % config.histogram_every == 0)
-            _log_to_tensorboard(board, row, dashboard.learning_rates(process, state),
-                                dashboard.weight_arrays(histogram_names, weights) if histograms else None)
-            if last or round_num % config.checkpoint_every == 0:
-                checkpoints.save(state, round_num)
-            if last_train:
-                rounds.set_postfix(loss=last_train["loss"], acc=last_train["sparse_categorical_accuracy"])
-        personalized = None
-        if row and config.personalization.enabled:
-            p13n_ids = eval_ids[:config.personalization.clients or None]
-            personalized = PersonalizationEvaluator(model_fn, config.personalization)(
-                weights, dataset.train, dataset.test, p13n_ids)
-            echo(format_personalization(personalized))
-        board.close()
-
-    if not row:
-        raise config_lib.ConfigError(f"the run already has all {config.rounds} rounds; "
-                                     f"pass --rounds with a larger number to continue it")
-    to_keras(weights, config.model, dataset.num_classes).save(run_dir / MODEL_FILE)
-    for split, metrics in row["eval"].items():
+def finish(run: Run, training: Training, last: RoundRecord, last_train: dict | None,
+           weights: tff.learning.models.ModelWeights, personalized: dict | None, resumed_after: int | None,
+           seconds: float, echo: Callable[[str], None]) -> dict:
+    """Saves the model, prints the final evaluation, writes `summary.json` and `curves.png`."""
+    config, dataset = run.config, run.dataset
+    to_keras(weights, config.model, dataset.num_classes).save(run.run_dir / MODEL_FILE)
+    for split, metrics in last.eval.items():
         echo(format_eval(split, metrics))
     summary = {
         "dataset": dataset.name,
         "num_clients": len(dataset.train.client_ids),
         "clients_per_round": config.clients_per_round,
-        "evaluation_clients": len(eval_ids),
+        "evaluation_clients": len(run.eval_ids),
         "rounds": config.rounds,
-        "resumed_after_round": done if resume else None,
+        "resumed_after_round": resumed_after,
         "model": config.model,
         "train": last_train,
-        "eval": row["eval"],
+        "eval": last.eval,
         "personalization": personalized,
-        "aggregation": aggregation.summary(),
-        "total_seconds": time.perf_counter() - started,
+        "aggregation": training.report.summary(),
+        "total_seconds": seconds,
     }
-    write_json(run_dir / SUMMARY_FILE, summary)
-    importlib.import_module("fedmnist.plots").write_curves(run_dir)
+    write_json(run.run_dir / SUMMARY_FILE, summary)
+    importlib.import_module("fedmnist.outputs.plots").write_curves(run.run_dir)
     return summary
 
 
 def _import_while_waiting(module: str) -> None:
-    """Imports `module` in a thread while this one mostly waits on the worker (matplotlib: ~0.7 s).
-
-    A failed import is left to the main thread's own import of it, which reports it.
-    """
+    """Imports `module` in a thread while this one mostly waits on the worker (matplotlib is slow to
+    import). A failed import is left to the main thread's own import of it, which reports it."""
     def load() -> None:
         try:
             importlib.import_module(module)
@@ -224,30 +281,3 @@ def _import_while_waiting(module: str) -> None:
             pass
 
     threading.Thread(target=load, name=f"import {module}", daemon=True).start()
-
-
-def _log_to_tensorboard(board: TensorBoardLog, row: dict, learning_rates: dict,
-                        weight_histograms: dict | None) -> None:
-    """One round's scalars (train, eval, participation, aggregation, time, learning rates) and,
-    when given, histograms of the global model's weights."""
-    scalars = {k: row[k] for k in ("train", "eval", "participation", "aggregation") if k in row}
-    board.write(row["round"], scalars | {"time": {"round_seconds": row["seconds"]},
-                                         "learning_rate": learning_rates})
-    if weight_histograms is not None:
-        board.write_histograms(row["round"], weight_histograms)
-
-
-def _restore(run_dir: Path, checkpoints: Checkpoints, metrics_log: MetricsLog, initial_state,
-             echo: Callable[[str], None]) -> tuple[object, int]:
-    """The newest intact checkpoint's state and round; what was logged after it is dropped."""
-    saved, done = checkpoints.load_latest(initial_state, warn=echo)
-    metrics_log.drop_after(done)
-    drop_events_after(run_dir, done)
-    echo(f"resuming after round {done}")
-    return (initial_state if saved is None else saved), done
-
-
-def _save_for_stop(checkpoints: Checkpoints, state, round_num: int) -> int:
-    if round_num > 0 and round_num not in checkpoints.rounds():
-        checkpoints.save(state, round_num)
-    return round_num

@@ -8,7 +8,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from fedmnist.data import input_spec
+from fedmnist.data.preprocessing import input_spec
 
 MODELS = ("linear", "cnn")
 

@@ -6,8 +6,6 @@ from collections.abc import Callable
 
 import tensorflow_federated as tff
 
-from fedmnist import runtime  # noqa: F401  (TFF then runs on a worker this package stops)
-
 from fedmnist.config import OptimizerConfig
 
 

@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run directory: {run_dir}")
         server = None
         if args.tensorboard:
-            from fedmnist import dashboard
+            from fedmnist.outputs import dashboard
 
             server = dashboard.TensorBoardServer(run_dir, port=dashboard.pick_port())
             print(f"TensorBoard: {server.url}", flush=True)

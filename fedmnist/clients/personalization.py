@@ -14,7 +14,6 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from fedmnist import runtime  # noqa: F401  (TFF then runs on a worker this package stops)
 from fedmnist.config import PersonalizationConfig
 
 

@@ -1,7 +1,7 @@
 """How the server combines client updates (`aggregation` in the config), and what each way costs.
 
 - `plain`: TFF's example-weighted mean, `build_weighted_fed_avg` as in the article.
-- `secure`: the same FedAvg, but the server sees only masked updates (fedmnist/secure_process.py).
+- `secure`: the same FedAvg, but the server sees only masked updates (fedmnist/privacy/secure_process.py).
 - `dp`: user-level differential privacy, `tff.learning.dp_aggregator` (adaptive clipping, Gaussian
   noise) with `build_unweighted_fed_avg`; the privacy spent is accounted with `dp_accounting`.
 - `compressed`: uniform quantization of the update, as `tff.learning.compression_aggregator`.
@@ -15,23 +15,22 @@ tensor of each shape. The small scalars that adaptive clipping and zeroing add a
 
 from __future__ import annotations
 
-import contextlib
-import logging
+import dataclasses
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
 
 import numpy as np
-import tensorflow as tf
 import tensorflow_federated as tff
 
 from fedmnist import config as config_lib
-from fedmnist.logs import to_python
-from fedmnist.data import make_federated_data
-from fedmnist.prepared import build_training
+from fedmnist.client_tensors import build_training
+from fedmnist.data.preprocessing import make_federated_data
+from fedmnist.outputs.records import to_python
+from fedmnist.privacy.accounting import dp_delta, dp_epsilon
+from fedmnist.privacy.compression import FLOAT_BITS, compression_aggregator, encoded_bits, quiet_bitpacking
+from fedmnist.privacy.secure_process import SecureFedAvg
 from fedmnist.process import build_optimizer
-from fedmnist.secure_process import SecureFedAvg
-
-FLOAT_BITS = 32
 
 
 def update_shapes(model_fn: Callable[[], tff.learning.models.VariableModel]) -> list[tuple[int, ...]]:
@@ -39,72 +38,6 @@ def update_shapes(model_fn: Callable[[], tff.learning.models.VariableModel]) -> 
     trainable = tff.learning.models.weights_type_from_model(model_fn).trainable
     return [tuple(int(d) for d in tensor.shape) for tensor in trainable]
 
-
-# --- Differential privacy ----------------------------------------------------------------------
-
-def dp_epsilon(noise_multiplier: float, sampling_rate: float, rounds: int, delta: float) -> float:
-    """Epsilon after `rounds` of the Gaussian mechanism on a `sampling_rate` sample of clients.
-
-    Uniform sampling of K of N clients is accounted as Poisson sampling with q = K / N (as TFF's
-    DP tutorial does), with the RDP accountant of `dp_accounting`.
-    """
-    import dp_accounting
-
-    if noise_multiplier == 0:
-        return math.inf
-    event = dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier)),
-        rounds)
-    return float(dp_accounting.rdp.RdpAccountant().compose(event).get_epsilon(delta))
-
-
-def dp_delta(settings: config_lib.DPConfig, num_clients: int) -> float:
-    return settings.delta if settings.delta is not None else 1.0 / num_clients ** 1.1
-
-
-# --- Compression -------------------------------------------------------------------------------
-
-def compression_aggregator(bits: int = 8, threshold: int = 20000) -> tff.aggregators.WeightedAggregationFactory:
-    """`tff.learning.compression_aggregator()` with its quantization bits and size threshold as
-    parameters (TFF fixes 8 and 20,000, which leaves the article's 7,840-weight kernel unquantized):
-    adaptive zeroing, adaptive L2 clipping, weighted mean, uniform quantization of large tensors."""
-    quantized_sum = tff.aggregators.EncodedSumFactory.quantize_above_threshold(
-        quantization_bits=bits, threshold=threshold)
-    clipping_norm = tff.aggregators.PrivateQuantileEstimationProcess.no_noise(
-        initial_estimate=1.0, target_quantile=0.8, learning_rate=0.2)
-    zeroing_norm = tff.aggregators.PrivateQuantileEstimationProcess.no_noise(
-        initial_estimate=10.0, target_quantile=0.98, learning_rate=math.log(10.0), multiplier=2.0, increment=1.0)
-    clipped = tff.aggregators.clipping_factory(clipping_norm, tff.aggregators.MeanFactory(quantized_sum))
-    return tff.aggregators.zeroing_factory(zeroing_norm, clipped)
-
-
-def encoded_bits(shape: tuple[int, ...], bits: int, threshold: int) -> int:
-    """Bits of one tensor of `shape` as the compression aggregator's encoder sends it."""
-    size = int(np.prod(shape, dtype=np.int64))
-    if size <= threshold:
-        return FLOAT_BITS * size
-    from tensorflow_model_optimization.python.core.internal import tensor_encoding as te
-
-    encoder = te.encoders.as_gather_encoder(te.encoders.uniform_quantization(bits),
-                                            tf.TensorSpec(shape, tf.float32))
-    encode_params, _, _ = encoder.get_params(encoder.initial_state())
-    with _quiet_bitpacking():
-        encoded, _ = encoder.encode(tf.zeros(shape), encode_params)
-    return sum(int(np.prod(t.shape)) * t.dtype.size * 8 for t in tf.nest.flatten(encoded))
-
-
-@contextlib.contextmanager
-def _quiet_bitpacking() -> Iterator[None]:
-    """The bitpacking stage logs a memory warning on the root logger each time it is traced."""
-    quiet = lambda record: "bitpacking" not in record.getMessage()  # noqa: E731
-    logging.getLogger().addFilter(quiet)
-    try:
-        yield
-    finally:
-        logging.getLogger().removeFilter(quiet)
-
-
-# --- The process and its report ----------------------------------------------------------------
 
 class AggregationReport:
     """What the run logs about aggregation: per round (metrics.jsonl, TensorBoard) and in summary.json."""
@@ -192,35 +125,55 @@ class AggregationReport:
         return summary
 
 
+class RoundKeyed(Protocol):
+    """A process whose randomness is keyed by the round (secure aggregation's simulated dropouts), so a
+    resumed run repeats it."""
+
+    def begin_round(self, round_num: int) -> None: ...
+
+
+@dataclasses.dataclass
+class Training:
+    """The training process for a config, the report that goes with it, and the function that turns a
+    round's client ids into the process's input."""
+
+    process: tff.learning.templates.LearningProcess | SecureFedAvg
+    report: AggregationReport
+    client_inputs: Callable[[Sequence[str]], list]
+    keyed: RoundKeyed | None = None
+
+    def begin_round(self, round_num: int) -> None:
+        if self.keyed is not None:
+            self.keyed.begin_round(round_num)
+
+
 def build_process(config: config_lib.Config, model_fn: Callable[[], tff.learning.models.VariableModel],
-                  client_data: tff.simulation.datasets.ClientData, preprocess_kwargs: dict,
-                  ) -> tuple[object, AggregationReport, Callable[[Sequence[str]], list]]:
-    """The training process for `config.aggregation` (a LearningProcess, or SecureFedAvg with its
-    surface), the report that goes with it, and the function that turns a round's client ids into the
-    process's input: prepared client tensors for `plain` (fedmnist/prepared.py, unless
-    `client_input: datasets`), the article's `make_federated_data` otherwise."""
+                  client_data: tff.simulation.datasets.ClientData, preprocess_kwargs: dict) -> Training:
+    """The training for `config.aggregation`: prepared client tensors for `plain` (fedmnist/client_tensors.py,
+    unless `client_input: datasets`), the article's `make_federated_data` otherwise."""
     mode = config.aggregation
-    num_clients = len(client_data.client_ids)
-    report = AggregationReport(config, update_shapes(model_fn), num_clients)
+    report = AggregationReport(config, update_shapes(model_fn), len(client_data.client_ids))
+    articles_inputs = lambda client_ids: make_federated_data(client_data, client_ids, **preprocess_kwargs)  # noqa: E731
     if mode == "plain":
         process, client_inputs = build_training(config, model_fn, client_data, preprocess_kwargs)
-        return process, report, client_inputs
+        return Training(process, report, client_inputs)
     if mode == "secure":
         process = SecureFedAvg(model_fn, config.client_optimizer, config.server_optimizer, config.secure,
                                config_lib.secure_threshold(config), config.clients_per_round, config.seed)
-    elif mode == "dp":
+        return Training(process, report, articles_inputs, keyed=process)
+    if mode == "dp":
         # No zeroing: its norm estimate is not private and would spend budget nobody accounts for.
         aggregator = tff.learning.dp_aggregator(config.dp.noise_multiplier, config.clients_per_round,
                                                 zeroing=False)
         process = tff.learning.algorithms.build_unweighted_fed_avg(
             model_fn, build_optimizer(config.client_optimizer), build_optimizer(config.server_optimizer),
             model_aggregator=aggregator)
-    elif mode == "compressed":
+        return Training(process, report, articles_inputs)
+    if mode == "compressed":
         aggregator = compression_aggregator(config.compression.bits, config.compression.threshold)
-        with _quiet_bitpacking():
+        with quiet_bitpacking():
             process = tff.learning.algorithms.build_weighted_fed_avg(
                 model_fn, build_optimizer(config.client_optimizer), build_optimizer(config.server_optimizer),
                 model_aggregator=aggregator)
-    else:
-        raise ValueError(f"unknown aggregation {mode!r}")
-    return process, report, lambda client_ids: make_federated_data(client_data, client_ids, **preprocess_kwargs)
+        return Training(process, report, articles_inputs)
+    raise ValueError(f"unknown aggregation {mode!r}")

@@ -1,4 +1,4 @@
-"""TensorBoard: what a run shows there beyond its metrics, and a server this package starts and stops.
+"""A TensorBoard server this package starts and stops.
 
 `python -m fedmnist.train --tensorboard` serves the run directory while it trains and afterwards,
 until Ctrl-C. By hand: `uv run tensorboard --logdir runs` (all runs) or `--logdir runs/<run>`.
@@ -12,16 +12,11 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
 import portpicker
-import tensorflow as tf
-import tensorflow_federated as tff
 
-from fedmnist import runtime
-from fedmnist.logs import to_python
+from fedmnist.runtime.processes import die_with_parent
 
 DEFAULT_PORT = 6006
 _STARTUP_TIMEOUT_SECONDS = 60.0
@@ -29,33 +24,6 @@ _STARTUP_TIMEOUT_SECONDS = 60.0
 
 class TensorBoardError(RuntimeError):
     """TensorBoard could not be started or did not answer."""
-
-
-# --- What a run logs besides its metrics ----------------------------------------------------------
-
-def learning_rates(process: tff.learning.templates.LearningProcess, state) -> dict[str, float]:
-    """The client and server learning rates held in the training state (TFF's hparams)."""
-    hparams = to_python(process.get_hparams(state))
-    parts = {"client": hparams.get("client_work", {}), "server": hparams.get("finalizer", {})}
-    return {side: float(values["learning_rate"]) for side, values in parts.items()
-            if "learning_rate" in values}
-
-
-def weight_names(keras_model: tf.keras.Model) -> list[str]:
-    """Stable names for the model's trainable weights, in `ModelWeights.trainable` order:
-    `<layer index>_<layer type>/<weight>`, e.g. `0_dense/kernel` (Keras' own layer names carry a
-    per-process counter, `dense_7`, so they differ from run to run)."""
-    names = []
-    for index, layer in enumerate(keras_model.layers):
-        kind = layer.__class__.__name__.lower()
-        for weight in layer.trainable_weights:
-            short = weight.name.split("/")[-1].split(":")[0]
-            names.append(f"{index}_{kind}/{short}")
-    return names
-
-
-def weight_arrays(names: list[str], weights: tff.learning.models.ModelWeights) -> dict[str, np.ndarray]:
-    return {f"weights/{name}": np.asarray(value) for name, value in zip(names, weights.trainable)}
 
 
 # --- The server -------------------------------------------------------------------------------------
@@ -77,7 +45,7 @@ class TensorBoardServer:
             [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", host,
              "--port", str(self.port), "--reload_interval", str(reload_interval)],
             stdin=subprocess.DEVNULL, stdout=self._output, stderr=subprocess.STDOUT,
-            preexec_fn=runtime._die_with_parent)
+            preexec_fn=die_with_parent)
 
     @property
     def url(self) -> str:

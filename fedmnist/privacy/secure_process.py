@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from fedmnist import secagg
+from fedmnist.privacy import secagg
 from fedmnist.config import OptimizerConfig, SecureConfig
 from fedmnist.process import build_optimizer
 

@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from fedmnist import shamir
+from fedmnist.privacy import shamir
 
 KEY_BYTES = 32
 NONCE_BYTES = 12

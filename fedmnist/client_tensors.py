@@ -1,9 +1,9 @@
-"""Fast, exact rounds: each client's preprocessed data is prepared once and trained without tf.data.
+"""Step 3, fast: exact rounds in which each client's preprocessed data is prepared once and trained without tf.data.
 
 The article hands `process.next` a fresh `tf.data` pipeline per client per round
 (`make_federated_data`). TFF serializes each pipeline, and its worker deserializes it and instantiates
 the pipeline's and the training loop's functions again for every client in every round: on the tutorial
-workload that per-client overhead, not the arithmetic, is nearly all of a round (README, "Performance").
+workload that per-client overhead, not the arithmetic, is nearly all of a round (docs/performance.md).
 
 Here each client's data is prepared once, as tensors: its examples after `batch_format_fn`
 (`x`, `y`) and the order in which the article's `preprocess` visits them (`order`: `repeat(epochs)`
@@ -22,14 +22,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
-# TFF's own pieces of `build_weighted_fed_avg`, so only the data path differs from it.
-from tensorflow_federated.python.learning import tensor_utils
-from tensorflow_federated.python.learning.models import model_weights as model_weights_lib
-from tensorflow_federated.python.learning.templates import (apply_optimizer_finalizer, client_works,
-                                                            composers, distributors)
 
 from fedmnist.config import Config
-from fedmnist.data import batch_format_fn, make_federated_data
+from fedmnist.data.preprocessing import batch_format_fn, make_federated_data
 from fedmnist.process import build_optimizer, build_training_process
 
 # A client's prepared data: all its examples (as `batch_format_fn` shapes a batch) and the order of
@@ -42,9 +37,8 @@ DEFAULT_CACHE_BYTES = 256 * 2**20
 # `x` and `y` are padded with zeros (rows that `order` never picks) to one of a few size classes:
 # tensors of a few sizes, not one size per client, let the allocators of this process and of the
 # worker reuse freed buffers, so memory stays flat over hundreds of sampled rounds. Classes step by
-# half the last power of two (..., 32, 48, 64, 96, 128, 192, ...): at most 50% more rows, 20% more on
-# the `scale` workload's EMNIST-like sizes. Over 200 rounds of `scale`, memory grew 7.0% unpadded,
-# 5.0% with four classes per doubling and 3.0-4.1% with two (README, "Performance").
+# half the last power of two (..., 32, 48, 64, 96, 128, 192, ...), so at most 50% more rows. How many
+# classes per doubling is a trade of bytes against memory growth, measured in docs/performance.md.
 SIZE_CLASSES_PER_DOUBLING = 2
 
 
@@ -53,7 +47,7 @@ def as_dataset(prepared: OrderedDict) -> tf.data.Dataset:
     """A one-element dataset of a client's prepared tensors, typed `PREPARED_SPEC` whatever its size.
 
     Built eagerly, `from_tensors` would record each client's exact shapes in its op, and TensorFlow
-    keeps a kernel per distinct shape: memory would grow with every new client size seen (tens of MB
+    keeps a kernel per distinct shape: memory would grow with every new client size seen (measured
     over federated EMNIST's size distribution). Traced once with unknown sizes, it does not.
     """
     return tf.data.Dataset.from_tensors(prepared)
@@ -155,7 +149,7 @@ def build_prepared_client_work(model_fn: Callable[[], tff.learning.models.Variab
     with tf.Graph().as_default():
         whimsy_model = model_fn()
         metrics_aggregation_fn = tff.learning.metrics.sum_then_finalize(whimsy_model.metric_finalizers())
-    weights_type = model_weights_lib.weights_type_from_model(whimsy_model)
+    weights_type = tff.learning.models.weights_type_from_model(whimsy_model)
     data_type = tff.SequenceType(tff.types.tensorflow_to_type(PREPARED_SPEC))
     initial_hparams = optimizer.get_hparams(optimizer.initialize(tf.TensorSpec((), tf.float32)))
 
@@ -172,7 +166,7 @@ def build_prepared_client_work(model_fn: Callable[[], tff.learning.models.Variab
 
         @tf.function
         def train():
-            weights = model_weights_lib.ModelWeights.from_model(model)
+            weights = tff.learning.models.ModelWeights.from_model(model)
             tf.nest.map_structure(lambda v, t: v.assign(t), weights, initial_weights)
             trainable = tuple(tf.nest.flatten(weights.trainable))
             specs = tuple(tf.TensorSpec(v.shape, v.dtype) for v in trainable)
@@ -191,13 +185,15 @@ def build_prepared_client_work(model_fn: Callable[[], tff.learning.models.Variab
                                       tf.nest.pack_sequence_as(weights.trainable, updated))
                 num_examples += tf.cast(output.num_examples, tf.int64)
             update = tf.nest.map_structure(tf.subtract, initial_weights.trainable, weights.trainable)
-            update, has_non_finite = tensor_utils.zero_all_if_any_non_finite(update)
-            if has_non_finite > 0:
+            # As TFF's client work: a non-finite update is sent as zeros, with weight 0 and no metrics.
+            finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tf.nest.flatten(update)])
+            if finite:
+                weight = tf.cast(num_examples, tf.float32)
+            else:
+                update = tf.nest.map_structure(tf.zeros_like, update)
                 model.reset_metrics()
                 weight = tf.constant(0.0, tf.float32)
-            else:
-                weight = tf.cast(num_examples, tf.float32)
-            return (client_works.ClientResult(update=update, update_weight=weight),
+            return (tff.learning.templates.ClientResult(update=update, update_weight=weight),
                     model.report_local_unfinalized_metrics())
 
         return train()
@@ -234,17 +230,18 @@ def build_prepared_fed_avg(model_fn: Callable[[], tff.learning.models.VariableMo
 
     @tff.tensorflow.computation
     def initial_model_weights_fn():
-        return model_weights_lib.ModelWeights.from_model(model_fn())
+        return tff.learning.models.ModelWeights.from_model(model_fn())
 
     weights_type = initial_model_weights_fn.type_signature.result
     aggregator = (model_aggregator or tff.aggregators.MeanFactory()).create(
         weights_type.trainable, tff.TensorType(np.float32))
-    return composers.compose_learning_process(
+    # TFF's own pieces of `build_weighted_fed_avg`, so only the client work's data path differs from it.
+    return tff.learning.templates.compose_learning_process(
         initial_model_weights_fn,
-        distributors.build_broadcast_process(weights_type),
+        tff.learning.templates.build_broadcast_process(weights_type),
         build_prepared_client_work(model_fn, client_optimizer, batch_size),
         aggregator,
-        apply_optimizer_finalizer.build_apply_optimizer_finalizer(server_optimizer, weights_type))
+        tff.learning.templates.build_apply_optimizer_finalizer(server_optimizer, weights_type))
 
 
 def build_training(config: Config, model_fn: Callable[[], tff.learning.models.VariableModel],

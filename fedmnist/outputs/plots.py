@@ -13,9 +13,9 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from fedmnist.outputs.records import ACCURACY, METRICS_FILE, RoundRecord, accuracy_key
+
 CURVES_FILE = "curves.png"
-METRICS_FILE = "metrics.jsonl"  # as fedmnist.logs writes it; not imported, to keep TensorFlow out of reports
-ACCURACY = "sparse_categorical_accuracy"
 # (where the metrics live in a row, legend label, line style)
 _SERIES = ((("train",), "train (during local training)", "-"),
            (("eval", "train"), "eval on train data", "--"),
@@ -26,8 +26,8 @@ class RunError(ValueError):
     """A directory that is not a readable fedmnist run."""
 
 
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The rows of a run's `metrics.jsonl`, checked enough to plot them."""
+def read_records(run_dir: str | Path) -> list[RoundRecord]:
+    """The rounds of a run's `metrics.jsonl`, checked enough to plot them."""
     path = Path(run_dir) / METRICS_FILE
     if not Path(run_dir).is_dir():
         raise RunError(f"{run_dir}: no such run directory")
@@ -37,7 +37,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         raise RunError(f"{run_dir}: not a fedmnist run ({METRICS_FILE} is missing)") from None
     except (OSError, UnicodeDecodeError) as error:
         raise RunError(f"{run_dir}: {METRICS_FILE} cannot be read: {error}") from None
-    rows = []
+    records = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -45,48 +45,37 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError:
             raise RunError(f"{run_dir}: {METRICS_FILE} line {number} is not valid JSON") from None
-        if not isinstance(row, dict) or not isinstance(row.get("round"), int):
-            raise RunError(f"{run_dir}: {METRICS_FILE} line {number} has no round number")
-        rows.append(row)
-    if not rows:
+        try:
+            records.append(RoundRecord.from_json(row))
+        except (ValueError, TypeError):
+            raise RunError(f"{run_dir}: {METRICS_FILE} line {number} has no round number") from None
+    if not records:
         raise RunError(f"{run_dir}: {METRICS_FILE} holds no rounds yet")
-    return rows
+    return records
 
 
-def _lookup(row: Mapping, path: Sequence[str]) -> Mapping | None:
-    for key in path:
-        row = row.get(key) if isinstance(row, Mapping) else None
-    return row if isinstance(row, Mapping) else None
-
-
-def accuracy_key(metrics: Mapping) -> str:
-    """The accuracy metric's name: Keras models report `sparse_categorical_accuracy`, the
-    tutorial's hand-written model `accuracy`."""
-    return ACCURACY if ACCURACY in metrics else "accuracy"
-
-
-def series(rows: Sequence[Mapping], path: Sequence[str], metric: str) -> tuple[list[int], list[float]]:
-    """(rounds, values) of one metric, e.g. `series(rows, ("eval", "test"), "loss")`; rounds
+def series(records: Sequence[RoundRecord], path: Sequence[str], metric: str) -> tuple[list[int], list[float]]:
+    """(rounds, values) of one metric, e.g. `series(records, ("eval", "test"), "loss")`; rounds
     without that metric (no evaluation that round) are skipped."""
     rounds, values = [], []
-    for row in rows:
-        metrics = _lookup(row, path)
+    for record in records:
+        metrics = record.metrics(path)
         if metrics is None:
             continue
         name = accuracy_key(metrics) if metric == ACCURACY else metric
         if name in metrics:
-            rounds.append(int(row["round"]))
+            rounds.append(record.round)
             values.append(float(metrics[name]))
     return rounds, values
 
 
-def plot_curves(rows: Sequence[Mapping], title: str = "") -> Figure:
+def plot_curves(records: Sequence[RoundRecord], title: str = "") -> Figure:
     """Loss and accuracy per round: training metrics and federated evaluation, side by side."""
     figure = Figure(figsize=(10, 4), dpi=100, layout="constrained")
     loss_axes, accuracy_axes = figure.subplots(1, 2)
     for axes, metric, label in ((loss_axes, "loss", "loss"), (accuracy_axes, ACCURACY, "accuracy")):
         for path, name, style in _SERIES:
-            rounds, values = series(rows, path, metric)
+            rounds, values = series(records, path, metric)
             if rounds:
                 axes.plot(rounds, values, style, marker="o", markersize=4, label=name)
         axes.set_xlabel("round")
@@ -103,21 +92,21 @@ def plot_curves(rows: Sequence[Mapping], title: str = "") -> Figure:
 def write_curves(run_dir: str | Path, title: str | None = None) -> Path:
     """Writes `curves.png` from the run's `metrics.jsonl` and returns its path."""
     run_dir = Path(run_dir)
-    rows = read_metrics(run_dir)
+    records = read_records(run_dir)
     path = run_dir / CURVES_FILE
-    plot_curves(rows, run_dir.resolve().name if title is None else title).savefig(path)
+    plot_curves(records, run_dir.resolve().name if title is None else title).savefig(path)
     return path
 
 
-def plot_accuracy_overlay(runs: Mapping[str, Sequence[Mapping]]) -> Figure:
+def plot_accuracy_overlay(runs: Mapping[str, Sequence[RoundRecord]]) -> Figure:
     """The accuracy curves of several runs in one figure: training accuracy on the left,
     federated evaluation on test data on the right, one colour per run."""
     figure = Figure(figsize=(11, 4.5), dpi=100, layout="constrained")
     train_axes, test_axes = figure.subplots(1, 2, sharey=True)
-    for index, (name, rows) in enumerate(runs.items()):
+    for index, (name, records) in enumerate(runs.items()):
         colour = f"C{index % 10}"
         for axes, path in ((train_axes, ("train",)), (test_axes, ("eval", "test"))):
-            rounds, values = series(rows, path, ACCURACY)
+            rounds, values = series(records, path, ACCURACY)
             if rounds:
                 axes.plot(rounds, values, "-", marker="o", markersize=4, color=colour, label=name)
     train_axes.set_title("train accuracy (during local training)")

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {output} exists; pass --overwrite or another --output", file=sys.stderr)
         return 2
 
-    from fedmnist.data import DataUnavailableError, load_dataset
+    from fedmnist.data.sources import DataUnavailableError, load_dataset
 
     try:
         dataset = load_dataset(config.data, config.seed)

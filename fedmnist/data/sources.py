@@ -1,4 +1,4 @@
-"""Step 1 of the article: federated data and its preprocessing.
+"""Step 1 of the article: the federated data, from federated EMNIST or offline sources.
 
 Every source yields `tff.simulation.datasets.ClientData` with federated EMNIST's element spec:
 `OrderedDict(label=int32 scalar, pixels=float32 28x28)`, pixels in [0, 1] with 1.0 = background.
@@ -18,28 +18,19 @@ import socket
 import sqlite3
 import sys
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from fedmnist import partition
 from fedmnist.config import DataConfig
-
-# The tutorial's settings.
-NUM_CLIENTS = 10
-NUM_EPOCHS = 5
-BATCH_SIZE = 20
-SHUFFLE_BUFFER = 100
-PREFETCH_BUFFER = 10
-SHUFFLE_SEED = 1
+from fedmnist.data import partition
+from fedmnist.data.preprocessing import IMAGE_SHAPE
 
 EMNIST_FILE = "emnist_all.sqlite"
 EMNIST_HOST = ("storage.googleapis.com", 443)
 CACHE_ENV = "FEDMNIST_EMNIST_CACHE"
-IMAGE_SHAPE = (28, 28)
 
 
 class DataUnavailableError(RuntimeError):
@@ -54,35 +45,6 @@ class FederatedDataset:
     train: tff.simulation.datasets.ClientData
     test: tff.simulation.datasets.ClientData
     num_classes: int
-
-
-# --- The article's preprocessing -------------------------------------------------------------
-
-def batch_format_fn(element):
-    """Flattens a batch of 28x28 images to 784 features and gives labels shape [-1, 1]."""
-    return collections.OrderedDict(
-        x=tf.reshape(element["pixels"], [-1, 784]),
-        y=tf.reshape(element["label"], [-1, 1]))
-
-
-def preprocess(dataset: tf.data.Dataset, epochs: int = NUM_EPOCHS, batch_size: int = BATCH_SIZE,
-               shuffle_buffer: int = SHUFFLE_BUFFER, prefetch_buffer: int = PREFETCH_BUFFER,
-               seed: int = SHUFFLE_SEED) -> tf.data.Dataset:
-    return (dataset.repeat(epochs).shuffle(shuffle_buffer, seed=seed).batch(batch_size)
-            .map(batch_format_fn).prefetch(prefetch_buffer))
-
-
-def make_federated_data(client_data: tff.simulation.datasets.ClientData, client_ids: Sequence[str],
-                        **preprocess_kwargs) -> list[tf.data.Dataset]:
-    return [preprocess(client_data.create_tf_dataset_for_client(x), **preprocess_kwargs)
-            for x in client_ids]
-
-
-def input_spec() -> collections.OrderedDict:
-    """The element spec of a preprocessed dataset, as `from_keras_model` wants it."""
-    return collections.OrderedDict(
-        x=tf.TensorSpec(shape=[None, 784], dtype=tf.float32),
-        y=tf.TensorSpec(shape=[None, 1], dtype=tf.int32))
 
 
 # --- In-memory client data ---------------------------------------------------------------
@@ -256,8 +218,3 @@ def _load_source(cfg: DataConfig, seed: int) -> FederatedDataset:
     return load_synthetic(cfg.num_clients, cfg.examples_per_client, seed, cfg.partition,
                           cfg.dirichlet_alpha, cfg.test_fraction)
 
-
-if __name__ == "__main__":
-    from fedmnist.population import main
-
-    sys.exit(main())

@@ -1,0 +1,32 @@
+"""The lines a run prints: the article's `round  1, metrics={...}` and the evaluation results."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+
+def format_round(round_num: int, train_metrics: Mapping) -> str:
+    """The article's line: `round  1, metrics={...}`."""
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in train_metrics.items()}
+    return f"round {round_num:2d}, metrics={shown}"
+
+
+def format_skipped(round_num: int, completed: int, selected: int) -> str:
+    return (f"round {round_num:2d} skipped: {completed} of {selected} selected clients completed, "
+            f"fewer than availability.min_clients")
+
+
+def format_eval(split: str, metrics: Mapping) -> str:
+    return (f"eval on {split:5s} data: loss={metrics['loss']:.4f}, "
+            f"accuracy={metrics['sparse_categorical_accuracy']:.4f}")
+
+
+def format_personalization(summary: Mapping) -> str:
+    return (f"personalized on {summary['clients']} clients: accuracy {summary['accuracy_before']:.4f} -> "
+            f"{summary['accuracy_after']:.4f}, gain mean {summary['gain_mean']:+.4f}, quartiles "
+            f"{summary['gain_q1']:+.4f} / {summary['gain_median']:+.4f} / {summary['gain_q3']:+.4f}")
+
+
+def is_finite_loss(train_metrics: Mapping) -> bool:
+    return math.isfinite(float(train_metrics.get("loss", 0.0)))

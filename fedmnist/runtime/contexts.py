@@ -122,27 +122,43 @@ def start_local_runtime(log_path: Path | None = None) -> contextlib.ExitStack:
     return stack
 
 
-
-class _OnDemandWorker:
-    """Starts one LocalWorker the first time TFF needs an executor; stopped at exit."""
+class OnDemandRuntime:
+    """TFF's default context, backed by one LocalWorker started the first time TFF needs an executor
+    (and again if it died). `close()` stops the worker and restores the context it replaced."""
 
     def __init__(self):
         self.worker: LocalWorker | None = None
         self.stub: tff.framework.RemoteExecutorGrpcStub | None = None
+        self._context_stack = tff.framework.get_context_stack()
+        self._previous = self._context_stack.current
+        factory = tff.framework.ResourceManagingExecutorFactory(executor_stack_fn=self._stack_fn)
+        self._context_stack.set_default_context(tff.framework.SyncExecutionContext(**_context_kwargs(factory)))
+        # Collect TFF's replaced context now: left to interpreter shutdown, its finalizer fails noisily.
+        gc.collect()
+        atexit.register(self.close)
 
-    def stack_fn(self, cardinalities):
+    def _stack_fn(self, cardinalities):
         if self.worker is None or self.worker.process.poll() is not None:
             self.worker = loopback_worker()
             self.stub = self.worker.connect()
         return _remote_executor(self.stub, cardinalities)
 
+    def close(self) -> None:
+        self._context_stack.set_default_context(self._previous)
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker = None
+        atexit.unregister(self.close)
+        if self in _installed:
+            _installed.remove(self)
 
-def install() -> None:
-    """Makes TFF's default context one whose worker this package owns (started on first use)."""
-    on_demand = _OnDemandWorker()
-    factory = tff.framework.ResourceManagingExecutorFactory(executor_stack_fn=on_demand.stack_fn)
-    tff.framework.get_context_stack().set_default_context(
-        tff.framework.SyncExecutionContext(**_context_kwargs(factory)))
-    # Collect TFF's replaced context now: left to interpreter shutdown, its finalizer fails noisily.
-    gc.collect()
 
+_installed: list[OnDemandRuntime] = []
+
+
+def install() -> OnDemandRuntime:
+    """Makes TFF's default context one whose worker this package owns (started on first use), once per
+    process: TFF's own default would start a worker that outlives Python."""
+    if not _installed:
+        _installed.append(OnDemandRuntime())
+    return _installed[0]

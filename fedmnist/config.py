@@ -124,10 +124,15 @@ class Config:
     checkpoint_every: int = _field(1, minimum=1)
     checkpoints_kept: int = _field(3, minimum=1)
     # How clients' data reaches TFF: "prepared" tensors built once (fast, same numbers; see
-    # fedmnist/prepared.py) or "datasets", the article's tf.data pipelines rebuilt every round.
+    # fedmnist/client_tensors.py) or "datasets", the article's tf.data pipelines rebuilt every round.
     client_input: Literal["prepared", "datasets"] = "prepared"
     num_workers: int = _field(1, minimum=1)  # local TFF workers the package starts; clients split across them
     workers: list[str] = dataclasses.field(default_factory=list)  # host:port of running workers instead
+    # A worker that has not answered for this long is lost (it is probed every second, so a long round
+    # on a responsive worker never trips it); a lost local worker is restarted up to `worker_retries`
+    # times per run, repeating the round it interrupted.
+    worker_timeout_seconds: float = _field(20.0, above=0)
+    worker_retries: int = _field(2, minimum=0)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     preprocess: PreprocessConfig = dataclasses.field(default_factory=PreprocessConfig)
     client_optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)

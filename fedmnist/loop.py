@@ -68,18 +68,20 @@ def train(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None] 
     `resume`, training continues after the newest intact checkpoint in `run_dir`; what was logged
     after it is dropped first, so every round appears exactly once. `stop_requested` is polled
     between rounds: when it returns True the state is checkpointed and `Interrupted` is raised.
+    A lost worker is restarted and its round repeated (`worker_retries`); past that, or for a lost
+    remote worker, the state is checkpointed and `WorkerFailedError` raised.
     """
     started = time.perf_counter()
     run = prepare_run(config, Path(run_dir), echo, dataset)
     with runtime.local_runtime(log_path=run.run_dir / "worker.log", num_workers=config.num_workers,
-                               addresses=config.workers):
+                               addresses=config.workers, timeout=config.worker_timeout_seconds) as workers:
         training = build_process(config, run.model_fn, run.dataset.train, preprocess_kwargs(config))
         if header := training.report.header():
             echo(header)
         evaluator = FederatedEvaluator(run.model_fn)
         _import_while_waiting("fedmnist.outputs.plots")
         state, done = starting_state(run, training.process, resume, echo)
-        outputs = open_outputs(run, training.process, fresh=done == 0)
+        outputs = open_outputs(run, fresh=done == 0)
         weights, record, last_train = model_weights(training.process, state), None, None
         bar = tqdm(range(done + 1, config.rounds + 1), desc="rounds", unit="round", initial=done,
                    total=config.rounds, disable=not progress or None)
@@ -87,16 +89,16 @@ def train(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None] 
             if stop_requested():
                 raise Interrupted(save_for_stop(run.checkpoints, state, round_num - 1))
             round_started = time.perf_counter()
-            plan = run.participation.plan(round_num)
-            record = RoundRecord(round_num, plan.completed, plan.report())
-            if plan.skipped:
-                echo(format_skipped(round_num, len(plan.completed), len(plan.selected)))
-            else:
-                state, weights = train_round(training, state, plan, record, echo)
+            try:
+                record, state, weights = recovering(
+                    workers, config.worker_retries, round_num, echo,
+                    lambda: play_round(run, training, evaluator, state, weights, round_num, echo))
+            except WorkerFailedError as error:
+                error.saved_round = save_for_stop(run.checkpoints, state, round_num - 1)
+                raise
+            if record.train:
                 last_train = record.train
                 bar.set_postfix(loss=last_train["loss"], acc=last_train["sparse_categorical_accuracy"])
-            if round_num == config.rounds or (config.eval_every and round_num % config.eval_every == 0):
-                record.eval = {split: evaluator(weights, data) for split, data in run.eval_data.items()}
             record.seconds = time.perf_counter() - round_started
             outputs.release(record, state, weights)
         personalized = personalize(run, weights, echo) if record else None
@@ -184,17 +186,35 @@ def starting_state(run: Run, process, resume: bool, echo: Callable[[str], None])
     return (state if saved is None else saved), done
 
 
-def open_outputs(run: Run, process, fresh: bool) -> RunOutputs:
+def open_outputs(run: Run, fresh: bool) -> RunOutputs:
     config = run.config
     board = TensorBoardLog(run.run_dir)
     if fresh:
         board.write_text("config", (run.run_dir / CONFIG_FILE).read_text())
     names = weight_names(create_model(config.model, run.dataset.num_classes))
-    return run_outputs(run.run_dir, board, run.checkpoints, lambda state: learning_rates(process, state), names,
-                       config.histogram_every, config.checkpoint_every, config.rounds)
+    return run_outputs(run.run_dir, board, run.checkpoints, names, config.histogram_every,
+                       config.checkpoint_every, config.rounds)
 
 
 # --- One round ------------------------------------------------------------------------------------
+
+def play_round(run: Run, training: Training, evaluator: FederatedEvaluator, state,
+               weights: tff.learning.models.ModelWeights, round_num: int, echo: Callable[[str], None],
+               ) -> tuple[RoundRecord, object, tff.learning.models.ModelWeights]:
+    """One round from the state after the previous one: plan, train, check, evaluate. Nothing is
+    written, so a round that a lost worker interrupted can be played again."""
+    config = run.config
+    plan = run.participation.plan(round_num)
+    record = RoundRecord(round_num, plan.completed, plan.report())
+    if plan.skipped:
+        echo(format_skipped(round_num, len(plan.completed), len(plan.selected)))
+    else:
+        state, weights = train_round(training, state, plan, record, echo)
+    if round_num == config.rounds or (config.eval_every and round_num % config.eval_every == 0):
+        record.eval = {split: evaluator(weights, data) for split, data in run.eval_data.items()}
+    record.learning_rate = learning_rates(training.process, state)
+    return record, state, weights
+
 
 def train_round(training: Training, state, plan: RoundPlan, record: RoundRecord,
                 echo: Callable[[str], None]) -> tuple[object, tff.learning.models.ModelWeights]:
@@ -212,6 +232,35 @@ def train_round(training: Training, state, plan: RoundPlan, record: RoundRecord,
     if line := training.report.line(plan.round_num, record.aggregation):
         echo(line)
     return result.state, weights
+
+
+class WorkerFailedError(RuntimeError):
+    """A worker was lost and could not be replaced: retries used up, or a remote worker. `saved_round`
+    is the last round whose state is checkpointed (0: none)."""
+
+    saved_round = 0
+
+
+def recovering(workers: runtime.Runtime, retries: int, round_num: int, echo: Callable[[str], None],
+               play: Callable[[], tuple[RoundRecord, object, tff.learning.models.ModelWeights]],
+               ) -> tuple[RoundRecord, object, tff.learning.models.ModelWeights]:
+    """`play()`, played again on restarted workers when a local worker is lost, up to `retries`
+    restarts in the whole run; the restarts are listed in the round's record."""
+    events = []
+    while True:
+        try:
+            record, state, weights = play()
+            record.events = events
+            return record, state, weights
+        except runtime.WorkerLostError as lost:
+            if not lost.restartable:
+                raise WorkerFailedError(f"{lost} during round {round_num}") from lost
+            if workers.restarts >= retries:
+                raise WorkerFailedError(f"{lost} during round {round_num}, after {workers.restarts} "
+                                        f"restart{'s' * (workers.restarts != 1)} (worker_retries)") from lost
+            workers.restart()
+            events.append({"event": "worker_restarted", "worker": lost.name, "cause": lost.cause})
+            echo(f"{lost.name} {lost.cause} during round {round_num}; restarted, repeating round {round_num}")
 
 
 def model_weights(process, state) -> tff.learning.models.ModelWeights:

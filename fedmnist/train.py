@@ -119,6 +119,8 @@ class StopRequest:
             signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if _workers_stalled():
+            raise KeyboardInterrupt("interrupted: the round cannot finish, its worker does not answer")
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
@@ -132,6 +134,13 @@ class StopRequest:
     def restore_defaults() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _workers_stalled() -> bool:
+    """True when the run's workers are lost or silent: then the current round would never end."""
+    contexts = sys.modules.get("fedmnist.runtime.contexts")  # loaded once a run has started
+    active = contexts.active_runtime() if contexts else None
+    return bool(active and active.stalled())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 - the CLI's last line of defence: one line, exit 1.
         if type(error).__name__ == "Interrupted":
             return _interrupted(str(error), run_dir)
+        if type(error).__name__ == "WorkerFailedError":
+            saved = f"the state after round {error.saved_round} is saved" if error.saved_round else "no round completed"
+            return _fail(f"{error}; {saved}; resume with: python -m fedmnist.train --resume {run_dir}", 1, args, error)
         return _fail(error, 1, args)
 
 

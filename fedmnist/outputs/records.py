@@ -21,8 +21,9 @@ class RoundRecord:
 
     `train` is the clients' local training metrics (absent when the round was skipped); `eval` maps
     `train`/`test` to the federated evaluation's metrics in rounds that evaluate; `aggregation` is what
-    the aggregation mode reports (bytes, epsilon, dropouts); `events` lists what happened to the
-    runtime during the round (a worker restarted).
+    the aggregation mode reports (bytes, epsilon, dropouts); `learning_rate` the client and server
+    learning rates in the state after the round; `events` lists what happened to the runtime during
+    the round (a worker restarted).
     """
 
     round: int
@@ -31,6 +32,7 @@ class RoundRecord:
     train: dict | None = None
     aggregation: dict | None = None
     eval: dict[str, dict] | None = None
+    learning_rate: dict | None = None
     seconds: float = 0.0
     events: list[dict] = dataclasses.field(default_factory=list)
 
@@ -56,8 +58,12 @@ class RoundRecord:
 
     def scalars(self) -> dict:
         """The numbers TensorBoard shows for the round, nested by section."""
-        sections = {name: getattr(self, name) for name in ("train", "eval", "participation", "aggregation")}
-        return {name: value for name, value in sections.items() if value} | {"time": {"round_seconds": self.seconds}}
+        sections = {name: getattr(self, name)
+                    for name in ("train", "eval", "participation", "aggregation", "learning_rate")}
+        scalars = {name: value for name, value in sections.items() if value}
+        if self.events:
+            scalars["runtime"] = {"worker_restarts": sum(e.get("event") == "worker_restarted" for e in self.events)}
+        return scalars | {"time": {"round_seconds": self.seconds}}
 
 
 def accuracy_key(metrics: Mapping) -> str:

@@ -7,7 +7,7 @@ of files.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,16 +39,14 @@ class MetricsRelease:
 
 
 class TensorBoardRelease:
-    """The record's scalars and the learning rates every round; weight histograms every `histogram_every`
-    rounds and in the last round."""
+    """The record's scalars every round; weight histograms every `histogram_every` rounds and in the last."""
 
-    def __init__(self, board: TensorBoardLog, learning_rates: Callable[[Any], dict], weight_names: list[str],
-                 histogram_every: int, last_round: int):
-        self.board, self.learning_rates, self.weight_names = board, learning_rates, weight_names
+    def __init__(self, board: TensorBoardLog, weight_names: list[str], histogram_every: int, last_round: int):
+        self.board, self.weight_names = board, weight_names
         self.histogram_every, self.last_round = histogram_every, last_round
 
     def release(self, record: RoundRecord, state: Any, weights: tff.learning.models.ModelWeights) -> None:
-        self.board.write(record.round, record.scalars() | {"learning_rate": self.learning_rates(state)})
+        self.board.write(record.round, record.scalars())
         if self.histogram_every and (record.round == self.last_round or record.round % self.histogram_every == 0):
             self.board.write_histograms(record.round, weight_arrays(self.weight_names, weights))
 
@@ -86,12 +84,11 @@ class RunOutputs:
             releaser.close()
 
 
-def run_outputs(run_dir: Path, board: TensorBoardLog, checkpoints: Checkpoints, learning_rates: Callable[[Any], dict],
-                weight_names: list[str], histogram_every: int, checkpoint_every: int, last_round: int,
-                ) -> RunOutputs:
+def run_outputs(run_dir: Path, board: TensorBoardLog, checkpoints: Checkpoints, weight_names: list[str],
+                histogram_every: int, checkpoint_every: int, last_round: int) -> RunOutputs:
     """The standard outputs of a run directory."""
     return RunOutputs([
         MetricsRelease(MetricsLog(run_dir)),
-        TensorBoardRelease(board, learning_rates, weight_names, histogram_every, last_round),
+        TensorBoardRelease(board, weight_names, histogram_every, last_round),
         CheckpointRelease(checkpoints, checkpoint_every, last_round),
     ])

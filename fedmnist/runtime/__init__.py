@@ -13,6 +13,7 @@ import importlib
 
 _EXPORTS = {
     "install": "contexts", "local_runtime": "contexts", "start_local_runtime": "contexts",
+    "Runtime": "contexts", "active_runtime": "contexts", "WorkerLostError": "watch",
     "execution_context": "contexts", "multi_worker_context": "contexts", "executor_factory": "contexts",
     "LocalWorker": "workers", "RuntimeStartError": "workers", "loopback_worker": "workers",
     "connect": "workers", "LOOPBACK": "workers",

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import tensorflow_federated as tff
 
-from fedmnist.runtime.workers import LocalWorker, connect, loopback_worker, release_large_buffers
+from fedmnist.runtime.watch import WorkerWatch
+from fedmnist.runtime.workers import LocalWorker, loopback_worker, release_large_buffers, wait_until_ready
 
 
-def _remote_executor(stub: tff.framework.RemoteExecutorGrpcStub, cardinalities,
+def _remote_executor(stub: tff.framework.RemoteExecutorStub, cardinalities,
                      default_num_clients: int = 0) -> tff.framework.RemoteExecutor:
     cardinalities.setdefault(tff.CLIENTS, default_num_clients)
     executor = tff.framework.RemoteExecutor(stub)
@@ -33,7 +34,7 @@ def _remote_executor(stub: tff.framework.RemoteExecutorGrpcStub, cardinalities,
     return executor
 
 
-def executor_factory(stub: tff.framework.RemoteExecutorGrpcStub, ready: Callable[[], None] | None = None,
+def executor_factory(stub: tff.framework.RemoteExecutorStub, ready: Callable[[], None] | None = None,
                       default_num_clients: int = 0) -> tff.framework.ResourceManagingExecutorFactory:
     def stack_fn(cardinalities):
         if ready is not None:
@@ -50,17 +51,17 @@ def _context_kwargs(factory: tff.framework.ExecutorFactory) -> dict:
                 transform_result=tff.tensorflow.transform_result)
 
 
-def execution_context(stub: tff.framework.RemoteExecutorGrpcStub,
+def execution_context(stub: tff.framework.RemoteExecutorStub,
                       ready: Callable[[], None] | None = None) -> tff.framework.SyncExecutionContext:
     return tff.framework.SyncExecutionContext(**_context_kwargs(executor_factory(stub, ready)))
 
 
-def async_execution_context(stub: tff.framework.RemoteExecutorGrpcStub,
+def async_execution_context(stub: tff.framework.RemoteExecutorStub,
                             ready: Callable[[], None] | None = None) -> tff.framework.AsyncExecutionContext:
     return tff.framework.AsyncExecutionContext(**_context_kwargs(executor_factory(stub, ready)))
 
 
-def multi_worker_context(stubs: list[tff.framework.RemoteExecutorGrpcStub],
+def multi_worker_context(stubs: list[tff.framework.RemoteExecutorStub],
                          readies: Sequence[Callable[[], None] | None] = ()):
     """One worker: the plain sync context. Several: each round's clients split across them."""
     readies = list(readies) or [None] * len(stubs)
@@ -70,7 +71,7 @@ def multi_worker_context(stubs: list[tff.framework.RemoteExecutorGrpcStub],
         [async_execution_context(stub, ready) for stub, ready in zip(stubs, readies)])
 
 
-def _ready_once(stub: tff.framework.RemoteExecutorGrpcStub, worker: LocalWorker) -> Callable[[], None]:
+def _ready_once(stub: tff.framework.RemoteExecutorStub, worker: LocalWorker) -> Callable[[], None]:
     """Waits for a starting worker on first use, so it boots while the computations are traced."""
     done = []
 
@@ -82,32 +83,90 @@ def _ready_once(stub: tff.framework.RemoteExecutorGrpcStub, worker: LocalWorker)
     return ready
 
 
-@contextlib.contextmanager
-def local_runtime(log_path: Path | None = None, num_workers: int = 1,
-                  addresses: Sequence[str] = ()) -> Iterator[list[LocalWorker]]:
-    """Makes TFF's default context run on workers, and stops the workers it started on the way out.
+class Runtime(Sequence):
+    """The workers of a run, each watched (`fedmnist.runtime.watch`), serving TFF's default context.
 
-    With `addresses` it connects to those running workers (`python -m fedmnist.worker`); otherwise
-    it starts `num_workers` local ones on loopback and yields them. The previous default context is restored.
+    It is the sequence of the local workers it started (none when it connects to `addresses`).
+    `restart()` replaces the local workers after one was lost; remote workers cannot be restarted
+    from here.
+    """
+
+    def __init__(self, log_path: Path | None = None, num_workers: int = 1, addresses: Sequence[str] = (),
+                 timeout: float = 20.0):
+        self.log_path, self.num_workers, self.addresses, self.timeout = log_path, num_workers, list(addresses), timeout
+        self.workers: list[LocalWorker] = []
+        self.watches: list[WorkerWatch] = []
+        self.restarts = 0
+
+    def start(self) -> None:
+        if self.addresses:
+            self.watches = [WorkerWatch(f"worker {number}", address, timeout=self.timeout)
+                            for number, address in enumerate(self.addresses, start=1)]
+            for watch in self.watches:
+                wait_until_ready(watch.stub, watch.address, timeout=self.timeout)
+            readies = []
+        else:
+            self.workers = [loopback_worker(log_path=self.log_path) for _ in range(self.num_workers)]
+            self.watches = [WorkerWatch(f"worker {number}", worker.address, lambda w=worker: w.process, self.timeout)
+                            for number, worker in enumerate(self.workers, start=1)]
+            readies = [_ready_once(watch.stub, worker) for watch, worker in zip(self.watches, self.workers)]
+        tff.framework.get_context_stack().set_default_context(
+            multi_worker_context([watch.stub for watch in self.watches], readies))
+
+    def restart(self) -> None:
+        """Stops every local worker and starts new ones (a round in flight on them is abandoned)."""
+        self.stop_workers()
+        self.restarts += 1
+        self.start()
+
+    def stalled(self) -> bool:
+        """True when a worker is lost or has not answered for a few seconds."""
+        return any(watch.lost is not None or watch.check_process() or watch.silent_for() > 3.0
+                   for watch in self.watches)
+
+    def stop_workers(self) -> None:
+        stalled = [watch.lost is not None or watch.silent_for() > 3.0 for watch in self.watches]
+        for watch in self.watches:
+            watch.stop()
+        for worker, force in zip(self.workers, stalled):
+            worker.stop(force=force)
+
+    def __getitem__(self, index):
+        return self.workers[index]
+
+    def __len__(self) -> int:
+        return len(self.workers)
+
+
+_active: list[Runtime] = []
+
+
+def active_runtime() -> Runtime | None:
+    """The innermost runtime a `local_runtime` block is running, if any (for signal handlers)."""
+    return _active[-1] if _active else None
+
+
+@contextlib.contextmanager
+def local_runtime(log_path: Path | None = None, num_workers: int = 1, addresses: Sequence[str] = (),
+                  timeout: float = 20.0) -> Iterator[Runtime]:
+    """Makes TFF's default context run on watched workers, and stops the workers it started on the way out.
+
+    With `addresses` it connects to those running workers (`python -m fedmnist.worker`), failing with
+    `RuntimeStartError` when one does not answer within `timeout` seconds; otherwise it starts
+    `num_workers` local ones on loopback. The previous default context is restored.
     """
     release_large_buffers()
     context_stack = tff.framework.get_context_stack()
     previous = context_stack.current
-    workers: list[LocalWorker] = []
+    runtime = Runtime(log_path, num_workers, addresses, timeout)
+    _active.append(runtime)
     try:
-        if addresses:
-            stubs, readies = [connect(address) for address in addresses], []
-        else:
-            for _ in range(num_workers):
-                workers.append(loopback_worker(log_path=log_path))
-            stubs = [w.connect(wait=False) for w in workers]
-            readies = [_ready_once(stub, w) for stub, w in zip(stubs, workers)]
-        context_stack.set_default_context(multi_worker_context(stubs, readies))
-        yield workers
+        runtime.start()
+        yield runtime
     finally:
+        _active.remove(runtime)
         context_stack.set_default_context(previous)
-        for worker in workers:
-            worker.stop()
+        runtime.stop_workers()
 
 
 def start_local_runtime(log_path: Path | None = None) -> contextlib.ExitStack:

@@ -32,14 +32,9 @@ import tensorflow_federated as tff
 
 from fedmnist.runtime import bind
 from fedmnist.runtime.processes import die_with_parent
+from fedmnist.runtime.watch import GRPC_OPTIONS
 
-_GRPC_MAX_MESSAGE_BYTES = 2 * 1000 * 1000 * 1000
-_GRPC_OPTIONS = [
-    ("grpc.max_message_length", _GRPC_MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", _GRPC_MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", _GRPC_MAX_MESSAGE_BYTES),
-]
-_STARTUP_TIMEOUT_SECONDS = 60.0
+STARTUP_TIMEOUT_SECONDS = 60.0
 # The worker deserializes every client's data every round into buffers of a few hundred KB. glibc
 # keeps such freed buffers in its heap, fragmented, and the worker's RSS grows round after round;
 # served by mmap instead, they go back to the system when freed (docs/performance.md, "Memory").
@@ -149,7 +144,11 @@ class LocalWorker:
             raise RuntimeStartError(f"TFF worker on port {self.port} listens on {', '.join(sorted(stray))}, "
                                     f"not only {self.host}: the bind shim did not take effect")
 
-    def stop(self) -> None:
+    def stop(self, force: bool = False) -> None:
+        """Stops the worker: SIGINT, then SIGKILL after 5 s; SIGKILL at once with `force` (a worker
+        that does not answer, e.g. a stopped process, would not handle SIGINT)."""
+        if force and self.process.poll() is None:
+            self.process.kill()
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
             try:
@@ -165,20 +164,20 @@ class LocalWorker:
 def connect(address: str, process: subprocess.Popen | None = None,
             wait: bool = True) -> tff.framework.RemoteExecutorGrpcStub:
     """Returns a stub for the executor service at `address`, once it answers (at once with `wait=False`)."""
-    stub = tff.framework.RemoteExecutorGrpcStub(grpc.insecure_channel(address, _GRPC_OPTIONS))
+    stub = tff.framework.RemoteExecutorGrpcStub(grpc.insecure_channel(address, GRPC_OPTIONS))
     if wait:
         wait_until_ready(stub, address, process)
     return stub
 
 
-def wait_until_ready(stub: tff.framework.RemoteExecutorGrpcStub, address: str,
-                     process: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + _STARTUP_TIMEOUT_SECONDS
+def wait_until_ready(stub: tff.framework.RemoteExecutorStub, address: str,
+                     process: subprocess.Popen | None = None, timeout: float = STARTUP_TIMEOUT_SECONDS) -> None:
+    deadline = time.monotonic() + timeout
     while not stub.is_ready:
         if process is not None and process.poll() is not None:
             raise RuntimeStartError(f"TFF worker at {address} exited with code {process.returncode}")
         if time.monotonic() > deadline:
-            raise RuntimeStartError(f"TFF worker at {address} did not answer within {_STARTUP_TIMEOUT_SECONDS:.0f} s")
+            raise RuntimeStartError(f"TFF worker at {address} did not answer within {timeout:g} s")
         time.sleep(0.05)
 
 

@@ -1,0 +1,82 @@
+"""What each workload runs, and the package's path: `fedmnist.loop.train` as a user runs it."""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fedmnist import runtime
+from fedmnist.bench.figures import summarize
+from fedmnist.bench.memory import TreeMemory
+from fedmnist.config import Config
+from fedmnist.outputs.metrics_log import MetricsLog
+
+if TYPE_CHECKING:
+    from fedmnist.data.sources import FederatedDataset
+
+WORKLOADS = ("tutorial", "cnn", "scale")
+DEFAULT_WORKLOADS = ("tutorial", "cnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    overrides: tuple[str, ...]
+    paths: tuple[str, ...]          # package variants measured in this process
+    note: str
+    measure_float_noise: bool = True  # run the floor again from weights one ulp away (see floor.run_floor)
+
+
+WORKLOAD_SPECS = {
+    "tutorial": Workload(
+        ("data.dataset=digits",),
+        ("tff-datasets", "prepared", "prepared-2-workers"),
+        "linear model, first 10 of 20 IID digits clients every round, 5 epochs, batch 20, 10 rounds"),
+    "cnn": Workload(
+        ("model=cnn", "data.dataset=synthetic", "data.num_clients=500", "clients_per_round=50",
+         "client_selection=uniform", "rounds=5", "client_optimizer.learning_rate=0.05"),
+        ("prepared", "prepared-2-workers"),
+        "CNN, 50 of 500 synthetic clients (40 train examples each) per round, 5 epochs, batch 20, 5 rounds"),
+    "scale": Workload(
+        ("data.dataset=synthetic", "data.num_clients=3383", "clients_per_round=100",
+         "client_selection=uniform", "rounds=200",
+         "eval_clients=100"),
+        ("prepared",),
+        "linear model, 100 of 3,383 synthetic clients sized like federated EMNIST per round, 200 rounds",
+        measure_float_noise=False),
+}
+PATH_OVERRIDES = {
+    "tff-datasets": ("client_input=datasets",),
+    "prepared": ("client_input=prepared",),
+    "prepared-2-workers": ("client_input=prepared", "num_workers=2"),
+}
+
+
+def run_package(config: Config, dataset: FederatedDataset | None = None) -> dict:
+    """`loop.train` on `config` (on `dataset` instead of the configured data when given), timed by its
+    own per-round seconds, with the process tree's RSS sampled throughout and at each round's line."""
+    # Imported here: the command line answers --help before TensorFlow loads.
+    from fedmnist import loop
+
+    rss_by_round: dict[int, int] = {}
+    workers_rss_by_round: dict[int, int] = {}
+    with TreeMemory() as memory, tempfile.TemporaryDirectory(prefix="fedmnist-bench-") as run_dir:
+        def echo(line: str) -> None:
+            if line.startswith("round"):
+                round_num = int(line.split(",")[0].split()[1])
+                rss_by_round[round_num] = memory.current()
+                workers_rss_by_round[round_num] = rss_by_round[round_num] - memory.root.memory_info().rss
+
+        loop.train(config, Path(run_dir), echo=echo, progress=False, dataset=dataset)
+        rows = MetricsLog(Path(run_dir)).rows()
+    leftover = runtime.worker_children()
+    if leftover:
+        raise RuntimeError(f"worker_binary processes left running: {leftover}")
+    per_round = [{"loss": r["train"]["loss"], "accuracy": r["train"]["sparse_categorical_accuracy"]}
+                 for r in rows]
+    figures = summarize([r["seconds"] for r in rows], rows[-1]["train"]["num_examples"], memory.peak,
+                        per_round[-1]["accuracy"], per_round)
+    figures["rss_gb_by_round"] = {k: v / 1e9 for k, v in sorted(rss_by_round.items())}
+    figures["workers_rss_gb_by_round"] = {k: v / 1e9 for k, v in sorted(workers_rss_by_round.items())}
+    return figures

@@ -23,7 +23,8 @@ from pathlib import Path
 import tensorflow_federated as tff
 
 from fedmnist.runtime.watch import WorkerWatch
-from fedmnist.runtime.workers import LocalWorker, loopback_worker, release_large_buffers, wait_until_ready
+from fedmnist.runtime.workers import (LocalWorker, RuntimeStartError, loopback_worker, release_large_buffers,
+                                      wait_until_ready)
 
 
 def _remote_executor(stub: tff.framework.RemoteExecutorStub, cardinalities,
@@ -71,13 +72,19 @@ def multi_worker_context(stubs: list[tff.framework.RemoteExecutorStub],
         [async_execution_context(stub, ready) for stub, ready in zip(stubs, readies)])
 
 
-def _ready_once(stub: tff.framework.RemoteExecutorStub, worker: LocalWorker) -> Callable[[], None]:
-    """Waits for a starting worker on first use, so it boots while the computations are traced."""
+def _ready_once(watch: WorkerWatch, worker: LocalWorker) -> Callable[[], None]:
+    """Waits for a starting worker on first use, so it boots while the computations are traced. A
+    worker that dies while starting is lost like one that dies later."""
     done = []
 
     def ready() -> None:
         if not done:
-            worker.wait_until_ready(stub)
+            try:
+                worker.wait_until_ready(watch.stub)
+            except RuntimeStartError:
+                if watch.check_process():
+                    raise watch.lost from None
+                raise
             done.append(True)
 
     return ready
@@ -109,7 +116,7 @@ class Runtime(Sequence):
             self.workers = [loopback_worker(log_path=self.log_path) for _ in range(self.num_workers)]
             self.watches = [WorkerWatch(f"worker {number}", worker.address, lambda w=worker: w.process, self.timeout)
                             for number, worker in enumerate(self.workers, start=1)]
-            readies = [_ready_once(watch.stub, worker) for watch, worker in zip(self.watches, self.workers)]
+            readies = [_ready_once(watch, worker) for watch, worker in zip(self.watches, self.workers)]
         tff.framework.get_context_stack().set_default_context(
             multi_worker_context([watch.stub for watch in self.watches], readies))
 

@@ -33,7 +33,8 @@ GRPC_OPTIONS = [
 
 
 class WorkerLostError(RuntimeError):
-    """A worker died or stopped answering; `restartable` when this package started it."""
+    """A worker died or stopped answering; `restartable` when it is a worker this package started and
+    it died (a silent one is left to the user: something on the machine stops it)."""
 
     def __init__(self, name: str, address: str, cause: str, restartable: bool):
         super().__init__(f"{name} at {address} {cause}")
@@ -72,7 +73,7 @@ class WorkerWatch:
             if self._answers():
                 self.last_answer = time.monotonic()
             elif self.silent_for() > self.timeout:
-                self._declare(f"did not answer for {self.timeout:g} s (worker_timeout_seconds)")
+                self._declare(f"did not answer for {self.timeout:g} s (worker_timeout_seconds)", restartable=False)
                 return
 
     def _answers(self) -> bool:
@@ -89,12 +90,12 @@ class WorkerWatch:
         """Declares the worker lost if its process has exited; True when lost."""
         process = self._process() if self._process else None
         if process is not None and process.poll() is not None and not self._stopped.is_set():
-            self._declare(exit_cause(process.returncode))
+            self._declare(exit_cause(process.returncode), restartable=True)
         return self.lost is not None
 
-    def _declare(self, cause: str) -> None:
+    def _declare(self, cause: str, restartable: bool) -> None:
         if self.lost is None:
-            self.lost = WorkerLostError(self.name, self.address, cause, restartable=self._process is not None)
+            self.lost = WorkerLostError(self.name, self.address, cause, restartable)
             self.channel.close()  # ends the calls in flight
 
     def silent_for(self) -> float:

@@ -7,6 +7,7 @@ its state and exits 1 with one line; nothing hangs and no worker is left behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -185,41 +187,36 @@ def test_killed_again_after_every_restart_the_cli_stops_with_one_line_and_resume
     assert_same_run(tmp_path, reference)
 
 
-def test_a_stopped_worker_is_lost_after_the_timeout_and_not_left_behind(tmp_path):
-    process = start_cli(tmp_path, "worker_timeout_seconds=3", f"rounds={ROUNDS * 100}")
-    pid = None
+@contextlib.contextmanager
+def cli_with_a_stopped_worker(run_dir: Path, *overrides: str) -> Iterator[subprocess.Popen]:
+    """A CLI run whose worker gets SIGSTOP after round 2; the worker must not outlive the run."""
+    process, pid = start_cli(run_dir, f"rounds={ROUNDS * 100}", *overrides), None
     try:
         wait_for_line(process, "round  2,")
-        pid = worker_pids(tmp_path)[0]
+        pid = worker_pids(run_dir)[0]
         os.kill(pid, signal.SIGSTOP)
-        out, err = process.communicate(timeout=300)
+        yield process
     finally:
         process.kill()
         if pid and alive(pid):
             os.kill(pid, signal.SIGCONT)
             os.kill(pid, signal.SIGKILL)
             pytest.fail("the stopped worker outlived the run")
+
+
+def test_a_stopped_worker_is_lost_after_the_timeout_and_not_left_behind(tmp_path):
+    with cli_with_a_stopped_worker(tmp_path, "worker_timeout_seconds=3") as process:
+        out, err = process.communicate(timeout=300)
     assert process.returncode == 1, err
     assert "did not answer for 3 s (worker_timeout_seconds)" in err
     assert len([line for line in err.splitlines() if line.strip()]) == 1, err
 
 
 def test_ctrl_c_while_the_worker_is_stuck_exits_at_once_with_the_resume_hint(tmp_path):
-    process = start_cli(tmp_path, "worker_timeout_seconds=600", f"rounds={ROUNDS * 100}")
-    pid = None
-    try:
-        wait_for_line(process, "round  2,")
-        pid = worker_pids(tmp_path)[0]
-        os.kill(pid, signal.SIGSTOP)
-        time.sleep(4)  # the watch notices the silence after a few seconds of probes
+    with cli_with_a_stopped_worker(tmp_path, "worker_timeout_seconds=600") as process:
+        time.sleep(4)  # the watch calls a worker stalled after 3 s without an answer
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=120)
-    finally:
-        process.kill()
-        if pid and alive(pid):
-            os.kill(pid, signal.SIGCONT)
-            os.kill(pid, signal.SIGKILL)
-            pytest.fail("the stopped worker outlived the run")
     assert process.returncode == 130, err
     assert "the round cannot finish, its worker does not answer" in err
     assert f"resume with: python -m fedmnist.train --resume {tmp_path}" in err

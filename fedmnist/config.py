@@ -98,9 +98,12 @@ class SecureConfig:
 
 @dataclasses.dataclass
 class DPConfig:
-    """`aggregation: dp`: tff.learning.dp_aggregator with adaptive clipping."""
+    """`aggregation: dp`: tff.learning.dp_aggregator with adaptive clipping (fedmnist/privacy/accounting.py)."""
     noise_multiplier: float = _field(0.5, minimum=0)        # must stay below 0.1 x clients_per_round
-    delta: Optional[float] = _field(None, above=0, below=1)  # null = 1 / num_clients^1.1
+    delta: Optional[float] = _field(None, above=0, below=1)  # null = 0.01 / num_clients
+    # false: secret Poisson sampling (q = clients_per_round / num_clients), no client ids logged;
+    # true: the seeded sample with ids logged, accounted with q = 1 (a public sample amplifies nothing)
+    public_sample: bool = False
 
 
 @dataclasses.dataclass
@@ -262,6 +265,10 @@ def check_aggregation(config: Config) -> None:
     if config.aggregation == "dp" and config.client_selection == "fixed":
         raise ConfigError("aggregation: dp needs client_selection: uniform; with a fixed list of clients "
                           "there is no sampling to account the privacy spent for")
+    if config.aggregation == "dp" and config.availability.model != "always":
+        raise ConfigError(f"aggregation: dp needs availability.model: always; with "
+                          f"{config.availability.model!r} availability a client's chance of taking part "
+                          f"differs from the rate the privacy accountant uses")
     if config.aggregation == "dp" and config.dp.noise_multiplier >= 0.1 * config.clients_per_round:
         # dp_aggregator spends part of the budget on clip-norm estimation, with noise of standard
         # deviation 0.05 x clients_per_round; the rest must still reach the requested multiplier.

@@ -205,7 +205,7 @@ def play_round(run: Run, training: Training, evaluator: FederatedEvaluator, stat
     written, so a round that a lost worker interrupted can be played again."""
     config = run.config
     plan = run.participation.plan(round_num)
-    record = RoundRecord(round_num, plan.completed, plan.report())
+    record = RoundRecord(round_num, plan.public_ids(), plan.report())
     if plan.skipped:
         echo(format_skipped(round_num, len(plan.completed), len(plan.selected)))
     else:
@@ -228,7 +228,7 @@ def train_round(training: Training, state, plan: RoundPlan, record: RoundRecord,
             f"training diverged at round {plan.round_num} (loss {record.train['loss']}); the last good state "
             f"is kept in {checkpoint_lib.DIRECTORY}/; lower the learning rates")
     record.aggregation = training.report.round(plan.round_num, result.metrics)
-    echo(format_round(plan.round_num, record.train))
+    echo(format_round(plan.round_num, record.train) + training.report.not_covered)
     if line := training.report.line(plan.round_num, record.aggregation):
         echo(line)
     return result.state, weights
@@ -300,7 +300,7 @@ def finish(run: Run, training: Training, last: RoundRecord, last_train: dict | N
     config, dataset = run.config, run.dataset
     to_keras(weights, config.model, dataset.num_classes).save(run.run_dir / MODEL_FILE)
     for split, metrics in last.eval.items():
-        echo(format_eval(split, metrics))
+        echo(format_eval(split, metrics) + training.report.not_covered)
     summary = {
         "dataset": dataset.name,
         "num_clients": len(dataset.train.client_ids),

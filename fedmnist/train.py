@@ -166,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             summary = loop.train(config, run_dir, progress=not args.quiet, resume=bool(args.resume),
                                  stop_requested=stop)
+            not_covered = " (not covered by the DP guarantee)" if summary["aggregation"]["mode"] == "dp" else ""
             print(f"final: train accuracy {summary['eval']['train']['sparse_categorical_accuracy']:.4f}, "
-                  f"test accuracy {summary['eval']['test']['sparse_categorical_accuracy']:.4f}, "
+                  f"test accuracy {summary['eval']['test']['sparse_categorical_accuracy']:.4f}{not_covered}, "
                   f"{summary['total_seconds']:.1f} s; outputs in {run_dir}")
             if server is not None:
                 stop.restore_defaults()  # training is over: Ctrl-C now just stops TensorBoard

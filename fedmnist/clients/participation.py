@@ -6,12 +6,16 @@ shifted by up to an hour per client), each round advances a simulated clock, onl
 can be selected, and selected clients drop out with `availability.dropout` probability (their
 update is lost). With `always` (the article) every client is available and none drops out.
 
-Every random draw is keyed by (seed, round), so a round's plan is the same in a resumed run.
+Every random draw is keyed by (seed, round), so a round's plan is the same in a resumed run, except
+in `aggregation: dp` (unless `dp.public_sample`): there each client takes part with probability
+clients_per_round / num_clients, drawn from the operating system's CSPRNG, and the sample is secret:
+the plan's `public_ids()` and `report()` do not reveal it (fedmnist/privacy/accounting.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import secrets
 from collections.abc import Sequence
 
 import numpy as np
@@ -36,8 +40,15 @@ class RoundPlan:
     selected: list[str]
     completed: list[str]
     skipped: bool
+    secret: bool = False
+
+    def public_ids(self) -> list[str]:
+        """The clients a log may name: none when the sample is secret."""
+        return [] if self.secret else list(self.completed)
 
     def report(self) -> dict:
+        if self.secret:
+            return {"sampling": "poisson (secret)", "skipped": self.skipped}
         return {"available": self.available, "selected": len(self.selected),
                 "completed": len(self.completed), "dropped": len(self.selected) - len(self.completed),
                 "clock_hours": self.clock_hours, "skipped": self.skipped}
@@ -57,6 +68,8 @@ class Participation:
         self.archetypes = rng.choice(list(ARCHETYPES), size=len(self.ids), p=shares / shares.sum())
         self.shift = rng.integers(-1, 2, size=len(self.ids))
         self._uniform = tff.simulation.build_uniform_sampling_fn(self.ids, replace=False, random_seed=self.seed)
+        self.secret_rate = (min(1.0, self.count / len(self.ids))
+                            if config.aggregation == "dp" and not config.dp.public_sample else None)
 
     def clock_hours(self, round_num: int) -> float:
         return self.cfg.start_hour + (round_num - 1) * self.cfg.round_minutes / 60
@@ -74,6 +87,9 @@ class Participation:
         return [cid for cid, draw, p in zip(self.ids, draws, self.availability_probability(round_num)) if draw < p]
 
     def select(self, round_num: int, available: list[str]) -> list[str]:
+        if self.secret_rate is not None:
+            draw = secrets.SystemRandom()
+            return [cid for cid in available if draw.random() < self.secret_rate]
         if self.selection == "fixed":
             return available[:self.count]
         if len(available) == len(self.ids):
@@ -87,4 +103,4 @@ class Participation:
         drops = np.random.default_rng([self.seed, 13, round_num]).random(len(selected)) < self.cfg.dropout
         completed = [cid for cid, dropped in zip(selected, drops) if not dropped]
         return RoundPlan(round_num, self.clock_hours(round_num), len(available), selected, completed,
-                         skipped=len(completed) < self.cfg.min_clients)
+                         skipped=len(completed) < self.cfg.min_clients, secret=self.secret_rate is not None)

@@ -27,7 +27,7 @@ from fedmnist import config as config_lib
 from fedmnist.client_tensors import build_training
 from fedmnist.data.preprocessing import make_federated_data
 from fedmnist.outputs.records import to_python
-from fedmnist.privacy.accounting import dp_delta, dp_epsilon
+from fedmnist.privacy.accounting import delta_warning, dp_delta, dp_epsilon, sampling_for
 from fedmnist.privacy.compression import FLOAT_BITS, compression_aggregator, encoded_bits, quiet_bitpacking
 from fedmnist.privacy.secure_process import SecureFedAvg
 from fedmnist.process import build_optimizer
@@ -49,7 +49,8 @@ class AggregationReport:
         self.rows: list[dict] = []
         if self.mode == "dp":
             self.delta = dp_delta(config.dp, num_clients)
-            self.sampling_rate = config.clients_per_round / num_clients
+            self.sampling = sampling_for(config, num_clients)
+            self.delta_warning = delta_warning(self.delta, num_clients)
         if self.mode == "compressed":
             settings = config.compression
             self.quantized = sum(int(np.prod(s)) > settings.threshold for s in shapes)
@@ -65,8 +66,9 @@ class AggregationReport:
                 line += f" (no tensor has more than compression.threshold={settings.threshold} elements)"
             return line
         if self.mode == "dp":
-            return (f"differential privacy: noise multiplier {self.config.dp.noise_multiplier:g}, "
-                    f"sampling rate {self.sampling_rate:.3g}, delta {self.delta:.3g}")
+            line = (f"differential privacy (central: the server sees the clipped sum before adding noise): noise "
+                    f"multiplier {self.config.dp.noise_multiplier:g}, {self.sampling.describe()}, delta {self.delta:.3g}")
+            return line + (f"\n{self.delta_warning}" if self.delta_warning else "")
         if self.mode == "secure":
             secure = self.config.secure
             return (f"secure aggregation: threshold {config_lib.secure_threshold(self.config)} of "
@@ -81,9 +83,8 @@ class AggregationReport:
             row.update(to_python(metrics["aggregator"]["secure"]))
             row["upload_bytes_per_client"] = row.get("bytes_per_client", math.nan)
         elif self.mode == "dp":
-            row.update(epsilon=dp_epsilon(self.config.dp.noise_multiplier, self.sampling_rate, round_num,
-                                          self.delta),
-                       delta=self.delta, upload_bytes_per_client=self.float_bytes,
+            row.update(epsilon=self.epsilon(round_num), delta=self.delta, sampling=self.sampling.kind,
+                       sampling_rate=self.sampling.rate, upload_bytes_per_client=self.float_bytes,
                        clip=to_python(metrics["aggregator"]["dp_query_metrics"]["clip"]))
         elif self.mode == "compressed":
             row.update(upload_bits_per_client=self.upload_bits,
@@ -104,8 +105,17 @@ class AggregationReport:
                     f"({row['extra_bytes_per_client']:+,.0f} over float32)")
         if self.mode == "dp":
             return (f"round {round_num:2d}, privacy spent: epsilon {row['epsilon']:.3f} at delta {row['delta']:.3g} "
-                    f"(adaptive clip norm {row['clip']:.3g})")
+                    f"({self.sampling.describe()}; adaptive clip norm {row['clip']:.3g})")
         return None
+
+    def epsilon(self, rounds: int) -> float:
+        """dp: the privacy spent by `rounds` rounds (skipped ones included, conservatively)."""
+        return dp_epsilon(self.config.dp.noise_multiplier, self.sampling, rounds, self.delta)
+
+    @property
+    def not_covered(self) -> str:
+        """dp: a note for what the guarantee does not cover (metrics computed on clients' data)."""
+        return " (not covered by the DP guarantee)" if self.mode == "dp" else ""
 
     def summary(self) -> dict:
         summary: dict = {"mode": self.mode}
@@ -116,9 +126,12 @@ class AggregationReport:
             summary.update(failed_rounds=sum(r["failed"] for r in self.rows),
                            dropped_clients=sum(r["dropped"] for r in self.rows),
                            threshold=config_lib.secure_threshold(self.config))
-        if self.mode == "dp" and self.rows:
-            summary.update(epsilon=self.rows[-1]["epsilon"], delta=self.delta,
-                           noise_multiplier=self.config.dp.noise_multiplier, sampling_rate=self.sampling_rate)
+        if self.mode == "dp":
+            summary.update(epsilon=self.epsilon(self.config.rounds), delta=self.delta,
+                           noise_multiplier=self.config.dp.noise_multiplier, sampling=self.sampling.kind,
+                           sampling_rate=self.sampling.rate,
+                           covers="the model updates only: the train metrics, participation and federated "
+                                  "evaluation, computed on clients' data, are not covered by the guarantee")
         if self.mode == "compressed":
             summary.update(upload_bits_per_client=self.upload_bits,
                            uncompressed_bits_per_client=8 * self.float_bytes)

@@ -38,7 +38,7 @@ def encoded_bits(shape: tuple[int, ...], bits: int, threshold: int) -> int:
     encoder = te.encoders.as_gather_encoder(te.encoders.uniform_quantization(bits),
                                             tf.TensorSpec(shape, tf.float32))
     encode_params, _, _ = encoder.get_params(encoder.initial_state())
-    with _quiet_bitpacking():
+    with quiet_bitpacking():
         encoded, _ = encoder.encode(tf.zeros(shape), encode_params)
     return sum(int(np.prod(t.shape)) * t.dtype.size * 8 for t in tf.nest.flatten(encoded))
 

@@ -33,7 +33,7 @@ def _field(default: Any, **bounds: float) -> Any:
 
 @dataclasses.dataclass
 class DataConfig:
-    dataset: Literal["auto", "emnist", "digits", "synthetic"] = "auto"
+    dataset: Literal["auto", "emnist", "digits", "synthetic", "mnist"] = "auto"
     only_digits: bool = True
     cache_dir: Optional[str] = None
     allow_download: bool = True
@@ -49,7 +49,8 @@ class DataConfig:
 @dataclasses.dataclass
 class PreprocessConfig:
     epochs: int = _field(5, minimum=1)
-    batch_size: int = _field(20, minimum=1)
+    # 0 = each batch is the client's whole dataset: McMahan et al.'s B = inf (FedSGD with epochs 1).
+    batch_size: int = _field(20, minimum=0)
     shuffle_buffer: int = _field(100, minimum=1)
     prefetch_buffer: int = _field(10, minimum=1)
     shuffle_seed: int = _field(1, minimum=0)
@@ -88,12 +89,15 @@ class PersonalizationConfig:
 
 @dataclasses.dataclass
 class SecureConfig:
-    """`aggregation: secure`: Bonawitz et al.'s pairwise masking (fedmnist/secagg.py)."""
-    dropout: float = _field(0.0, minimum=0, below=1)       # chance a client drops out, per round
-    threshold: Optional[int] = _field(None, minimum=1)      # Shamir threshold t; null = majority
+    """`aggregation: secure`: Bonawitz et al.'s pairwise masking (fedmnist/privacy/secagg.py)."""
+    dropout: float = _field(0.0, minimum=0, below=1)       # chance a client drops before sending its input
+    dropout_after_input: float = _field(0.0, minimum=0, below=1)  # ... after sending it, before unmasking
+    threshold: Optional[int] = _field(None, minimum=1)      # Shamir threshold t (>= 2); null = majority
     bits: int = _field(32, minimum=8, maximum=64)           # inputs are integers modulo 2^bits
     clip: float = _field(2.0, above=0)                      # L2 bound on each client's update
-    max_client_weight: int = _field(2048, minimum=1)        # cap on a client's example weight
+    # Bound on a client's weight (examples x epochs), which sizes the fixed-point range: null = the
+    # largest client of the population; a client above an explicit bound is refused, never capped.
+    max_client_weight: Optional[int] = _field(None, minimum=1)
 
 
 @dataclasses.dataclass
@@ -122,8 +126,13 @@ class Config:
     client_selection: Literal["fixed", "uniform"] = "fixed"
     eval_every: int = _field(0, minimum=0)
     eval_clients: int = _field(10, minimum=0)
+    # The server evaluates the global model on the pooled test set with plain Keras (McMahan et al.'s
+    # measure): null = never, 0 = after the last round, N = every N rounds and after the last.
+    centralized_eval_every: Optional[int] = _field(None, minimum=0)
+    # Test accuracies whose rounds-to-target summary.json and fedmnist.report give (McMahan et al.'s Table 2).
+    accuracy_targets: list[float] = dataclasses.field(default_factory=lambda: [0.97, 0.99])
     histogram_every: int = _field(1, minimum=0)
-    model: Literal["linear", "cnn"] = "linear"
+    model: Literal["linear", "cnn", "2nn"] = "linear"
     checkpoint_every: int = _field(1, minimum=1)
     checkpoints_kept: int = _field(3, minimum=1)
     # How clients' data reaches TFF: "prepared" tensors built once (fast, same numbers; see
@@ -241,7 +250,7 @@ def check_consistency(config: Config) -> None:
         raise ConfigError("num_workers: set it only for local workers; with workers listed, "
                           "each listed address is one worker")
     data = config.data
-    if data.dataset in ("digits", "synthetic") and config.clients_per_round > data.num_clients:
+    if data.dataset in ("digits", "synthetic", "mnist") and config.clients_per_round > data.num_clients:
         raise ConfigError(f"clients_per_round: {config.clients_per_round} is more than the "
                           f"{data.num_clients} clients of data.num_clients")
     shares = config.availability
@@ -253,7 +262,17 @@ def check_consistency(config: Config) -> None:
     if data.dataset == "digits" and data.num_clients > 1797 // 2:
         raise ConfigError(f"data.num_clients: digits has 1,797 examples, too few for "
                           f"{data.num_clients} clients (at most {1797 // 2})")
+    if data.dataset == "mnist" and data.num_clients > 10000 // 2:
+        raise ConfigError(f"data.num_clients: MNIST's 10,000 test images are dealt to the clients too, too few "
+                          f"for {data.num_clients} clients (at most {10000 // 2})")
+    check_targets(config.accuracy_targets)
     check_aggregation(config)
+
+
+def check_targets(targets: list[float]) -> None:
+    for i, target in enumerate(targets):
+        if not 0 < target <= 1:
+            raise ConfigError(f"accuracy_targets[{i}]: {target!r} is not an accuracy in (0, 1]")
 
 
 def secure_threshold(config: Config) -> int:
@@ -275,19 +294,60 @@ def check_aggregation(config: Config) -> None:
         raise ConfigError(f"dp.noise_multiplier: with {config.clients_per_round} clients per round "
                           f"tff.learning.dp_aggregator needs a noise multiplier below "
                           f"{0.1 * config.clients_per_round:g}; lower it or raise clients_per_round")
-    if config.aggregation != "secure":
-        return
-    from fedmnist.privacy import secagg  # numpy and cryptography only
+    if config.aggregation == "secure":
+        check_secure(config)
 
+
+def check_secure(config: Config) -> None:
     secure = config.secure
+    if config.clients_per_round < 2:
+        raise ConfigError(f"clients_per_round: aggregation: secure needs at least 2 clients per round; with "
+                          f"{config.clients_per_round} the unmasked sum is that client's own update")
+    if secure_threshold(config) < 2:
+        raise ConfigError(f"secure.threshold: {secure.threshold} is too low: with a threshold of 1 every Shamir "
+                          f"share is the secret itself; use at least 2 (null = a majority of clients_per_round)")
     if secure_threshold(config) > config.clients_per_round:
         raise ConfigError(f"secure.threshold: {secure.threshold} is more than the "
                           f"{config.clients_per_round} clients per round")
-    scale = secagg.fixed_point_scale(secure.bits, secure.clip, secure.max_client_weight, config.clients_per_round)
+    # Without an explicit bound the weights are known only once the data is loaded
+    # (`secure_weight_bound`); weight 1 is the most room they can leave.
+    if secure.max_client_weight:
+        check_secure_precision(secure, config.clients_per_round, secure.max_client_weight,
+                               "raise secure.bits or lower secure.max_client_weight")
+    else:
+        check_secure_precision(secure, config.clients_per_round, 1, "raise secure.bits", " (the smallest possible)")
+
+
+def check_secure_precision(secure: SecureConfig, clients_per_round: int, max_weight: int, fix: str,
+                           detail: str = "") -> None:
+    """ConfigError when `clients_per_round` weights up to `max_weight` leave less than
+    MIN_PRECISION_BITS of resolution at the clipping bound (or could wrap the sum)."""
+    from fedmnist.privacy import secagg  # numpy and cryptography only
+
+    scale = secagg.fixed_point_scale(secure.bits, secure.clip, max_weight, clients_per_round)
     if secagg.precision_bits(secure.clip, scale) < secagg.MIN_PRECISION_BITS:
         raise ConfigError(f"secure.bits: {secure.bits} bits leave too little precision for "
-                          f"{config.clients_per_round} clients with weights up to {secure.max_client_weight} "
-                          f"and clip {secure.clip:g}; raise secure.bits or lower secure.max_client_weight")
+                          f"{clients_per_round} clients with weights up to {max_weight}{detail} and clip "
+                          f"{secure.clip:g}; {fix}")
+
+
+def secure_weight_bound(secure: SecureConfig, clients_per_round: int, largest_weight: int | None) -> int:
+    """The bound on a client's weight that sizes the fixed-point range: `secure.max_client_weight`,
+    else `largest_weight`, the population's largest client weight (examples x epochs). A client
+    above an explicit bound is a ConfigError: capping its weight would silently change the mean."""
+    if secure.max_client_weight is None and largest_weight is None:
+        raise ValueError("secure.max_client_weight is null: pass the population's largest client weight")
+    bound = secure.max_client_weight or max(largest_weight, 1)
+    if largest_weight is not None and largest_weight > bound:
+        raise ConfigError(f"secure.max_client_weight: a client has weight {largest_weight} (examples x "
+                          f"preprocess.epochs), more than {bound}; raise it, or set it to null to use the "
+                          f"largest client's weight")
+    if secure.max_client_weight:
+        check_secure_precision(secure, clients_per_round, bound, "raise secure.bits or lower secure.max_client_weight")
+    else:
+        check_secure_precision(secure, clients_per_round, bound, "raise secure.bits or lower preprocess.epochs or "
+                               "data.max_examples_per_client", " (the largest client's examples x epochs)")
+    return bound
 
 
 # --- Files and overrides --------------------------------------------------------------------

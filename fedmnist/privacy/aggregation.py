@@ -29,7 +29,8 @@ from fedmnist.data.preprocessing import make_federated_data
 from fedmnist.outputs.records import to_python
 from fedmnist.privacy.accounting import delta_warning, dp_delta, dp_epsilon, sampling_for
 from fedmnist.privacy.compression import FLOAT_BITS, compression_aggregator, encoded_bits, quiet_bitpacking
-from fedmnist.privacy.secure_process import SecureFedAvg
+from fedmnist.privacy.secagg import threshold_warning
+from fedmnist.privacy.secure_process import SecureFedAvg, largest_client_weight
 from fedmnist.process import build_optimizer
 
 
@@ -70,10 +71,12 @@ class AggregationReport:
                     f"multiplier {self.config.dp.noise_multiplier:g}, {self.sampling.describe()}, delta {self.delta:.3g}")
             return line + (f"\n{self.delta_warning}" if self.delta_warning else "")
         if self.mode == "secure":
-            secure = self.config.secure
-            return (f"secure aggregation: threshold {config_lib.secure_threshold(self.config)} of "
+            secure, threshold = self.config.secure, config_lib.secure_threshold(self.config)
+            line = (f"secure aggregation: threshold {threshold} of "
                     f"{self.config.clients_per_round}, {secure.bits}-bit inputs, clip {secure.clip:g}, "
-                    f"dropout {secure.dropout:g}")
+                    f"dropout {secure.dropout:g} (after input {secure.dropout_after_input:g})")
+            warning = threshold_warning(threshold, self.config.clients_per_round)
+            return line + (f"\n{warning}" if warning else "")
         return None
 
     def round(self, round_num: int, metrics: Mapping) -> dict:
@@ -172,7 +175,8 @@ def build_process(config: config_lib.Config, model_fn: Callable[[], tff.learning
         return Training(process, report, client_inputs)
     if mode == "secure":
         process = SecureFedAvg(model_fn, config.client_optimizer, config.server_optimizer, config.secure,
-                               config_lib.secure_threshold(config), config.clients_per_round, config.seed)
+                               config_lib.secure_threshold(config), config.clients_per_round, config.seed,
+                               largest_client_weight=largest_client_weight(client_data, preprocess_kwargs["epochs"]))
         return Training(process, report, articles_inputs, keyed=process)
     if mode == "dp":
         # No zeroing: its norm estimate is not private and would spend budget nobody accounts for.

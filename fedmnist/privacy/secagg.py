@@ -14,7 +14,13 @@ version are left out). Each client u holds a vector x_u of integers modulo 2^k a
    masks cancel in the sum over all clients. PRG: ChaCha20 keyed by the 32-byte seed.
 4. Unmasking: clients still online send, for each client that sent y, their share of its b, and for
    each client that shared keys but dropped before sending y, their share of its s key; the server
-   needs t of them. An honest client never reveals both kinds of share for the same client.
+   needs t of them. An honest client never reveals both kinds of share for the same client, and
+   answers once: two answers to different survivor lists would reveal both.
+
+Clients may drop before sending y (their pairwise masks are removed with their reconstructed s key)
+or after sending it but before unmasking (their y stays in the sum; their b is rebuilt from others'
+shares). The threshold t must be at least 2 (with t = 1 a single share is the secret) and should be
+more than half the clients: otherwise two disjoint groups of t can each unmask a sum.
 
 The server's whole part is `server_aggregate(view)`: `ServerView` holds every message the server
 received in a round, nothing else, so tests can inspect exactly what it learns. `run_protocol`
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 import struct
 from collections.abc import Collection, Mapping
@@ -41,6 +48,7 @@ from fedmnist.privacy import shamir
 KEY_BYTES = 32
 NONCE_BYTES = 12
 MIN_PRECISION_BITS = 8  # the least resolution, in bits, a coordinate at the clipping bound may keep
+MAX_BITS = 64  # inputs live in uint64
 _INDEX = struct.Struct(">I")  # client numbers on the wire
 _RAW = (serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
@@ -58,6 +66,21 @@ class SecureAggregationError(RuntimeError):
 def _kdf(shared_secret: bytes, purpose: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None,
                 info=b"fedmnist secagg " + purpose).derive(shared_secret)
+
+
+def check_bits(bits: int) -> None:
+    """ValueError unless 2 <= bits <= 64: a signed value needs a sign bit and at least one more."""
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not 2 <= bits <= MAX_BITS:
+        raise ValueError(f"bits must be an integer from 2 to {MAX_BITS}, got {bits!r}")
+
+
+def threshold_warning(threshold: int, num_clients: int) -> str | None:
+    """A warning when t <= K/2: two disjoint groups of t clients could then each unmask a sum, so a
+    server that tells each group a different survivor list can learn more than the round's sum."""
+    if 2 * threshold > num_clients:
+        return None
+    return (f"warning: secure aggregation threshold {threshold} is at most half of the {num_clients} clients "
+            f"per round: two disjoint groups of {threshold} can each unmask a sum; use more than {num_clients // 2}")
 
 
 def modulus_mask(bits: int) -> np.uint64:
@@ -158,6 +181,8 @@ class Client:
     def __init__(self, index: int, threshold: int, bits: int, entropy=os.urandom):
         if index < 1:
             raise ValueError("client numbers start at 1")
+        shamir.check_threshold(threshold)
+        check_bits(bits)
         self.index, self.threshold, self.bits = index, threshold, bits
         self._entropy = entropy
         self._encryption_key = X25519PrivateKey.from_private_bytes(entropy(KEY_BYTES))
@@ -165,6 +190,7 @@ class Client:
         self._self_mask_seed = entropy(KEY_BYTES)
         self._roster: dict[int, AdvertisedKeys] = {}
         self._held: dict[int, tuple[int, int]] = {}  # from u: (share of s_u key, share of b_u)
+        self._answered = False  # round 4 is answered at most once
 
     def advertise_keys(self) -> AdvertisedKeys:
         return AdvertisedKeys(self._encryption_key.public_key().public_bytes(*_RAW),
@@ -173,7 +199,8 @@ class Client:
     def share_keys(self, roster: Mapping[int, AdvertisedKeys]) -> dict[int, bytes]:
         """Round 1: encrypted shares of this client's masking key and self-mask seed, per recipient."""
         if len(roster) < self.threshold:
-            raise SecureAggregationError(f"{len(roster)} clients advertised keys, the threshold is {self.threshold}")
+            raise SecureAggregationError(f"secure aggregation aborted: {len(roster)} clients advertised keys, fewer "
+                                         f"than the threshold of {self.threshold}")
         if len({keys.masking for keys in roster.values()}) != len(roster):
             raise SecureAggregationError("two clients advertised the same key")
         self._roster = dict(roster)
@@ -200,7 +227,12 @@ class Client:
         return pack(masked & modulus_mask(self.bits), self.bits)
 
     def unmasking_response(self, survivors: Collection[int], dropped: Collection[int]) -> UnmaskingResponse:
-        """Round 4: shares of b for the survivors and of the s key for the dropped, never both."""
+        """Round 4: shares of b for the survivors and of the s key for the dropped, never both.
+
+        One answer per round: a second request with the lists swapped would give the server t shares
+        of both this client's b and its s key, hence its input."""
+        if self._answered:
+            raise SecureAggregationError(f"client {self.index} already answered the unmasking request")
         survivors, dropped = set(survivors), set(dropped)
         if survivors & dropped:
             raise SecureAggregationError(f"the server asked for both shares of clients {sorted(survivors & dropped)}")
@@ -208,6 +240,7 @@ class Client:
             raise SecureAggregationError("the server's survivor list does not match this client's view")
         if len(survivors) < self.threshold:
             raise SecureAggregationError(f"only {len(survivors)} survivors, the threshold is {self.threshold}")
+        self._answered = True
         return UnmaskingResponse(
             self_mask_shares={u: shamir.share_to_bytes(self._held[u][1]) for u in sorted(survivors)},
             key_shares={u: shamir.share_to_bytes(self._held[u][0]) for u in sorted(dropped)})
@@ -243,6 +276,8 @@ def server_aggregate(view: ServerView) -> np.ndarray:
 
     Raises SecureAggregationError when fewer than `threshold` clients answered the unmasking round.
     """
+    shamir.check_threshold(view.threshold)
+    check_bits(view.bits)
     survivors = set(view.masked_inputs)
     dropped = set(view.encrypted_shares) - survivors
     if len(survivors) < view.threshold:
@@ -282,34 +317,48 @@ def _reconstruct(view: ServerView, client: int, kind: str) -> bytes:
 # --- One round, with the network simulated ---------------------------------------------------
 
 def run_protocol(inputs: Mapping[int, np.ndarray], threshold: int, bits: int,
-                 dropped: Collection[int] = (), entropy=os.urandom) -> tuple[np.ndarray, ServerView]:
+                 dropped: Collection[int] = (), entropy=os.urandom, *,
+                 dropped_after_input: Collection[int] = ()) -> tuple[np.ndarray, ServerView]:
     """Runs one round among `inputs` ({client number: integers modulo 2^bits}).
 
-    Clients in `dropped` go offline after sharing their keys (before sending their masked input),
-    the case that needs Shamir recovery. Returns the unmasked sum of the survivors' inputs and the
-    server's view; raises SecureAggregationError when the round must abort.
+    Clients in `dropped` go offline after sharing their keys (before sending their masked input):
+    their input is never read, and their pairwise masks are removed with Shamir recovery of their
+    keys. Clients in `dropped_after_input` go offline after sending their masked input, before
+    unmasking: their input stays in the sum, their self-masks are rebuilt from others' shares.
+    Returns the unmasked sum of the inputs that were sent and the server's view; raises
+    SecureAggregationError (with the view so far) when the round must abort.
     """
-    lengths = {len(vector) for vector in inputs.values()}
-    if len(lengths) != 1:
-        raise ValueError("all inputs must have the same length")
-    if not set(dropped) <= set(inputs):
-        raise ValueError("dropped clients must be among the inputs")
-    view = ServerView(bits=bits, threshold=threshold, length=lengths.pop())
-    clients = {u: Client(u, threshold, bits, entropy) for u in sorted(inputs)}
-    view.public_keys = {u: client.advertise_keys() for u, client in clients.items()}
-    view.encrypted_shares = {u: client.share_keys(view.public_keys) for u, client in clients.items()}
-    for v, client in clients.items():  # the server relays each ciphertext to its recipient
-        client.receive_shares({u: messages[v] for u, messages in view.encrypted_shares.items() if v in messages})
-    view.masked_inputs = {u: client.masked_input(inputs[u]) for u, client in clients.items() if u not in dropped}
-    survivors = sorted(view.masked_inputs)
-    gone = sorted(set(view.encrypted_shares) - set(survivors))
-    if len(survivors) >= threshold:  # below it, honest clients refuse to answer
-        view.unmasking = {v: clients[v].unmasking_response(survivors, gone) for v in survivors}
+    _check_round(inputs, threshold, bits, set(dropped), set(dropped_after_input))
+    view = ServerView(bits=bits, threshold=threshold, length=len(next(iter(inputs.values()), ())))
     try:
+        clients = {u: Client(u, threshold, bits, entropy) for u in sorted(inputs)}
+        view.public_keys = {u: client.advertise_keys() for u, client in clients.items()}
+        view.encrypted_shares = {u: client.share_keys(view.public_keys) for u, client in clients.items()}
+        for v, client in clients.items():  # the server relays each ciphertext to its recipient
+            client.receive_shares({u: messages[v] for u, messages in view.encrypted_shares.items() if v in messages})
+        view.masked_inputs = {u: client.masked_input(inputs[u]) for u, client in clients.items() if u not in dropped}
+        survivors = sorted(view.masked_inputs)
+        gone = sorted(set(view.encrypted_shares) - set(survivors))
+        if len(survivors) >= threshold:  # below it, honest clients refuse to answer
+            view.unmasking = {v: clients[v].unmasking_response(survivors, gone)
+                              for v in survivors if v not in dropped_after_input}
         return server_aggregate(view), view
     except SecureAggregationError as error:
         error.view = view
         raise
+
+
+def _check_round(inputs: Mapping[int, np.ndarray], threshold: int, bits: int, dropped: set[int],
+                 dropped_after_input: set[int]) -> None:
+    shamir.check_threshold(threshold)
+    check_bits(bits)
+    if len({len(vector) for vector in inputs.values()}) > 1:
+        raise ValueError("all inputs must have the same length")
+    if not (dropped | dropped_after_input) <= set(inputs):
+        raise ValueError("dropped clients must be among the inputs")
+    if dropped & dropped_after_input:
+        raise ValueError(f"clients {sorted(dropped & dropped_after_input)} cannot drop both before and after "
+                         f"sending their input")
 
 
 # --- Fixed point: float updates in, integers modulo 2^k out ------------------------------------
@@ -317,8 +366,16 @@ def run_protocol(inputs: Mapping[int, np.ndarray], threshold: int, bits: int,
 def fixed_point_scale(bits: int, clip: float, max_weight: int, num_clients: int) -> float:
     """The largest power of two s such that `num_clients` inputs, each coordinate rounded from at
     most `clip * s` and multiplied by a weight of at most `max_weight`, sum to less than 2^(k-1)
-    in size (so the sum modulo 2^k decodes without wrapping); 0.0 when there is no room at all."""
-    room = (2 ** (bits - 1) - 1) / (num_clients * max_weight) - 0.5
+    in size (so the sum modulo 2^k decodes without wrapping); 0.0 when there is no room at all,
+    including when the appended weight coordinate alone could wrap (num_clients x max_weight)."""
+    check_bits(bits)
+    _check_clip(clip)
+    _check_count("max_weight", max_weight)
+    _check_count("num_clients", num_clients)
+    limit = 2 ** (bits - 1) - 1
+    if num_clients * max_weight > limit:  # the sum of the weights is a coordinate too
+        return 0.0
+    room = limit / (num_clients * max_weight) - 0.5
     if room <= 0:
         return 0.0
     return 2.0 ** math.floor(math.log2(room / clip))
@@ -332,19 +389,30 @@ def precision_bits(clip: float, scale: float) -> float:
 def encode(update: np.ndarray, weight: float, clip: float, scale: float, max_weight: int,
            bits: int) -> np.ndarray:
     """A client's input: its update clipped to L2 norm `clip`, rounded to multiples of 1/scale,
-    times its integer weight (capped at `max_weight`), then the weight itself, modulo 2^bits."""
+    times its integer weight, then the weight itself, modulo 2^bits.
+
+    A weight above `max_weight` raises ValueError: the fixed-point range was sized for that bound,
+    and capping the weight would silently change the weighted mean."""
+    check_bits(bits)
+    _check_clip(clip)
+    _check_scale(scale)
+    _check_count("max_weight", max_weight)
     update = np.asarray(update, dtype=np.float64)
     if not np.all(np.isfinite(update)):  # as TFF's client work does: such a client gets weight 0
         update, weight = np.zeros_like(update), 0
+    weight = int(round(weight))
+    if not 0 <= weight <= max_weight:
+        raise ValueError(f"a client weight of {weight} is outside 0..{max_weight}, the bound the "
+                         f"fixed-point range was sized for")
     norm = float(np.linalg.norm(update))
     if norm > clip:
         update = update * (clip / norm)
-    weight = min(int(round(weight)), max_weight)
     quantized = np.rint(update * scale).astype(np.int64) * weight
     return np.append(quantized, weight).view(np.uint64) & modulus_mask(bits)
 
 
 def to_signed(values: np.ndarray, bits: int) -> np.ndarray:
+    check_bits(bits)
     values = np.asarray(values, dtype=np.uint64) & modulus_mask(bits)
     if bits == 64:
         return values.view(np.int64)
@@ -354,8 +422,25 @@ def to_signed(values: np.ndarray, bits: int) -> np.ndarray:
 
 def decode_mean(total: np.ndarray, scale: float, bits: int) -> tuple[np.ndarray, int]:
     """The weighted mean update and the total weight from the unmasked sum of encoded inputs."""
+    _check_scale(scale)
     signed = to_signed(total, bits)
     weight = int(signed[-1])
     if weight <= 0:
         return np.zeros(len(signed) - 1, dtype=np.float64), weight
     return signed[:-1].astype(np.float64) / (scale * weight), weight
+
+
+def _check_clip(clip: float) -> None:
+    if not (isinstance(clip, numbers.Real) and math.isfinite(clip) and clip > 0):
+        raise ValueError(f"clip must be a finite number above 0, got {clip!r}")
+
+
+def _check_scale(scale: float) -> None:
+    if not (isinstance(scale, numbers.Real) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"the fixed-point scale must be a finite number above 0, got {scale!r} "
+                         f"(fixed_point_scale gives 0.0 when the bits leave no room for the clients and weights)")
+
+
+def _check_count(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer of at least 1, got {value!r}")

@@ -2,8 +2,11 @@
 
 TFF has no cryptographic secure aggregation to run in simulation, so a round is split in three:
 
-1. TFF, `client_phase`: broadcast the global model, train each selected client (exactly the client
-   work of `build_weighted_fed_avg`) and return every client's model delta and example weight.
+1. TFF, `client_phase`: broadcast the global model, train each client that has not dropped out
+   (exactly the client work of `build_weighted_fed_avg`) and return every client's model delta and
+   example weight. The round's simulated dropouts are drawn before training, so nothing from a
+   client that drops before sending its masked input (its examples, loss or accuracy) reaches the
+   metrics TFF sums in the clear; it still takes part in the key rounds of the protocol.
 2. Python, `fedmnist.secagg`: each client clips and quantizes its delta, multiplies it by its
    weight, appends the weight, and masks the vector; the server (`secagg.server_aggregate`) sums the
    masked vectors and can unmask only their sum, from which it takes the weighted mean delta.
@@ -14,6 +17,10 @@ TFF has no cryptographic secure aggregation to run in simulation, so a round is 
 `get_model_weights`, `set_model_weights`) and the very same state, so the round loop, evaluation and
 saving do not change. When the protocol aborts (more clients dropped than the threshold allows) the
 round's output keeps the previous state: the global model is unchanged.
+
+A client's weight is the number of examples it trains on (examples x epochs, as TFF's NUM_EXAMPLES
+weighting counts them). The fixed-point range is sized for the largest weight a client can have
+(`largest_client_weight` of the population, or `secure.max_client_weight`); weights are never capped.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from fedmnist.privacy import secagg
-from fedmnist.config import OptimizerConfig, SecureConfig
+from fedmnist.config import OptimizerConfig, SecureConfig, secure_weight_bound
 from fedmnist.process import build_optimizer
 
 
@@ -37,10 +44,13 @@ class SecureFedAvg:
     def __init__(self, model_fn: Callable[[], tff.learning.models.VariableModel],
                  client_optimizer: OptimizerConfig, server_optimizer: OptimizerConfig,
                  settings: SecureConfig, threshold: int, clients_per_round: int, seed: int = 0,
-                 entropy: Callable[[int], bytes] = os.urandom):
+                 entropy: Callable[[int], bytes] = os.urandom, largest_client_weight: int | None = None):
+        """`largest_client_weight`: the population's largest client weight (`largest_client_weight()`),
+        needed when `settings.max_client_weight` is null and checked against it otherwise."""
+        secagg.check_bits(settings.bits)
         self.settings, self.threshold, self.entropy = settings, threshold, entropy
-        self.scale = secagg.fixed_point_scale(settings.bits, settings.clip, settings.max_client_weight,
-                                              clients_per_round)
+        self.max_weight = secure_weight_bound(settings, clients_per_round, largest_client_weight)
+        self.scale = secagg.fixed_point_scale(settings.bits, settings.clip, self.max_weight, clients_per_round)
         self.clients_per_round = clients_per_round
         self.seed = seed
         self._dropouts = np.random.default_rng([seed, 2017])
@@ -58,6 +68,8 @@ class SecureFedAvg:
             build_optimizer(server_optimizer), weights_type)
         state_type, data_type = self._fed_avg.next.type_signature.parameter
         update_type = tff.FederatedType(weights_type.trainable, tff.SERVER)
+        # A masked input: every trainable weight, then the client's weight.
+        self.length = sum(int(np.prod(tensor.shape, dtype=np.int64)) for tensor in weights_type.trainable) + 1
 
         @tff.federated_computation(state_type, data_type)
         def client_phase(state, client_data):
@@ -92,22 +104,21 @@ class SecureFedAvg:
         self._dropouts = np.random.default_rng([self.seed, 2017, round_num])
 
     def next(self, state, client_data: Sequence[tf.data.Dataset]) -> tff.learning.templates.LearningProcessOutput:
-        updates, weights, client_metrics = self.client_phase(state, list(client_data))
-        if len(updates) < self.threshold:  # e.g. clients lost to availability dropouts before training ended
-            report = collections.OrderedDict(
-                clients=len(updates), dropped=0, threshold=self.threshold, failed=1,
-                error=f"only {len(updates)} clients completed, fewer than the threshold {self.threshold}; "
-                      f"the round is skipped and the global model kept")
-            return self._output(state, client_metrics, report, collections.OrderedDict(update_non_finite=0))
-        structure = updates[0]
-        inputs = {number: secagg.encode(_flatten(update), weight, self.settings.clip, self.scale,
-                                        self.settings.max_client_weight, self.settings.bits)
-                  for number, (update, weight) in enumerate(zip(updates, weights), start=1)}
-        dropped = {u for u in inputs if self._dropouts.random() < self.settings.dropout}
-        report = collections.OrderedDict(clients=len(inputs), dropped=len(dropped), threshold=self.threshold)
+        client_data = list(client_data)
+        if len(client_data) > self.clients_per_round:  # the fixed-point range is sized for clients_per_round
+            raise ValueError(f"{len(client_data)} clients in a round, more than clients_per_round "
+                             f"({self.clients_per_round})")
+        numbers = range(1, len(client_data) + 1)
+        dropped, late = self._draw_dropouts(len(client_data))
+        online = [u for u in numbers if u not in dropped]
+        report = collections.OrderedDict(clients=len(client_data), dropped=len(dropped),
+                                         dropped_after_input=len(late), threshold=self.threshold)
+        updates, weights, client_metrics = self._train(state, [client_data[u - 1] for u in online],
+                                                       len(client_data))
+        inputs = self._inputs(numbers, online, updates, weights)
         try:
             total, self.last_view = secagg.run_protocol(inputs, self.threshold, self.settings.bits, dropped,
-                                                        self.entropy)
+                                                        self.entropy, dropped_after_input=late)
         except secagg.SecureAggregationError as error:
             self.last_view = error.view
             report.update(failed=1, error=f"{error}; the round is skipped and the global model kept",
@@ -116,8 +127,33 @@ class SecureFedAvg:
         mean, total_weight = secagg.decode_mean(total, self.scale, self.settings.bits)
         report.update(failed=0, total_weight=total_weight, quantization_step=1.0 / self.scale,
                       **self._traffic(self.last_view))
-        new_state, finalizer_metrics = self.server_phase(state, _unflatten(mean, structure))
+        new_state, finalizer_metrics = self.server_phase(state, _unflatten(mean, updates[0]))
         return self._output(new_state, client_metrics, report, finalizer_metrics)
+
+    def _draw_dropouts(self, count: int) -> tuple[set[int], set[int]]:
+        """Clients (numbered from 1) that drop before sending their masked input, and those that drop
+        after sending it but before unmasking. Drawn before training, from the round's generator."""
+        before = self._dropouts.random(count) < self.settings.dropout
+        after = (self._dropouts.random(count) < self.settings.dropout_after_input) & ~before
+        return {int(u) + 1 for u in np.flatnonzero(before)}, {int(u) + 1 for u in np.flatnonzero(after)}
+
+    def _train(self, state, client_data: list[tf.data.Dataset], roster: int) -> tuple[list, list, object]:
+        """Trains the clients still online, unless none is, or fewer clients than the threshold took
+        part: then the protocol aborts at key sharing, before any client computes its input."""
+        if not client_data or roster < self.threshold:
+            return [], [], collections.OrderedDict(train=collections.OrderedDict())
+        updates, weights, client_metrics = self.client_phase(state, client_data)
+        return list(updates), list(weights), client_metrics
+
+    def _inputs(self, numbers: range, online: list[int], updates: list, weights: list) -> dict[int, np.ndarray]:
+        """The encoded input of each trained client. A client that drops before sending its input, or
+        that never trained because the round cannot succeed, holds a zero placeholder: the protocol
+        needs an entry for every client of its roster but never reads or sends these."""
+        inputs = {u: np.zeros(self.length, dtype=np.uint64) for u in numbers}
+        for u, update, weight in zip(online, updates, weights):
+            inputs[u] = secagg.encode(_flatten(update), weight, self.settings.clip, self.scale, self.max_weight,
+                                      self.settings.bits)
+        return inputs
 
     @staticmethod
     def _traffic(view: secagg.ServerView | None) -> dict:
@@ -134,6 +170,20 @@ class SecureFedAvg:
                                           aggregator=collections.OrderedDict(secure=report),
                                           finalizer=finalizer_metrics)
         return tff.learning.templates.LearningProcessOutput(state, metrics)
+
+
+def largest_client_weight(client_data: tff.simulation.datasets.ClientData, epochs: int) -> int:
+    """The largest weight a client of `client_data` gets: its examples x `epochs`, which is what
+    `build_model_delta_client_work` with NUM_EXAMPLES counts on the article's repeated dataset."""
+    return epochs * max((_count(client_data.create_tf_dataset_for_client(cid)) for cid in client_data.client_ids),
+                        default=0)
+
+
+def _count(dataset: tf.data.Dataset) -> int:
+    known = int(dataset.cardinality())
+    if known >= 0:
+        return known
+    return int(dataset.reduce(np.int64(0), lambda count, _: count + 1))  # unknown length: count them
 
 
 def _flatten(update) -> np.ndarray:

@@ -144,7 +144,8 @@ def build_prepared_client_work(model_fn: Callable[[], tff.learning.models.Variab
     """TFF's `build_model_delta_client_work` (example-weighted), reading prepared tensors.
 
     The training step, the non-finite guard and the metrics are the same as TFF's; only the loop
-    differs: `order[i:i + batch_size]` picks each batch, so no tf.data runs in the worker.
+    differs: `order[i:i + batch_size]` picks each batch, so no tf.data runs in the worker. `batch_size`
+    0 makes each batch as large as the client's dataset, as `preprocess` does (B = inf).
     """
     with tf.Graph().as_default():
         whimsy_model = model_fn()
@@ -173,8 +174,11 @@ def build_prepared_client_work(model_fn: Callable[[], tff.learning.models.Variab
             optimizer_state = optimizer.set_hparams(optimizer.initialize(specs), hparams)
             order = prepared["order"]
             num_examples = tf.zeros([], tf.int64)
-            for start in tf.range(0, tf.size(order), batch_size):
-                indices = order[start:start + batch_size]
+            # `order` visits each of the client's examples once per epoch, so it indexes all of them:
+            # its largest index + 1 is the client's size (the rows of `x` may be padded).
+            step = batch_size if batch_size else tf.maximum(tf.reduce_max(order) + 1, 1)
+            for start in tf.range(0, tf.size(order), step):
+                indices = order[start:start + step]
                 batch = OrderedDict(x=tf.gather(prepared["x"], indices), y=tf.gather(prepared["y"], indices))
                 with tf.GradientTape() as tape:
                     output = model.forward_pass(batch, training=True)

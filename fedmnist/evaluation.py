@@ -1,12 +1,15 @@
-"""Step 4 of the article: federated evaluation of a global model with `build_fed_eval`."""
+"""Step 4 of the article: federated evaluation of a global model with `build_fed_eval`; and
+McMahan et al.'s measure, the server's centralized evaluation on a pooled test set."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from fedmnist.model import to_keras
 from fedmnist.outputs.records import to_python
 
 
@@ -25,3 +28,26 @@ class FederatedEvaluator:
         state = self.process.set_model_weights(self._state, weights)
         output = self.process.next(state, list(federated_data))
         return to_python(output.metrics["client_work"]["eval"]["current_round_metrics"])
+
+
+class CentralizedEvaluator:
+    """Evaluates model weights on one pooled test set with plain Keras in this process: no TFF round
+    trip, so a run can afford it every round. The Keras model is built once; each call assigns weights.
+    """
+
+    def __init__(self, model_name: str, num_classes: int, pixels: np.ndarray, labels: np.ndarray,
+                 batch_size: int = 1000):
+        self.model_name, self.num_classes = model_name, num_classes
+        self.pixels, self.labels, self.batch_size = pixels, labels, batch_size
+        self._model: tf.keras.Model | None = None
+
+    def __call__(self, weights: tff.learning.models.ModelWeights) -> dict:
+        if self._model is None:
+            self._model = to_keras(weights, self.model_name, self.num_classes)
+        else:
+            weights.assign_weights_to(self._model)
+        # Keras' loss is the example-weighted mean, its accuracy the share correct: the same numbers
+        # federated evaluation gives on the same examples.
+        loss, accuracy = self._model.evaluate(self.pixels, self.labels, batch_size=self.batch_size, verbose=0)
+        return {"loss": float(loss), "sparse_categorical_accuracy": float(accuracy),
+                "num_examples": int(len(self.labels))}

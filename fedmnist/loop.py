@@ -26,10 +26,11 @@ from fedmnist import installed_versions, runtime
 from fedmnist.clients.participation import Participation, RoundPlan
 from fedmnist.clients.personalization import PersonalizationEvaluator
 from fedmnist.data.preprocessing import make_federated_data
-from fedmnist.data.sources import FederatedDataset, load_dataset
-from fedmnist.evaluation import FederatedEvaluator
+from fedmnist.data.sources import FederatedDataset, load_dataset, pooled_test_set
+from fedmnist.evaluation import CentralizedEvaluator, FederatedEvaluator
 from fedmnist.model import build_model_fn, create_model, initial_weights, to_keras
 from fedmnist.outputs import checkpoint as checkpoint_lib
+from fedmnist.outputs import targets
 from fedmnist.outputs.checkpoint import Checkpoints
 from fedmnist.outputs.console import format_eval, format_personalization, format_round, format_skipped, is_finite_loss
 from fedmnist.outputs.metrics_log import MetricsLog, write_json
@@ -124,6 +125,7 @@ class Run:
     eval_ids: list[str]
     eval_data: dict[str, list[tf.data.Dataset]]
     checkpoints: Checkpoints
+    centralized: CentralizedEvaluator | None = None  # with `centralized_eval_every` set
 
 
 def prepare_run(config: config_lib.Config, run_dir: Path, echo: Callable[[str], None],
@@ -140,7 +142,19 @@ def prepare_run(config: config_lib.Config, run_dir: Path, echo: Callable[[str], 
                  for split, client_data in (("train", dataset.train), ("test", dataset.test))}
     return Run(config, run_dir, dataset, build_model_fn(config.model, dataset.num_classes),
                Participation(config, dataset.train.client_ids), eval_ids, eval_data,
-               Checkpoints(run_dir, keep=config.checkpoints_kept))
+               Checkpoints(run_dir, keep=config.checkpoints_kept), centralized_evaluator(config, dataset))
+
+
+def centralized_evaluator(config: config_lib.Config, dataset: FederatedDataset) -> CentralizedEvaluator | None:
+    if config.centralized_eval_every is None:
+        return None
+    return CentralizedEvaluator(config.model, dataset.num_classes, *pooled_test_set(dataset))
+
+
+def evaluates(every: int | None, round_num: int, last_round: int) -> bool:
+    """Whether a round evaluates: every `every` rounds and after the last; 0 = only after the last,
+    None = never."""
+    return every is not None and (round_num == last_round or bool(every and round_num % every == 0))
 
 
 def evaluation_clients(config: config_lib.Config, client_ids: Sequence[str]) -> list[str]:
@@ -210,8 +224,10 @@ def play_round(run: Run, training: Training, evaluator: FederatedEvaluator, stat
         echo(format_skipped(round_num, len(plan.completed), len(plan.selected)))
     else:
         state, weights = train_round(training, state, plan, record, echo)
-    if round_num == config.rounds or (config.eval_every and round_num % config.eval_every == 0):
+    if evaluates(config.eval_every, round_num, config.rounds):
         record.eval = {split: evaluator(weights, data) for split, data in run.eval_data.items()}
+    if run.centralized is not None and evaluates(config.centralized_eval_every, round_num, config.rounds):
+        record.eval = (record.eval or {}) | {"centralized": run.centralized(weights)}
     record.learning_rate = learning_rates(training.process, state)
     return record, state, weights
 
@@ -300,7 +316,12 @@ def finish(run: Run, training: Training, last: RoundRecord, last_train: dict | N
     config, dataset = run.config, run.dataset
     to_keras(weights, config.model, dataset.num_classes).save(run.run_dir / MODEL_FILE)
     for split, metrics in last.eval.items():
-        echo(format_eval(split, metrics) + training.report.not_covered)
+        # The pooled test set is the server's, not the clients' data: no "not covered" note for it.
+        echo(format_centralized(metrics) if split == "centralized"
+             else format_eval(split, metrics) + training.report.not_covered)
+    reached = targets.summarize(MetricsLog(run.run_dir).records(), config.accuracy_targets)
+    if reached["evaluation"] is not None and reached["targets"]:
+        echo(format_targets(reached))
     summary = {
         "dataset": dataset.name,
         "num_clients": len(dataset.train.client_ids),
@@ -311,6 +332,7 @@ def finish(run: Run, training: Training, last: RoundRecord, last_train: dict | N
         "model": config.model,
         "train": last_train,
         "eval": last.eval,
+        "rounds_to_target": reached,
         "personalization": personalized,
         "aggregation": training.report.summary(),
         "total_seconds": seconds,
@@ -318,6 +340,18 @@ def finish(run: Run, training: Training, last: RoundRecord, last_train: dict | N
     write_json(run.run_dir / SUMMARY_FILE, summary)
     importlib.import_module("fedmnist.outputs.plots").write_curves(run.run_dir)
     return summary
+
+
+def format_centralized(metrics: dict) -> str:
+    return (f"centralized eval on the pooled test set ({metrics['num_examples']:,} examples): "
+            f"loss={metrics['loss']:.4f}, accuracy={metrics['sparse_categorical_accuracy']:.4f}")
+
+
+def format_targets(reached: dict) -> str:
+    """`rounds to test accuracy (centralized): 0.97 in 12.3, 0.99 not reached in 50 rounds`."""
+    parts = [f"{target} " + ("in " if rounds is not None else "") + targets.describe(rounds, reached["rounds"])
+             for target, rounds in reached["targets"].items()]
+    return f"rounds to test accuracy ({reached['evaluation']}): " + ", ".join(parts)
 
 
 def _import_while_waiting(module: str) -> None:

@@ -10,7 +10,7 @@ import tensorflow_federated as tff
 
 from fedmnist.data.preprocessing import input_spec
 
-MODELS = ("linear", "cnn")
+MODELS = ("linear", "cnn", "2nn")
 
 
 def create_keras_model(num_classes: int = 10) -> tf.keras.Model:
@@ -38,8 +38,19 @@ def create_cnn_model(num_classes: int = 10) -> tf.keras.Model:
     ])
 
 
+def create_2nn_model(num_classes: int = 10) -> tf.keras.Model:
+    """The 2NN of McMahan et al. 2017: a multilayer perceptron with two hidden layers of 200 ReLU units."""
+    return tf.keras.models.Sequential([
+        tf.keras.layers.InputLayer(input_shape=(784,)),
+        tf.keras.layers.Dense(200, activation="relu"),
+        tf.keras.layers.Dense(200, activation="relu"),
+        tf.keras.layers.Dense(num_classes),
+        tf.keras.layers.Softmax(),
+    ])
+
+
 def create_model(name: str = "linear", num_classes: int = 10) -> tf.keras.Model:
-    builders = {"linear": create_keras_model, "cnn": create_cnn_model}
+    builders = {"linear": create_keras_model, "cnn": create_cnn_model, "2nn": create_2nn_model}
     if name not in builders:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     return builders[name](num_classes)

@@ -29,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML config file (default: the tutorial's settings)")
     parser.add_argument("--rounds", type=int, help="number of federated rounds")
     parser.add_argument("--clients-per-round", type=int, help="clients that train in each round")
-    parser.add_argument("--dataset", help="auto, emnist, digits or synthetic")
-    parser.add_argument("--model", help="linear or cnn")
+    parser.add_argument("--dataset", help="auto, emnist, digits, synthetic or mnist")
+    parser.add_argument("--model", help="linear, cnn or 2nn")
     parser.add_argument("--seed", type=int, help="seed for data splits, sampling and initial weights")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key, e.g. --set client_optimizer.learning_rate=0.1")

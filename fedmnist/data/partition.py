@@ -36,15 +36,30 @@ def dirichlet(labels: np.ndarray, num_clients: int, rng: np.random.Generator, al
                      f"{min_examples} examples with alpha={alpha}; use fewer clients or a larger alpha")
 
 
-def shards(labels: np.ndarray, num_clients: int, rng: np.random.Generator,
-           shards_per_client: int = 2) -> list[np.ndarray]:
+def sorted_shards(labels: np.ndarray, num_shards: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """The examples sorted by label, cut into `num_shards` consecutive shards of (nearly) equal size.
+
+    A shard that spans the end of one label and the start of the next holds two labels.
+    """
     # A stable sort on a random permutation: label order, random order within each label.
     shuffled = rng.permutation(len(labels))
     by_label = shuffled[np.argsort(labels[shuffled], kind="stable")]
-    pieces = np.array_split(by_label, num_clients * shards_per_client)
-    order = rng.permutation(len(pieces))
+    return np.array_split(by_label, num_shards)
+
+
+def deal_shards(pieces: list[np.ndarray], num_clients: int, order: np.ndarray) -> list[np.ndarray]:
+    """Client c gets the shards `order[c]`, `order[c + num_clients]`, ...: with a random `order`, a
+    random set of shards each."""
     return [np.sort(np.concatenate([pieces[i] for i in order[c::num_clients]]))
             for c in range(num_clients)]
+
+
+def shards(labels: np.ndarray, num_clients: int, rng: np.random.Generator,
+           shards_per_client: int = 2) -> list[np.ndarray]:
+    """McMahan et al.'s pathological non-IID split: on MNIST's 60,000 training images with 100 clients,
+    200 shards of 300 label-sorted images and two shards per client."""
+    pieces = sorted_shards(labels, num_clients * shards_per_client, rng)
+    return deal_shards(pieces, num_clients, rng.permutation(len(pieces)))
 
 
 def partition(labels: np.ndarray, num_clients: int, method: str, seed: int,

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Describe the federated population a config selects.")
     parser.add_argument("command", choices=["describe"])
     parser.add_argument("--config", help="YAML config file (default: the tutorial's)")
-    parser.add_argument("--dataset", help="auto, emnist, digits or synthetic")
+    parser.add_argument("--dataset", help="auto, emnist, digits, synthetic or mnist")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--output", type=Path, help="PNG path (default: population-<dataset>.png)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing PNG")

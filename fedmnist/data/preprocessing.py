@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Sequence
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
@@ -33,8 +34,19 @@ def batch_format_fn(element):
 def preprocess(dataset: tf.data.Dataset, epochs: int = NUM_EPOCHS, batch_size: int = BATCH_SIZE,
                shuffle_buffer: int = SHUFFLE_BUFFER, prefetch_buffer: int = PREFETCH_BUFFER,
                seed: int = SHUFFLE_SEED) -> tf.data.Dataset:
-    return (dataset.repeat(epochs).shuffle(shuffle_buffer, seed=seed).batch(batch_size)
+    """The article's pipeline; `batch_size` 0 makes each batch the client's whole dataset (B = inf)."""
+    size = batch_size or whole_dataset_size(dataset)
+    return (dataset.repeat(epochs).shuffle(shuffle_buffer, seed=seed).batch(size)
             .map(batch_format_fn).prefetch(prefetch_buffer))
+
+
+def whole_dataset_size(dataset: tf.data.Dataset) -> int:
+    """The number of examples, at least 1 (a batch size); counted when tf.data does not know it
+    (EMNIST's SQL-backed client datasets)."""
+    size = int(dataset.cardinality())
+    if size < 0:
+        size = int(dataset.reduce(np.int64(0), lambda count, _: count + 1))
+    return max(size, 1)
 
 
 def make_federated_data(client_data: tff.simulation.datasets.ClientData, client_ids: Sequence[str],

@@ -6,6 +6,7 @@ Every source yields `tff.simulation.datasets.ClientData` with federated EMNIST's
 - `emnist`: the real federated EMNIST through `tff.simulation.datasets.emnist.load_data`.
 - `digits`: scikit-learn's 1,797 real handwritten 8x8 digits, scaled to 28x28, split into clients.
 - `synthetic`: small random, learnable data for fast tests.
+- `mnist`: Keras's MNIST split into clients as McMahan et al. 2017 split it (fedmnist/data/mnist.py).
 - `auto`: `emnist` when it is cached or can be downloaded, otherwise `digits` with one warning.
 """
 
@@ -45,6 +46,9 @@ class FederatedDataset:
     train: tff.simulation.datasets.ClientData
     test: tff.simulation.datasets.ClientData
     num_classes: int
+    # The source's own pooled test set (pixels, labels), e.g. MNIST's 10,000 test images; without one,
+    # centralized evaluation pools the clients' test data (`pooled_test_set`).
+    central_test: tuple[np.ndarray, np.ndarray] | None = None
 
 
 # --- In-memory client data ---------------------------------------------------------------
@@ -196,6 +200,23 @@ def cap(dataset: FederatedDataset, max_clients: int = 0, max_examples: int = 0) 
     return dataclasses.replace(dataset, train=capped(dataset.train), test=capped(dataset.test))
 
 
+def pooled_test_set(dataset: FederatedDataset) -> tuple[np.ndarray, np.ndarray]:
+    """The test set the server evaluates on, as model inputs: pixels (n, 784) float32, labels (n, 1) int32.
+
+    The source's own test set when it has one (MNIST's 10,000 images, even when `data.max_clients`
+    keeps fewer clients), else every test client's examples together.
+    """
+    if dataset.central_test is not None:
+        pixels, labels = dataset.central_test
+    else:
+        # Client by client in id order (`create_tf_dataset_from_all_clients` shuffles the clients).
+        batches = [(b["pixels"].numpy(), b["label"].numpy()) for client_id in dataset.test.client_ids
+                   for b in dataset.test.create_tf_dataset_for_client(client_id).batch(4096)]
+        pixels = np.concatenate([x for x, _ in batches]) if batches else np.zeros([0, *IMAGE_SHAPE], np.float32)
+        labels = np.concatenate([y for _, y in batches]) if batches else np.zeros([0], np.int32)
+    return (np.asarray(pixels, np.float32).reshape(-1, 784), np.asarray(labels, np.int32).reshape(-1, 1))
+
+
 def load_dataset(cfg: DataConfig, seed: int = 0) -> FederatedDataset:
     """Loads the configured source, capped by `max_clients` and `max_examples_per_client`."""
     return cap(_load_source(cfg, seed), cfg.max_clients, cfg.max_examples_per_client)
@@ -215,6 +236,11 @@ def _load_source(cfg: DataConfig, seed: int) -> FederatedDataset:
         return load_emnist(cfg.only_digits, cfg.cache_dir, cfg.allow_download)
     if dataset == "digits":
         return load_digits(cfg.num_clients, cfg.partition, seed, cfg.dirichlet_alpha, cfg.test_fraction)
+    if dataset == "mnist":
+        from fedmnist.data.mnist import load_mnist  # it imports this module
+
+        return load_mnist(cfg.num_clients, cfg.partition, seed, cfg.dirichlet_alpha, cfg.cache_dir,
+                          cfg.allow_download)
     return load_synthetic(cfg.num_clients, cfg.examples_per_client, seed, cfg.partition,
                           cfg.dirichlet_alpha, cfg.test_fraction)
 

@@ -20,7 +20,8 @@ class RoundRecord:
     """One round of a run, as one line of `metrics.jsonl`.
 
     `train` is the clients' local training metrics (absent when the round was skipped); `eval` maps
-    `train`/`test` to the federated evaluation's metrics in rounds that evaluate; `aggregation` is what
+    `train`/`test` to the federated evaluation's metrics in rounds that evaluate, and `centralized` to the
+    server's evaluation on the pooled test set in rounds that run it; `aggregation` is what
     the aggregation mode reports (bytes, epsilon, dropouts); `learning_rate` the client and server
     learning rates in the state after the round; `events` lists what happened to the runtime during
     the round (a worker restarted).

@@ -1,7 +1,10 @@
 """Compare finished (or running) runs: `python -m fedmnist.report RUN_DIR [RUN_DIR ...]`.
 
-Prints a table of each run's final metrics and writes one PNG overlaying the runs' accuracy curves
-(default `runs/report-<timestamp>.png`; an existing file is replaced only with `--overwrite`).
+Prints a table of each run's final metrics, then the rounds each run took to reach the target test
+accuracies (`accuracy_targets`, default 0.97 and 0.99, or `--target`; McMahan et al.'s Table 2, see
+fedmnist/outputs/targets.py), and writes one PNG overlaying the runs' accuracy curves with the targets
+as horizontal lines (default `runs/report-<timestamp>.png`; an existing file is replaced only with
+`--overwrite`).
 Exit codes: 0 done, 2 a bad run directory or bad usage. It reads only the run directories'
 files, so it starts quickly (no TensorFlow).
 """
@@ -18,7 +21,8 @@ from pathlib import Path
 import yaml
 
 from fedmnist.cli import ArgumentParser, UsageError
-from fedmnist.outputs.plots import RunError, plot_accuracy_overlay, read_records
+from fedmnist.outputs import targets as targets_lib
+from fedmnist.outputs.plots import RunError, plot_accuracy_overlay, read_records, series
 from fedmnist.outputs.records import ACCURACY, RoundRecord, accuracy_key
 
 RUNS_ROOT = Path("runs")
@@ -34,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", type=Path,
                         help="where to write the plot (.png, .svg or .pdf; default runs/report-<timestamp>.png)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    parser.add_argument("--target", type=float, action="append", metavar="ACCURACY",
+                        help="a target test accuracy for rounds-to-target (repeatable; default: each run's "
+                             "accuracy_targets, 0.97 and 0.99 unless configured)")
     return parser
 
 
@@ -48,14 +55,18 @@ def _read_optional(path: Path, loader) -> dict:
 
 
 def final_metrics(records: Sequence[RoundRecord]) -> dict:
-    """The last round's training metrics and the latest federated evaluation."""
-    evaluated = [record.eval for record in records if isinstance(record.eval, Mapping)]
-    return {"rounds": len(records), "train": records[-1].train or {},
-            "eval": evaluated[-1] if evaluated else {}}
+    """The last round's training metrics and the latest evaluation of each kind (federated on train and
+    test data, centralized), which a run may log at different rounds."""
+    latest: dict = {}
+    for record in records:
+        if isinstance(record.eval, Mapping):
+            latest.update(record.eval)
+    return {"rounds": len(records), "train": records[-1].train or {}, "eval": latest}
 
 
-def run_facts(run_dir: Path) -> dict:
-    """Everything the table shows for one run; raises RunError when it is not a run."""
+def run_facts(run_dir: Path, targets: Sequence[float] | None = None) -> dict:
+    """Everything the tables show for one run; raises RunError when it is not a run. Rounds to target
+    are for `targets`, else the run's `accuracy_targets`, else 0.97 and 0.99."""
     records = read_records(run_dir)
     summary = _read_optional(run_dir / "summary.json", json.loads)
     config = _read_optional(run_dir / "config.yaml", yaml.safe_load)
@@ -67,6 +78,9 @@ def run_facts(run_dir: Path) -> dict:
     facts["finished"] = bool(summary)
     facts["seconds"] = summary.get("total_seconds") or sum(record.seconds for record in records)
     facts["records"] = records
+    configured = config.get("accuracy_targets")
+    wanted = targets or (configured if isinstance(configured, list) else targets_lib.DEFAULT_TARGETS)
+    facts["targets"] = targets_lib.summarize(records, [float(t) for t in wanted])
     return facts
 
 
@@ -98,6 +112,45 @@ def format_table(rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(COLUMNS), line(["-" * w for w in widths]), *map(line, rows)])
 
 
+def format_targets_table(facts: Mapping[str, Mapping]) -> str:
+    """One row per run that logged test accuracy: which evaluation, its best, the rounds to each target."""
+    measured = {label: f["targets"] for label, f in facts.items() if f["targets"]["evaluation"]}
+    wanted = sorted({target for reached in measured.values() for target in reached["targets"]}, key=float)
+    header = ["run", "evaluation", "best", *[f"rounds to {target}" for target in wanted]]
+    rows = [[label, reached["evaluation"], f"{reached['best_accuracy']:.4f}",
+             *[targets_lib.describe(reached["targets"][t], reached["rounds"]) if t in reached["targets"] else "-"
+               for t in wanted]]
+            for label, reached in measured.items()]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
+                         for i, (cell, w) in enumerate(zip(cells, widths))).rstrip()
+
+    lines = [line(header), line(["-" * w for w in widths]), *map(line, rows)]
+    note = ("rounds to reach each target test accuracy (the best accuracy so far, interpolated between "
+            "rounds, as McMahan et al. 2017 count them):")
+    return "\n".join([note, *lines])
+
+
+def add_targets(figure, runs: Mapping[str, Mapping]) -> None:
+    """On the overlay's test-accuracy axes: each run's centralized evaluation (dashed, the run's colour)
+    and the targets as horizontal grey lines, as in McMahan et al.'s Figure 2."""
+    test_axes = figure.axes[1]
+    centralized = False
+    for index, (label, facts) in enumerate(runs.items()):
+        rounds, values = series(facts["records"], ("eval", "centralized"), ACCURACY)
+        if rounds:
+            centralized = True
+            test_axes.plot(rounds, values, "--", color=f"C{index % 10}", label=f"{label} (centralized)")
+    wanted = {float(target) for facts in runs.values() if facts["targets"]["evaluation"]
+              for target in facts["targets"]["targets"]}
+    for target in sorted(wanted):
+        test_axes.axhline(target, color="0.5", linewidth=0.8, zorder=0)
+    if centralized:
+        test_axes.set_title("test accuracy: federated (solid), centralized (dashed)")
+
+
 def run_labels(run_dirs: Sequence[Path]) -> list[str]:
     """Directory names, or the paths as given where two runs share a name."""
     names = [path.resolve().name for path in run_dirs]
@@ -127,11 +180,19 @@ def output_path(requested: Path | None, overwrite: bool) -> Path:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        bad = [target for target in args.target or [] if not 0 < target <= 1]
+        if bad:
+            raise UsageError(f"--target {bad[0]:g}: a target is a test accuracy in (0, 1]")
         labels = run_labels(args.run_dirs)
-        facts = {label: run_facts(path) for label, path in zip(labels, args.run_dirs)}
+        facts = {label: run_facts(path, args.target) for label, path in zip(labels, args.run_dirs)}
         output = output_path(args.output, args.overwrite)
         print(format_table([table_row(label, f) for label, f in facts.items()]))
-        plot_accuracy_overlay({label: f["records"] for label, f in facts.items()}).savefig(output)
+        if any(f["targets"]["evaluation"] and f["targets"]["targets"] for f in facts.values()):
+            print()
+            print(format_targets_table(facts))
+        figure = plot_accuracy_overlay({label: f["records"] for label, f in facts.items()})
+        add_targets(figure, facts)
+        figure.savefig(output)
         print(f"accuracy curves: {output}")
         return 0
     except (UsageError, RunError) as error:

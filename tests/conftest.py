@@ -1,85 +1,84 @@
-"""Shared fixtures: a TFF runtime owned by the test session, the CLI as a subprocess, EMNIST files."""
+"""Fixtures shared by the test modules: the session's TFF runtime, background work, and the run several
+modules compare against.
+
+Helpers live in helpers.py. This file imports neither TensorFlow nor TFF (nor fedmnist modules that
+do): `uv run pytest -m unit` loads them only through the test modules that need them.
+"""
 
 from __future__ import annotations
 
-import os
-import sqlite3
-import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 
-import fedmnist.runtime  # noqa: F401  (before any test imports TFF: its default worker is then ours)
 
-ROOT = Path(__file__).resolve().parents[1]
+@pytest.fixture(scope="session", autouse=True)
+def package_runtime():
+    """TFF's default context on a worker this package owns (`fedmnist.runtime.install()`), so that a TFF
+    computation run outside a `local_runtime()` never starts TFF's own worker, which would outlive the
+    session; the worker is stopped when the session ends.
+
+    Only when TFF is loaded: test modules are imported at collection, before any fixture runs, so by
+    now every module that uses TFF has imported it.
+    """
+    if "tensorflow_federated" not in sys.modules:
+        yield None
+        return
+    from fedmnist import runtime
+
+    installed = runtime.install()
+    try:
+        yield installed
+    finally:
+        installed.close()
+        runtime.install().close()  # the one installed now, if a test closed the first and installed another
+
+
+@pytest.fixture(scope="session", autouse=True)
+def background_work(request, tmp_path_factory):
+    """Starts, as the session begins, the background work of every fixture that a selected test uses
+    (a test module's `BACKGROUND`: fixture name -> a helpers.Background, or a tuple of them for a
+    parametrized fixture), so that the processes it drives (a CLI, a notebook's kernel) run while
+    other tests run in this process. Ends it with the session: work not started is dropped, running
+    work gives up its waits and stops its processes, and what no test took is cleaned up."""
+    scheduled = []
+    for item in request.session.items:
+        for name, works in getattr(getattr(item, "module", None), "BACKGROUND", {}).items():
+            for work in works if isinstance(works, tuple) else (works,):
+                if name in item.fixturenames and work not in scheduled:
+                    work.schedule(tmp_path_factory)
+                    scheduled.append(work)
+    yield
+    if scheduled:
+        type(scheduled[0]).end_session()
+
+
+@pytest.fixture(autouse=True)
+def unit_tests_start_no_worker(request):
+    """A test marked `unit` that starts a TFF worker fails: it belongs to the slower tier."""
+    if request.node.get_closest_marker("unit") is None:
+        yield
+        return
+    from fedmnist.runtime.processes import worker_children  # no TensorFlow
+
+    before = set(worker_children())
+    yield
+    assert set(worker_children()) <= before, "a test marked unit started a TFF worker"
+
+
+@pytest.fixture(scope="module")
+def tff_runtime():
+    """TFF's execution context backed by a worker this fixture starts, and stops after the module's tests."""
+    from fedmnist import runtime
+
+    with runtime.local_runtime() as workers:
+        yield workers
 
 
 @pytest.fixture(scope="session")
-def tff_runtime():
-    """TFF's execution context backed by a worker this session starts and stops."""
-    from fedmnist import runtime
+def prepared_run(tmp_path_factory) -> list[dict]:
+    """The rounds of a small run on prepared client tensors (helpers.SMALL): the reference that the
+    datasets path, several workers, a remote worker and the benchmark's floor must reproduce."""
+    from helpers import small_config, small_run
 
-    with runtime.local_runtime() as worker:
-        yield worker
-
-
-def run_cli(*args: str, cwd: Path, timeout: float = 300, module: str = "fedmnist.train",
-            env: dict | None = None) -> subprocess.CompletedProcess:
-    """Runs `python -m fedmnist.train ARGS` with stdout and stderr captured through pipes.
-
-    The pipes matter: if a TFF worker outlived the CLI holding its stdout, this call would hang
-    until `timeout` instead of returning.
-    """
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
-
-
-def worker_pid(run_dir: Path) -> int:
-    """The worker_binary pid that runtime.LocalWorker recorded in the run's worker.log."""
-    first = (Path(run_dir) / "worker.log").read_text().splitlines()[0]
-    return int(first.split(" pid ")[1].split()[0])
-
-
-LOOPBACK_IPS = {"127.0.0.1", "::ffff:127.0.0.1"}  # the second: 127.0.0.1 on a dual-stack socket
-WILDCARD_IPS = {"0.0.0.0", "::"}
-
-
-def listening_ips(pid: int) -> set[str]:
-    """The local IP addresses that process `pid` listens on."""
-    import psutil
-
-    return {c.laddr.ip for c in psutil.Process(pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
-
-
-def process_alive(pid: int) -> bool:
-    """True when `pid` exists and is not a zombie."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def write_emnist_sqlite(path: Path, clients: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]) -> None:
-    """Writes `clients[split][client_id] = (pixels, labels)` in TFF's emnist_all.sqlite format."""
-    import tensorflow as tf
-
-    connection = sqlite3.connect(path)
-    connection.execute("CREATE TABLE examples (split_name TEXT NOT NULL, client_id TEXT NOT NULL, "
-                       "serialized_example_proto BLOB NOT NULL)")
-    connection.execute("CREATE TABLE client_metadata (client_id TEXT NOT NULL, split_name TEXT NOT NULL, "
-                       "num_examples INTEGER NOT NULL)")
-    for split, by_client in clients.items():
-        for client_id, (pixels, labels) in by_client.items():
-            for image, label in zip(pixels, labels):
-                example = tf.train.Example(features=tf.train.Features(feature={
-                    "pixels": tf.train.Feature(float_list=tf.train.FloatList(value=image.reshape(-1))),
-                    "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
-                }))
-                connection.execute("INSERT INTO examples VALUES (?, ?, ?)",
-                                   (split, client_id, example.SerializeToString()))
-            connection.execute("INSERT INTO client_metadata VALUES (?, ?, ?)", (client_id, split, len(labels)))
-    connection.commit()
-    connection.close()
+    return small_run(small_config("client_input=prepared"), tmp_path_factory.mktemp("prepared"))

@@ -3,7 +3,8 @@
 `execute_notebook(path, parameters)` runs a notebook top to bottom in an IPython kernel started from
 this interpreter (so it sees the same installed packages), after injecting `parameters` in a cell
 placed right after the cell tagged `parameters`, as papermill does. Execution errors raise
-`nbclient.exceptions.CellExecutionError` with the failing cell's traceback.
+`nbclient.exceptions.CellExecutionError` with the failing cell's traceback. The kernel is shut down
+before it returns or raises, and it is checked to be gone.
 """
 
 from __future__ import annotations
@@ -47,14 +48,40 @@ def _kernel_manager(kernel_dir: Path) -> KernelManager:
 
 
 def execute_notebook(path: str | Path, parameters: Mapping[str, object] | None = None,
-                     timeout: int = 600, cwd: str | Path | None = None) -> nbformat.NotebookNode:
-    """The notebook at `path`, executed (it is not written back)."""
+                     timeout: int = 1800, cwd: str | Path | None = None) -> nbformat.NotebookNode:
+    """The notebook at `path`, executed (it is not written back).
+
+    The kernel is shut down afterwards, and every TFF worker it started must be gone with it.
+    `timeout` bounds one cell; it only guards against a hang (a loaded machine runs cells slowly).
+    """
+    from helpers import children, wait_gone
+
     notebook = nbformat.read(path, as_version=4)
     inject_parameters(notebook, parameters or {})
+    kernels: set[int] = set()
+    workers: set[int] = set()
+
+    def note_kernel(**_) -> None:
+        kernels.add(kernel.provisioner.process.pid)
+
+    def note_workers(**_) -> None:  # after each cell: the workers the kernel runs
+        workers.update(pid for pid in kernels for pid in children(pid, b"worker_binary"))
+
     with tempfile.TemporaryDirectory() as kernel_dir:
-        client = NotebookClient(notebook, timeout=timeout, km=_kernel_manager(Path(kernel_dir)),
+        kernel = _kernel_manager(Path(kernel_dir))
+        client = NotebookClient(notebook, timeout=timeout, km=kernel, shutdown_kernel="graceful",
+                                on_notebook_start=note_kernel, on_cell_executed=note_workers,
                                 resources={"metadata": {"path": str(cwd or Path(path).parent)}})
-        client.execute()
+        try:
+            # cleanup_kc: shut the kernel down afterwards, although this module made its manager
+            # (nbclient would otherwise leave it running until the interpreter exits).
+            client.execute(cleanup_kc=True)
+        finally:
+            if kernel.has_kernel:  # it failed before nbclient took charge of the kernel
+                kernels.add(kernel.provisioner.process.pid)
+                kernel.shutdown_kernel(now=True)
+            wait_gone(kernels, "the notebook's kernel after its shutdown")
+    wait_gone(workers, "a TFF worker_binary the notebook started, after its kernel ended")
     # Collect the kernel's clients now: left to interpreter exit, their finalizers log a
     # "could not destroy zmq context" stack trace.
     del client

@@ -3,14 +3,12 @@
 import hashlib
 import resource
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from fedmnist import train
-from conftest import ROOT, run_cli
+from helpers import ROOT, Background, run_cli, train_main
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -18,20 +16,24 @@ def snapshot(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture
-def workspace(tmp_path, monkeypatch):
+def make_workspace(root: Path) -> Path:
     """A working directory holding an earlier run and a few user files that must survive."""
-    monkeypatch.chdir(tmp_path)
-    earlier = tmp_path / "runs" / "earlier"
+    earlier = root / "runs" / "earlier"
     earlier.mkdir(parents=True)
     (earlier / "config.yaml").write_text("rounds: 2\n")
     (earlier / "metrics.jsonl").write_text('{"round": 1}\n')
-    (tmp_path / "notes").mkdir()
-    (tmp_path / "notes" / "keep.txt").write_text("mine\n")
-    (tmp_path / "malformed.yaml").write_text("rounds: [1, 2\n")
-    (tmp_path / "list.yaml").write_text("- rounds\n")
-    (tmp_path / "a-file").write_text("not a directory\n")
-    return tmp_path
+    (root / "notes").mkdir()
+    (root / "notes" / "keep.txt").write_text("mine\n")
+    (root / "malformed.yaml").write_text("rounds: [1, 2\n")
+    (root / "list.yaml").write_text("- rounds\n")
+    (root / "a-file").write_text("not a directory\n")
+    return root
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return make_workspace(tmp_path)
 
 
 CASES = [
@@ -46,7 +48,7 @@ CASES = [
     (["--set", "rounds=1.5"], "rounds: expected an integer, got 1.5"),
     (["--set", "eval_every=-1"], "eval_every: must be at least 0"),
     (["--model", "resnet"], "model: 'resnet' is not one of 'linear', 'cnn'"),
-    (["--dataset", "mnist"], "data.dataset: 'mnist' is not one of"),
+    (["--dataset", "imagenet"], "data.dataset: 'imagenet' is not one of"),
     (["--set", "rounds"], "expected key=value"),
     (["--config", "missing.yaml"], "config file missing.yaml does not exist"),
     (["--config", "malformed.yaml"], "config file malformed.yaml is not valid YAML at line 2"),
@@ -60,9 +62,15 @@ CASES = [
     (["--resume", "notes"], "--resume notes: not a fedmnist run directory"),
     (["--resume", "runs/earlier", "--set", "rounds=3"], "--set cannot be combined with it"),
     (["--resume", "runs/earlier", "--model", "cnn"], "--model cannot be combined with it"),
+    (["--set", "workers=[localhost]"], "is not host:port"),
+    (["--set", "workers=localhost:8000"], "expected a list"),
+    (["--set", "workers=[localhost:8000]", "--set", "num_workers=2"], "num_workers"),
+    (["--set", "num_workers=0"], "at least 1"),
+    (["--set", "client_input=fast"], "one of 'prepared', 'datasets'"),
 ]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("args, message", CASES, ids=[" ".join(a) for a, _ in CASES])
 def test_usage_and_config_errors(workspace, capsys, args, message):
     before = snapshot(workspace)
@@ -75,18 +83,18 @@ def test_usage_and_config_errors(workspace, capsys, args, message):
     assert sorted(p.name for p in (workspace / "runs").iterdir()) == ["earlier"]
 
 
+@pytest.mark.unit
 def test_explicit_emnist_without_data_or_network(workspace):
-    done = run_cli("--dataset", "emnist", "--set", f"data.cache_dir={workspace / 'notes'}",
-                   "--set", "data.allow_download=false", "--run-dir", "new", cwd=workspace)
+    done = train_main("--dataset", "emnist", "--set", f"data.cache_dir={workspace / 'notes'}",
+                      "--set", "data.allow_download=false", "--run-dir", "new")
     assert done.returncode == 1
     assert done.stderr.strip().count("\n") == 0 and "federated EMNIST is not cached" in done.stderr
     assert (workspace / "notes" / "keep.txt").read_text() == "mine\n"
 
 
 def test_divergence_is_named_and_exit_1(workspace):
-    done = run_cli("--dataset", "synthetic", "--rounds", "3", "--run-dir", "diverged", "--quiet",
-                   "--set", "client_optimizer.learning_rate=1e30", "--set", "server_optimizer.learning_rate=1e30",
-                   cwd=workspace)
+    done = train_main("--dataset", "synthetic", "--rounds", "3", "--run-dir", "diverged", "--quiet",
+                      "--set", "client_optimizer.learning_rate=1e30", "--set", "server_optimizer.learning_rate=1e30")
     assert done.returncode == 1
     assert done.stderr.strip().startswith("error: training diverged at round")
     assert "Traceback" not in done.stderr
@@ -98,10 +106,22 @@ def _small_file_limit():
     resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, 16 * 1024))
 
 
-def test_a_full_disk_on_save_is_one_line(workspace):
-    done = subprocess.run([sys.executable, "-m", "fedmnist.train", "--dataset", "digits", "--rounds", "2",
-                           "--run-dir", "full", "--quiet"], cwd=workspace, capture_output=True, text=True,
-                          timeout=300, preexec_fn=_small_file_limit, env=_env())
+def full_disk_cli(directory: Path):
+    workspace = make_workspace(directory)
+    return workspace, run_cli("--dataset", "digits", "--rounds", "2", "--run-dir", "full", "--quiet", cwd=workspace,
+                              preexec_fn=_small_file_limit, env=_env())
+
+
+BACKGROUND = {"full_disk_run": Background(full_disk_cli)}
+
+
+@pytest.fixture
+def full_disk_run(tmp_path_factory):
+    return BACKGROUND["full_disk_run"].result(tmp_path_factory)
+
+
+def test_a_full_disk_on_save_is_one_line(full_disk_run):
+    workspace, done = full_disk_run
     assert done.returncode == 1
     # TensorFlow's AutoGraph warns on its own when it cannot write its cache; the package's verdict
     # is the last line.
@@ -111,6 +131,5 @@ def test_a_full_disk_on_save_is_one_line(workspace):
 
 
 def _env():
-    import os
     # No bytecode writes: a truncated .pyc would break later imports.
-    return {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
+    return {"PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}

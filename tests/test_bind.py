@@ -1,16 +1,14 @@
-"""Workers listen on loopback: the bind shim (fedmnist.bind), the workers the package starts, and what
-happens without a C compiler."""
+"""Workers listen on loopback: the bind shim (fedmnist.runtime.bind), the workers the package starts
+(fedmnist.runtime.workers), and what happens without a C compiler."""
 
 from __future__ import annotations
-
-import subprocess
-import sys
 
 import pytest
 import tensorflow_federated as tff
 
-from conftest import LOOPBACK_IPS, WILDCARD_IPS, listening_ips
-from fedmnist import bind, runtime
+from fedmnist import runtime
+from fedmnist.runtime import bind, workers
+from helpers import LOOPBACK_IPS, WILDCARD_IPS, listening_ips, run_cli
 
 
 def hello() -> bytes:
@@ -22,7 +20,7 @@ def no_compiler(monkeypatch, tmp_path):
     """A C compiler that does not exist and an empty cache: the shim cannot be built."""
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(runtime, "_fallback_warned", [])
+    monkeypatch.setattr(workers, "_fallback_warned", [])
 
 
 def test_package_started_worker_listens_on_loopback_only():
@@ -71,9 +69,8 @@ def test_a_compile_error_is_a_shim_build_error(monkeypatch, tmp_path):
     assert list((tmp_path / "fedmnist").iterdir()) == []  # no half-written file left
 
 
-def test_without_a_compiler_the_worker_command_refuses_in_one_line(no_compiler):
-    done = subprocess.run([sys.executable, "-m", "fedmnist.worker", "--port", "8000"],
-                          capture_output=True, text=True, timeout=60)
+def test_without_a_compiler_the_worker_command_refuses_in_one_line(no_compiler, tmp_path):
+    done = run_cli("--port", "8000", module="fedmnist.worker", cwd=tmp_path)
     assert done.returncode == 1
     [line] = done.stderr.strip().splitlines()
     assert "no C compiler" in line and "install a C compiler" in line and "--host 0.0.0.0" in line
@@ -95,9 +92,9 @@ def test_a_worker_that_aborts_while_starting_is_started_once_more(monkeypatch, t
     aborted = tmp_path / "aborted"
     binary = tmp_path / "worker_binary"
     binary.write_text(f"#!/bin/sh\nif [ ! -e '{aborted}' ]; then touch '{aborted}'; kill -ABRT $$; fi\n"
-                      f"exec '{runtime.worker_binary_path()}' \"$@\"\n")
+                      f"exec '{workers.worker_binary_path()}' \"$@\"\n")
     binary.chmod(0o755)
-    monkeypatch.setattr(runtime, "worker_binary_path", lambda: binary)
+    monkeypatch.setattr(workers, "worker_binary_path", lambda: binary)
     worker = runtime.LocalWorker(log_path=tmp_path / "worker.log")
     first = worker.process
     try:
@@ -113,7 +110,7 @@ def test_a_worker_that_aborts_twice_is_an_error(monkeypatch, tmp_path):
     binary = tmp_path / "worker_binary"
     binary.write_text("#!/bin/sh\nkill -ABRT $$\n")
     binary.chmod(0o755)
-    monkeypatch.setattr(runtime, "worker_binary_path", lambda: binary)
+    monkeypatch.setattr(workers, "worker_binary_path", lambda: binary)
     worker = runtime.LocalWorker()
     with pytest.raises(runtime.RuntimeStartError, match="exited with code -6"):
         worker.connect()

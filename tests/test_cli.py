@@ -1,160 +1,79 @@
-"""The command line end to end, as a user runs it: a subprocess on the offline data."""
+"""The `fedmnist` console script (fedmnist.cli, also `python -m fedmnist`): one entry point for the
+train, report, describe, worker and bench commands, which answer bad usage before TensorFlow loads."""
 
-import json
-import signal
-import subprocess
+from __future__ import annotations
+
+import importlib.util
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-import tensorflow as tf
-import yaml
-from tensorboard.backend.event_processing import event_accumulator
 
-from fedmnist import config as config_lib
-from fedmnist import data
-from conftest import ROOT, process_alive, run_cli, worker_pid
+from fedmnist import cli
+from helpers import python_command, run_command
 
-TRAIN_TAGS = ["train/loss", "train/sparse_categorical_accuracy"]
+COMMANDS = ["train", "report", "describe", "worker", "bench"]
+CONSOLE_SCRIPT = Path(sys.executable).parent / "fedmnist"
 
 
-@pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("cli") / "digits"
-    done = run_cli("--dataset", "digits", "--rounds", "2", "--run-dir", str(run_dir), "--quiet", cwd=ROOT)
-    return run_dir, done
+@pytest.mark.unit
+def test_help_lists_every_command_and_exits_0(capsys):
+    assert cli.main(["--help"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("usage: fedmnist COMMAND") and err == ""
+    listed = [line.split()[0] for line in out.split("commands:\n")[1].split("\n\n")[0].splitlines()]
+    assert listed == COMMANDS == list(cli.COMMANDS)
+    for name, (module, _) in cli.COMMANDS.items():
+        assert importlib.util.find_spec(module) is not None, name
 
 
-def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar in the run's event files, read with TensorBoard's own reader."""
-    accumulator = event_accumulator.EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
-    accumulator.Reload()
-    return {tag: [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in accumulator.Tensors(tag)]
-            for tag in accumulator.Tags()["tensors"]
-            if accumulator.SummaryMetadata(tag).plugin_data.plugin_name == "scalars"}
+@pytest.mark.unit
+@pytest.mark.parametrize("argv", [[], ["frobnicate"], ["--train"]])
+def test_no_or_an_unknown_command_is_exit_2(capsys, argv):
+    assert cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    if argv:
+        assert err.strip().splitlines() == [f"error: unknown command {argv[0]!r} (see --help)"]
+    else:
+        assert err.startswith("usage: fedmnist COMMAND")
 
 
-def test_digits_run_prints_rounds_and_final_accuracy(digits_run):
-    run_dir, done = digits_run
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
-    assert [line.split(",")[0] for line in lines if line.startswith("round")] == ["round  1", "round  2"]
-    assert any(line.startswith("final: train accuracy") for line in lines)
-    assert "Traceback" not in done.stderr
-
-
-def test_run_directory_holds_well_formed_outputs(digits_run):
-    run_dir, _ = digits_run
-    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert resolved.pop("versions")["tensorflow-federated"] == "0.87.0"
-    config = config_lib.from_dict(resolved)
-    assert config.rounds == 2 and config.data.dataset == "digits"
-
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [row["round"] for row in rows] == [1, 2]
-    assert all(len(row["clients"]) == 10 and row["seconds"] > 0 for row in rows)
-    assert rows[0]["train"]["num_examples"] == rows[1]["train"]["num_examples"] > 0
-    assert "eval" not in rows[0] and set(rows[1]["eval"]) == {"train", "test"}
-
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["dataset"] == "digits" and summary["rounds"] == 2 and summary["num_clients"] == 20
-    assert summary["eval"] == rows[-1]["eval"] and summary["train"] == rows[-1]["train"]
-    assert summary["total_seconds"] > sum(row["seconds"] for row in rows)
-
-
-def test_tensorboard_scalars_match_the_metrics_log(digits_run):
-    run_dir, _ = digits_run
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    logged = scalars(run_dir)
-    for tag in TRAIN_TAGS:
-        metric = tag.split("/")[1]
-        assert logged[tag] == [(r["round"], pytest.approx(r["train"][metric], rel=1e-6)) for r in rows]
-    assert logged["eval/test/sparse_categorical_accuracy"] == [
-        (2, pytest.approx(rows[1]["eval"]["test"]["sparse_categorical_accuracy"], rel=1e-6))]
-    assert [step for step, _ in logged["time/round_seconds"]] == [1, 2]
-
-
-def test_saved_model_predicts_what_federated_evaluation_measured(digits_run):
-    run_dir, _ = digits_run
-    summary = json.loads((run_dir / "summary.json").read_text())
-    keras_model = tf.keras.models.load_model(run_dir / "model.keras")
-    dataset = data.load_digits(num_clients=20, seed=0)
-    pixels, labels = [], []
-    for client_id in dataset.test.client_ids[:summary["evaluation_clients"]]:
-        for example in dataset.test.create_tf_dataset_for_client(client_id).as_numpy_iterator():
-            pixels.append(example["pixels"].reshape(784))
-            labels.append(example["label"])
-    probabilities = keras_model.predict(np.stack(pixels), verbose=0)
-    assert probabilities.shape == (len(labels), 10)
-    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
-    accuracy = float(np.mean(probabilities.argmax(axis=1) == np.array(labels)))
-    assert accuracy == pytest.approx(summary["eval"]["test"]["sparse_categorical_accuracy"], abs=1e-6)
-
-
-def test_worker_is_gone_after_the_run(digits_run):
-    run_dir, _ = digits_run
-    assert not process_alive(worker_pid(run_dir))
-
-
-def test_synthetic_run_with_sampling_and_evaluation_every_round(tmp_path):
-    run_dir = tmp_path / "synthetic"
-    done = run_cli("--dataset", "synthetic", "--rounds", "2", "--clients-per-round", "4",
-                   "--set", "client_selection=uniform", "--set", "eval_every=1", "--set", "eval_clients=0",
-                   "--run-dir", str(run_dir), "--quiet", cwd=ROOT)
-    assert done.returncode == 0, done.stderr
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert all(len(row["clients"]) == 4 and "eval" in row for row in rows)
-    assert rows[0]["clients"] != rows[1]["clients"]  # a fresh seeded sample each round
-    assert rows[0]["eval"]["test"]["num_examples"] == sum(
-        len(list(ds)) for ds in data.make_federated_data(
-            data.load_synthetic(num_clients=20, seed=0).test, [f"client_{i:02d}" for i in range(20)],
-            epochs=1, batch_size=1))
-    assert (run_dir / "model.keras").is_file()
-    assert not process_alive(worker_pid(run_dir))
-
-
-def test_killed_cli_takes_its_worker_with_it(tmp_path):
-    run_dir = tmp_path / "killed"
-    cli = subprocess.Popen([sys.executable, "-m", "fedmnist.train", "--dataset", "digits", "--rounds", "200",
-                            "--run-dir", str(run_dir), "--quiet"], cwd=ROOT,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while not (run_dir / "metrics.jsonl").exists():
-            assert cli.poll() is None and time.monotonic() < deadline, "the run never reached round 1"
-            time.sleep(0.2)
-        pid = worker_pid(run_dir)
-        assert process_alive(pid)
-        cli.send_signal(signal.SIGKILL)
-        cli.wait(timeout=30)
-        deadline = time.monotonic() + 10
-        while process_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not process_alive(pid)
-    finally:
-        cli.kill()
-        cli.wait()
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--rounds", "0"], "rounds: must be at least 1"),
-    (["--dataset", "mnist"], "data.dataset: 'mnist' is not one of"),
-    (["--set", "roundz=3"], "did you mean 'rounds'?"),
-    (["--rounds", "two"], "invalid int value"),
-    (["--config", "no/such.yaml"], "does not exist"),
+@pytest.mark.unit
+@pytest.mark.parametrize("argv, message", [
+    (["describe", "--dataset", "imagenet"], "data.dataset: 'imagenet' is not one of"),
+    (["report", "no-such-run"], "no-such-run: no such run directory"),
+    (["worker", "--port", "70000"], "between 1 and 65535"),
 ])
-def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
-    done = run_cli(*args, "--run-dir", str(tmp_path / "run"), cwd=ROOT, timeout=60)
+def test_commands_get_their_arguments_and_give_their_exit_codes(capsys, tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", [[str(CONSOLE_SCRIPT)], python_command("fedmnist")],
+                         ids=["fedmnist", "python -m fedmnist"])
+def test_console_script_runs_the_commands(tmp_path, command):
+    done = run_command([*command, "--help"], cwd=tmp_path)
+    assert done.returncode == 0 and "commands:" in done.stdout
+    # `train` leaves the process through its own fast exit (fedmnist.train.exit_now), keeping its code.
+    done = run_command([*command, "train", "--rounds", "0"], cwd=tmp_path)
     assert done.returncode == 2
-    assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr
-    assert not (tmp_path / "run").exists()
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("error: rounds: must be at least 1")
+    done = run_command([*command, "bench", "--help"], cwd=tmp_path)
+    assert done.returncode == 0 and "--workload" in done.stdout
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_an_existing_run_is_never_overwritten_unasked(digits_run):
-    run_dir, _ = digits_run
-    before = (run_dir / "metrics.jsonl").read_bytes()
-    done = run_cli("--dataset", "digits", "--rounds", "1", "--run-dir", str(run_dir), cwd=ROOT, timeout=60)
-    assert done.returncode == 2 and "already exists" in done.stderr
-    assert (run_dir / "metrics.jsonl").read_bytes() == before
+def test_commands_check_their_arguments_before_tensorflow_loads(tmp_path):
+    modules = ["fedmnist.cli", "fedmnist.train", "fedmnist.data", "fedmnist.data.population", "fedmnist.runtime",
+               "fedmnist.runtime.worker", "fedmnist.outputs.report", "fedmnist.outputs.plots",
+               "fedmnist.outputs.records", "fedmnist.outputs.metrics_log", "fedmnist.bench.main"]
+    code = (f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
+            "print(sorted(m for m in ('tensorflow', 'tensorflow_federated') if m in sys.modules))")
+    done = run_command([sys.executable, "-c", code], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -1,3 +1,5 @@
+"""The config: the tutorial's settings, shipped configs, overrides and one-line errors (fedmnist.config)."""
+
 from pathlib import Path
 
 import pytest
@@ -7,6 +9,8 @@ from fedmnist import config as config_lib
 from fedmnist.config import Config, ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+pytestmark = pytest.mark.unit
 
 
 def test_tutorial_yaml_is_the_default_config():

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fedmnist import config, custom_model, data, logs, model, runtime
+from fedmnist import config, custom_model, data, model, runtime
+from fedmnist.outputs.records import to_python
 from fedmnist.process import build_training_process
 
 
@@ -20,6 +21,7 @@ def first_batch(federated: data.FederatedDataset) -> dict:
     return next(iter(dataset))
 
 
+@pytest.mark.unit
 def test_starts_from_the_keras_models_zero_weights():
     mine = custom_model.MnistModel()
     keras_model = model.create_keras_model()
@@ -28,6 +30,7 @@ def test_starts_from_the_keras_models_zero_weights():
         assert not np.any(variable.numpy())
 
 
+@pytest.mark.unit
 def test_forward_pass_and_metrics_match_keras_on_random_weights(digits):
     rng = np.random.default_rng(0)
     weights = [rng.normal(0, 0.05, (784, 10)).astype(np.float32), rng.normal(0, 0.05, 10).astype(np.float32)]
@@ -68,7 +71,7 @@ def test_federated_averaging_learns_what_keras_learns(digits):
             for _ in range(2):
                 result = process.next(state, federated_data)
                 state = result.state
-                history.append(logs.to_python(result.metrics["client_work"]["train"]))
+                history.append(to_python(result.metrics["client_work"]["train"]))
             results[name] = (history, process.get_model_weights(state))
     (custom, custom_weights), (keras, keras_weights) = results["custom"], results["keras"]
     assert custom[1]["loss"] < custom[0]["loss"]

@@ -1,3 +1,6 @@
+"""Step 1 of the article: the data sources (fedmnist.data.sources) and the article's preprocessing
+(fedmnist.data.preprocessing), through the package's `fedmnist.data` names."""
+
 import collections
 
 import numpy as np
@@ -6,7 +9,10 @@ import tensorflow as tf
 
 from fedmnist import data
 from fedmnist.config import DataConfig
-from conftest import write_emnist_sqlite
+from fedmnist.data import preprocessing, sources
+from helpers import write_emnist_sqlite
+
+pytestmark = pytest.mark.unit
 
 EMNIST_SPEC = collections.OrderedDict(
     label=tf.TensorSpec(shape=(), dtype=tf.int32),
@@ -124,7 +130,7 @@ def test_auto_prefers_cached_emnist_and_the_environment_names_the_cache(tmp_path
 
 
 def test_auto_falls_back_to_digits_with_one_warning(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(data, "can_download", lambda timeout=3.0: False)
+    monkeypatch.setattr(sources, "can_download", lambda timeout=3.0: False)
     dataset = data.load_dataset(DataConfig(dataset="auto", cache_dir=str(tmp_path)))
     assert dataset.name == "digits"
     warning = capsys.readouterr().err.strip().splitlines()
@@ -132,7 +138,7 @@ def test_auto_falls_back_to_digits_with_one_warning(tmp_path, monkeypatch, capsy
 
 
 def test_explicit_emnist_without_cache_or_network_fails_clearly(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "can_download", lambda timeout=3.0: False)
+    monkeypatch.setattr(sources, "can_download", lambda timeout=3.0: False)
     with pytest.raises(data.DataUnavailableError, match="cannot be downloaded"):
         data.load_emnist(cache_dir=tmp_path)
     assert not (tmp_path / data.EMNIST_FILE).exists()
@@ -142,3 +148,13 @@ def test_a_corrupt_emnist_file_is_named(tmp_path):
     (tmp_path / data.EMNIST_FILE).write_bytes(b"this is not sqlite")
     with pytest.raises(data.DataUnavailableError, match="unreadable"):
         data.load_emnist(cache_dir=tmp_path)
+
+
+def test_the_package_names_are_the_modules_own():
+    for name in preprocessing.__name__, sources.__name__:
+        assert name.startswith("fedmnist.data.")
+    assert data.preprocess is preprocessing.preprocess and data.input_spec is preprocessing.input_spec
+    assert data.load_dataset is sources.load_dataset and data.FederatedDataset is sources.FederatedDataset
+    assert set(data.__all__) <= set(dir(preprocessing)) | set(dir(sources))
+    with pytest.raises(AttributeError, match="no attribute 'emnist_cache_dir'"):
+        data.emnist_cache_dir  # noqa: B018 - lives in fedmnist.data.sources only

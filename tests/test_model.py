@@ -1,9 +1,14 @@
+"""The tutorial's Keras models and their TFF wrapping (fedmnist.model)."""
+
 import numpy as np
+import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 
 from fedmnist import model
 from fedmnist.data import input_spec
+
+pytestmark = pytest.mark.unit
 
 
 def test_linear_model_is_the_tutorials():

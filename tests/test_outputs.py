@@ -1,5 +1,5 @@
-"""What a person looks at after a run: curves.png, `python -m fedmnist.report`, and TensorBoard,
-served for real and read back through its HTTP data API."""
+"""What a person looks at after a run (fedmnist.outputs): curves.png, `python -m fedmnist.report`, and
+TensorBoard, served for real and read back through its HTTP data API."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -20,7 +19,11 @@ import numpy as np
 import portpicker
 import pytest
 
-from fedmnist import config, loop, plots, report
+from fedmnist import config
+from fedmnist.outputs import plots, report
+from fedmnist.outputs.records import ACCURACY
+from helpers import (Background, children, metrics_rows, quiet_train, run_cli, start_cli, tree_progress, wait_for, wait_gone,
+                     wait_process)
 
 ROUNDS = 3
 
@@ -31,13 +34,11 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("runs")
     made = {}
     for name, learning_rate in (("slow", 0.02), ("fast", 0.1)):
-        run_dir = root / name
-        run_dir.mkdir()
         cfg = config.load(overrides=[f"rounds={ROUNDS}", "data.dataset=synthetic", "data.num_clients=6",
                                      "clients_per_round=3", "eval_every=1", "histogram_every=2",
                                      f"client_optimizer.learning_rate={learning_rate}"])
-        loop.train(cfg, run_dir, echo=lambda line: None, progress=False)
-        made[name] = run_dir
+        quiet_train(cfg, root / name)
+        made[name] = root / name
     return made
 
 
@@ -53,22 +54,30 @@ def test_every_run_writes_a_readable_curves_png(runs):
 
 
 def test_curve_series_are_the_logged_metrics(runs):
-    rows = plots.read_metrics(runs["slow"])
-    rounds, accuracy = plots.series(rows, ("eval", "test"), plots.ACCURACY)
+    records = plots.read_records(runs["slow"])
+    rows = [json.loads(line) for line in (runs["slow"] / "metrics.jsonl").read_text().splitlines()]
+    assert [record.to_json() for record in records] == rows  # a record is its metrics.jsonl line
+    rounds, accuracy = plots.series(records, ("eval", "test"), ACCURACY)
     assert rounds == list(range(1, ROUNDS + 1))
     assert accuracy == [row["eval"]["test"]["sparse_categorical_accuracy"] for row in rows]
+    rounds, loss = plots.series(records, ("train",), "loss")
+    assert loss == [row["train"]["loss"] for row in rows]
 
 
 # --- python -m fedmnist.report --------------------------------------------------------------------
 
-def run_report(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedmnist.report", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+def run_report(*args: str, capsys) -> tuple[int, str, str]:
+    """`python -m fedmnist.report ARGS` in this process: exit code, stdout, stderr."""
+    code = report.main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 def test_report_tables_final_metrics_and_overlays_curves(runs, tmp_path):
+    # The documented command, as a user runs it.
     output = tmp_path / "compare.png"
-    result = run_report(str(runs["slow"]), str(runs["fast"]), "--output", str(output), cwd=tmp_path)
+    result = run_cli(str(runs["slow"]), str(runs["fast"]), "--output", str(output), module="fedmnist.report",
+                     cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].split()[:3] == ["run", "dataset", "model"]
@@ -85,17 +94,18 @@ def test_report_tables_final_metrics_and_overlays_curves(runs, tmp_path):
         assert (np.abs(image[..., :3] - colour).max(axis=2) < 0.05).sum() > 50
 
 
-def test_report_default_output_goes_to_runs_and_never_overwrites(runs, tmp_path):
-    first = run_report(str(runs["slow"]), cwd=tmp_path)
-    assert first.returncode == 0, first.stderr
+def test_report_default_output_goes_to_runs_and_never_overwrites(runs, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_report(str(runs["slow"]), capsys=capsys)
+    assert code == 0, err
     written = sorted((tmp_path / "runs").glob("report-*.png"))
-    assert len(written) == 1 and written[0].name in first.stdout
+    assert len(written) == 1 and written[0].name in out
     before = written[0].read_bytes()
-    again = run_report(str(runs["fast"]), "--output", str(written[0]), cwd=tmp_path)
-    assert again.returncode == 2 and "--overwrite" in again.stderr
-    assert again.stdout == "" and written[0].read_bytes() == before
-    replaced = run_report(str(runs["fast"]), "--output", str(written[0]), "--overwrite", cwd=tmp_path)
-    assert replaced.returncode == 0 and written[0].read_bytes() != before
+    code, out, err = run_report(str(runs["fast"]), "--output", str(written[0]), capsys=capsys)
+    assert code == 2 and "--overwrite" in err
+    assert out == "" and written[0].read_bytes() == before
+    code, _, err = run_report(str(runs["fast"]), "--output", str(written[0]), "--overwrite", capsys=capsys)
+    assert code == 0 and written[0].read_bytes() != before, err
 
 
 def test_report_reads_an_unfinished_run(runs, tmp_path):
@@ -109,10 +119,11 @@ def test_report_reads_an_unfinished_run(runs, tmp_path):
     assert report.table_row("partial", facts)[3] == f"2/{ROUNDS}"
 
 
-def test_report_rejects_a_missing_run_dir_with_one_line_and_exit_2(runs, tmp_path):
-    result = run_report(str(runs["slow"]), str(tmp_path / "nope"), cwd=tmp_path)
-    assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: no such run directory"]
+def test_report_rejects_a_missing_run_dir_with_one_line_and_exit_2(runs, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_report(str(runs["slow"]), str(tmp_path / "nope"), capsys=capsys)
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == [f"error: {tmp_path / 'nope'}: no such run directory"]
     assert not (tmp_path / "runs").exists()
 
 
@@ -132,26 +143,23 @@ def test_report_rejects_a_bad_run_dir(runs, tmp_path, capsys, make_bad):
 
 # --- TensorBoard, served for real ----------------------------------------------------------------
 
+HTTP_ERRORS = (urllib.error.URLError, ConnectionError, TimeoutError)
+
+
 def get_json(base: str, path: str, **query: str):
     url = base + path + ("?" + urllib.parse.urlencode(query) if query else "")
-    with urllib.request.urlopen(url, timeout=10) as response:
+    with urllib.request.urlopen(url, timeout=60) as response:  # a guard against a hang, not a budget
         return json.loads(response.read())
 
 
-def wait_for(condition, timeout: float, process: subprocess.Popen | None = None):
-    """Polls `condition()` until it returns something truthy; bounded in time."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
+def serving(process: subprocess.Popen, condition):
+    """`condition` for `wait_for`, failing at once when the server process has exited."""
+    def check():
+        if process.poll() is not None:
             raise AssertionError(f"process exited early with code {process.returncode}")
-        try:
-            value = condition()
-            if value:
-                return value
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.25)
-    raise AssertionError(f"not ready within {timeout} s")
+        return condition()
+
+    return check
 
 
 def test_tensorboard_serves_the_runs_scalars_histograms_and_config(runs):
@@ -167,7 +175,8 @@ def test_tensorboard_serves_the_runs_scalars_histograms_and_config(runs):
             return all(len(get_json(base, "data/plugin/histograms/histograms", run=name,
                                     tag="weights/0_dense/kernel")) == 2 for name in runs)
 
-        wait_for(fully_loaded, timeout=90, process=server)
+        wait_for(serving(server, fully_loaded), "TensorBoard loading both runs", progress=tree_progress(server.pid),
+                 ignore=HTTP_ERRORS)
         tags = get_json(base, "data/plugin/scalars/tags")
         assert sorted(get_json(base, "data/runs")) == ["fast", "slow"]
         expected = {"train/loss", "train/sparse_categorical_accuracy", "eval/train/loss",
@@ -176,7 +185,7 @@ def test_tensorboard_serves_the_runs_scalars_histograms_and_config(runs):
                     "learning_rate/server", "time/round_seconds"}
         for name, run_dir in runs.items():
             assert expected <= set(tags[name])
-            rows = plots.read_metrics(run_dir)
+            rows = [record.to_json() for record in plots.read_records(run_dir)]
             for tag, path in (("train/loss", ("train", "loss")),
                               ("eval/test/sparse_categorical_accuracy", ("eval", "test", "sparse_categorical_accuracy"))):
                 points = get_json(base, "data/plugin/scalars/scalars", run=name, tag=tag)
@@ -193,7 +202,7 @@ def test_tensorboard_serves_the_runs_scalars_histograms_and_config(runs):
         assert "client_optimizer:" in text[0]["text"] and "learning_rate: 0.02" in text[0]["text"]
     finally:
         server.kill()
-        server.wait(timeout=10)
+        server.wait()
 
 
 def _dig(row: dict, path: tuple[str, ...]):
@@ -202,65 +211,61 @@ def _dig(row: dict, path: tuple[str, ...]):
     return row
 
 
-def test_train_with_tensorboard_serves_the_run_until_ctrl_c(tmp_path):
-    run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "fedmnist.train", "--dataset", "synthetic", "--rounds", "2",
-               "--set", "data.num_clients=4", "--clients-per-round", "2", "--run-dir", str(run_dir),
-               "--quiet", "--tensorboard"]
+def train_with_tensorboard(directory: Path) -> Path:
+    """`python -m fedmnist.train --tensorboard`: serves the run while it trains and after, until Ctrl-C,
+    which stops TensorBoard with it. Checks all that (in the background); returns the run directory."""
+    run_dir = directory / "run"
     # Restore SIGINT's default in the child, in case this test runs under a shell that ignores it.
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               stdin=subprocess.DEVNULL, cwd=tmp_path,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    process = start_cli("--dataset", "synthetic", "--rounds", "2", "--set", "data.num_clients=4",
+                        "--clients-per-round", "2", "--run-dir", str(run_dir), "--quiet", "--tensorboard",
+                        cwd=directory, stderr=subprocess.STDOUT,
+                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
     seen: list[str] = []
+    progress = tree_progress(process.pid)
 
     def line_with(text: str) -> str:
-        while True:
-            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            seen.append(line)
-            if text in line:
-                return line
+        def next_line():
+            while not lines.empty():
+                seen.append(lines.get())
+                if text in seen[-1]:
+                    return seen[-1]
+            assert process.poll() is None, "the command exited; it printed:\n" + "".join(seen)
+            return None
 
+        return wait_for(next_line, f"a line with {text!r}", progress=progress)
+
+    server_pids: list[int] = []
     try:
-        deadline = time.monotonic() + 180
         url = line_with("TensorBoard: ").split("TensorBoard: ")[1].strip()
         assert url.startswith("http://127.0.0.1:")
         line_with("press Ctrl-C to stop it")
         server_pids = children(process.pid, b"tensorboard")
         assert server_pids
-        points = wait_for(lambda: (p := get_json(url, "data/plugin/scalars/scalars", run=".", tag="train/loss"))
-                          and len(p) == 2 and p, timeout=30, process=process)
+        points = wait_for(serving(process, lambda: (p := get_json(url, "data/plugin/scalars/scalars", run=".",
+                                                                  tag="train/loss")) and len(p) == 2 and p),
+                          "TensorBoard serving both rounds", progress=progress, ignore=HTTP_ERRORS)
         assert [step for _, step, _ in points] == [1, 2]
         process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=30) == 0, "".join(seen)
-        for pid in server_pids:  # TensorBoard stopped with it
-            wait_for(lambda: not Path(f"/proc/{pid}").exists() or _is_zombie(pid), timeout=10)
-    except queue.Empty:
-        raise AssertionError("no such output line; got:\n" + "".join(seen)) from None
+        assert wait_process(process, "the command after Ctrl-C") == 0, "".join(seen)
+        wait_gone(server_pids, "TensorBoard after the command stopped")  # stopped with it
     finally:
         if process.poll() is None:
             process.kill()  # its children die with it (PR_SET_PDEATHSIG)
-            process.wait(timeout=10)
-    assert (run_dir / plots.CURVES_FILE).exists()
+            process.wait()
+        wait_gone(server_pids, "TensorBoard after the command was killed")
+    return run_dir
 
 
-def children(parent: int, marker: bytes) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if not entry.name.isdigit():
-                continue
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            if ppid == parent and marker in (entry / "cmdline").read_bytes():
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
+BACKGROUND = {"tensorboard_run": Background(train_with_tensorboard)}
 
 
-def _is_zombie(pid: int) -> bool:
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
+@pytest.fixture
+def tensorboard_run(tmp_path_factory) -> Path:
+    return BACKGROUND["tensorboard_run"].result(tmp_path_factory)
+
+
+def test_train_with_tensorboard_serves_the_run_until_ctrl_c(tensorboard_run):
+    assert (tensorboard_run / plots.CURVES_FILE).exists()
+    assert [row["round"] for row in metrics_rows(tensorboard_run)] == [1, 2]

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from fedmnist import config as config_lib
-from fedmnist import participation
-from fedmnist.participation import ARCHETYPES, Participation
+from fedmnist.clients.participation import ARCHETYPES, Participation
+from helpers import quiet_train
 
 IDS = [f"client_{i:03d}" for i in range(400)]
 
@@ -15,6 +15,7 @@ def make(*overrides, ids=IDS):
     return Participation(config, ids)
 
 
+@pytest.mark.unit
 def test_always_available_is_the_article():
     plans = [make().plan(r) for r in (1, 2)]
     assert all(p.selected == IDS[:10] == p.completed and p.available == len(IDS) for p in plans)
@@ -23,6 +24,7 @@ def test_always_available_is_the_article():
     assert uniform.plan(3) == make("client_selection=uniform").plan(3)
 
 
+@pytest.mark.unit
 def test_availability_over_a_simulated_week_follows_the_archetypes():
     model = make("availability.model=daily", "availability.round_minutes=60", "clients_per_round=400")
     hits = {name: np.zeros(24) for name in ARCHETYPES}
@@ -43,6 +45,7 @@ def test_availability_over_a_simulated_week_follows_the_archetypes():
     assert shares["night_charger"] == pytest.approx(0.6, abs=0.07)
 
 
+@pytest.mark.unit
 def test_only_available_clients_are_selected_and_dropouts_are_seeded():
     model = make("availability.model=daily", "availability.dropout=0.3", "client_selection=uniform",
                  "clients_per_round=20")
@@ -58,6 +61,7 @@ def test_only_available_clients_are_selected_and_dropouts_are_seeded():
     assert dropped / selected == pytest.approx(0.3, abs=0.06)
 
 
+@pytest.mark.unit
 def test_rounds_with_too_few_clients_are_skipped():
     model = make("availability.model=daily", "availability.dropout=0.9", "availability.min_clients=5",
                  "clients_per_round=10")
@@ -66,20 +70,21 @@ def test_rounds_with_too_few_clients_are_skipped():
     assert all(p.skipped == (len(p.completed) < 5) for p in plans)
 
 
+@pytest.mark.unit
 def test_min_clients_above_clients_per_round_is_refused():
     with pytest.raises(config_lib.ConfigError, match="availability.min_clients"):
         config_lib.load(None, ["availability.min_clients=11"])
 
 
 def test_training_with_dropouts_and_skipped_rounds_keeps_every_round_consistent(tmp_path):
-    from fedmnist import loop
+    from fedmnist.outputs.metrics_log import MetricsLog
 
     config = config_lib.load(None, ["data.dataset=synthetic", "data.num_clients=12", "clients_per_round=6",
                                     "rounds=6", "preprocess.epochs=1", "client_selection=uniform",
                                     "availability.model=daily", "availability.round_minutes=240",
                                     "availability.dropout=0.5", "availability.min_clients=3"])
-    loop.train(config, tmp_path, echo=lambda line: None, progress=False)
-    rows = loop.MetricsLog(tmp_path).rows()
+    quiet_train(config, tmp_path)
+    rows = MetricsLog(tmp_path).rows()
     assert [row["round"] for row in rows] == list(range(1, 7))
     for row in rows:
         report = row["participation"]

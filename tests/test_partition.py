@@ -1,7 +1,11 @@
+"""Splitting examples into clients (fedmnist.data.partition)."""
+
 import numpy as np
 import pytest
 
-from fedmnist import partition
+from fedmnist.data import partition
+
+pytestmark = pytest.mark.unit
 
 
 def labels(n=1000, classes=10, seed=0):

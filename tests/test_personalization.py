@@ -5,9 +5,10 @@ import pytest
 
 from fedmnist import data, model
 from fedmnist.config import PersonalizationConfig
-from fedmnist.personalization import PersonalizationEvaluator, summarize_gain
+from fedmnist.clients.personalization import PersonalizationEvaluator, summarize_gain
 
 
+@pytest.mark.unit
 def test_gain_summary_statistics():
     summary = summarize_gain(np.array([0.5, 0.5, 0.2, 0.9]), np.array([0.7, 0.4, 0.6, 0.9]))
     assert summary["gain_mean"] == pytest.approx(0.125)

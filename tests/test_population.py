@@ -3,13 +3,16 @@
 import json
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from fedmnist import config as config_lib
-from fedmnist import data, loop, population
-from conftest import write_emnist_sqlite
+from fedmnist import data
+from fedmnist.data import population
+from helpers import quiet_train, write_emnist_sqlite
 
 
+@pytest.mark.unit
 def test_describe_tells_iid_from_shards(tmp_path, capsys):
     outputs = {}
     for partition in ("iid", "shards"):
@@ -25,6 +28,7 @@ def test_describe_tells_iid_from_shards(tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
 
 
+@pytest.mark.unit
 def test_describe_statistics_on_a_known_matrix():
     stats = population.describe(np.array([[5, 5, 0], [0, 0, 10]]))
     assert stats["clients"] == 2 and stats["examples_median"] == 10
@@ -56,8 +60,7 @@ def test_62_class_emnist_with_caps_trains_a_62_way_model(tmp_path):
     config = config_lib.load(None, ["data.dataset=emnist", "data.only_digits=false", f"data.cache_dir={cache}",
                                     "data.max_clients=3", "clients_per_round=2", "rounds=1", "preprocess.epochs=1"])
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    summary = loop.train(config, run_dir, echo=lambda line: None, progress=False)
+    summary = quiet_train(config, run_dir)
     assert summary["dataset"] == "emnist" and summary["num_clients"] == 3
     keras_model = tf.keras.models.load_model(run_dir / "model.keras")
     assert keras_model.output_shape == (None, 62)

@@ -1,32 +1,28 @@
-"""Runs that survive: kill, interrupt, corrupt checkpoints, resume; and determinism."""
+"""Runs that survive: kill, interrupt, corrupt checkpoints, resume; and determinism.
 
-import json
+The runs that are killed or signalled are real `python -m fedmnist.train` processes; the reference
+run and the resumes run `fedmnist.train.main` in this process, where a fresh process is not the point.
+"""
+
 import shutil
 import signal
 import subprocess
-import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorflow as tf
 import yaml
 
-from conftest import ROOT, process_alive, run_cli, worker_pid
-from test_cli import scalars
+from helpers import (ROOT, Background, final_weights, metrics_rows, process_alive, quiet_train, scalars, start_cli, train_main,
+                     tree_progress, wait_for, wait_gone, wait_process, worker_pid)
 
 ROUNDS = 6
 ARGS = ["--dataset", "digits", "--rounds", str(ROUNDS), "--quiet", "--set", "eval_every=2"]
 
 
 def comparable_rows(run_dir: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
-
-
-def final_weights(run_dir: Path) -> list[np.ndarray]:
-    return tf.keras.models.load_model(run_dir / "model.keras").get_weights()
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in metrics_rows(run_dir)]
 
 
 def assert_same_run(run_dir: Path, reference: Path) -> None:
@@ -38,55 +34,103 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     assert steps["eval/test/loss"] == [2, 4, 6]
 
 
+def resume(run_dir: Path, *more: str):
+    """`python -m fedmnist.train --resume RUN_DIR`, in this process."""
+    return train_main("--resume", str(run_dir), *more)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("resume") / "reference"
-    done = run_cli(*ARGS, "--run-dir", str(run_dir), cwd=ROOT)
+    done = train_main(*ARGS, "--run-dir", str(run_dir))
     assert done.returncode == 0, done.stderr
     return run_dir
 
 
 def start(run_dir: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "fedmnist.train", *ARGS, "--run-dir", str(run_dir)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_cli(*ARGS, "--run-dir", str(run_dir), cwd=ROOT)
 
 
-def wait_for_round(run_dir: Path, cli: subprocess.Popen, round_num: int, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
+def wait_for_round(run_dir: Path, cli: subprocess.Popen, round_num: int) -> None:
+    """Until the CLI has logged `round_num` rounds, as long as it makes progress."""
     path = run_dir / "metrics.jsonl"
-    while not (path.exists() and len(path.read_text().splitlines()) >= round_num):
+
+    def logged() -> bool:
         assert cli.poll() is None, cli.stderr.read()
-        assert time.monotonic() < deadline, f"round {round_num} never finished"
-        time.sleep(0.02)
+        return path.exists() and len(path.read_text().splitlines()) >= round_num
+
+    wait_for(logged, f"round {round_num} of the CLI", progress=tree_progress(cli.pid), poll=0.02)
 
 
-def test_sigkill_then_resume_equals_one_uninterrupted_run(reference, tmp_path):
-    run_dir = tmp_path / "killed"
+@dataclass
+class Stopped:
+    """A CLI run stopped from outside, as it was left."""
+
+    run_dir: Path
+    returncode: int
+    stderr: str
+    worker: int                     # its worker_binary's pid
+    worker_alive_before_stop: bool
+
+
+def stop_cli(run_dir: Path, round_num: int, signum: int) -> Stopped:
+    """Starts the CLI, sends `signum` once it has logged `round_num` rounds, and waits for it to end."""
     cli = start(run_dir)
-    wait_for_round(run_dir, cli, 3)  # as soon as round 3 is logged, usually before its checkpoint
-    cli.kill()
-    cli.communicate(timeout=60)
+    try:
+        wait_for_round(run_dir, cli, round_num)
+        worker = worker_pid(run_dir)
+        alive = process_alive(worker)
+        cli.send_signal(signum)
+        # After SIGINT or SIGTERM the round in flight ends and is checkpointed first.
+        wait_process(cli, f"the CLI after {signal.Signals(signum).name}")
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+        _, err = cli.communicate()
+    return Stopped(run_dir, cli.returncode, err, worker, alive)
+
+
+# Each CLI runs in the background from the start of the session; the tests resume them in this process.
+BACKGROUND = {
+    "killed_run": Background(lambda directory: stop_cli(directory / "killed", 3, signal.SIGKILL), "killed"),
+    "interrupted_run": tuple(Background(lambda directory, s=signum: stop_cli(directory / s.name, 2, s), signum.name)
+                             for signum in (signal.SIGINT, signal.SIGTERM)),
+}
+
+
+@pytest.fixture
+def killed_run(tmp_path_factory) -> Stopped:
+    return BACKGROUND["killed_run"].result(tmp_path_factory)
+
+
+@pytest.fixture(params=[0, 1], ids=["SIGINT", "SIGTERM"])
+def interrupted_run(request, tmp_path_factory) -> Stopped:
+    return BACKGROUND["interrupted_run"][request.param].result(tmp_path_factory)
+
+
+def test_sigkill_then_resume_equals_one_uninterrupted_run(reference, killed_run):
+    # Killed as soon as round 3 was logged, usually before its checkpoint.
+    run_dir = killed_run.run_dir
+    assert killed_run.returncode == -signal.SIGKILL and killed_run.worker_alive_before_stop
+    # The kernel takes the killed CLI's worker with it (PR_SET_PDEATHSIG).
+    wait_gone([killed_run.worker], "the killed CLI's worker")
     assert len(comparable_rows(run_dir)) >= 3 and not (run_dir / "summary.json").exists()
-    done = run_cli("--resume", str(run_dir), cwd=ROOT)
+    done = resume(run_dir)
     assert done.returncode == 0, done.stderr
     assert "resuming after round" in done.stdout
     assert_same_run(run_dir, reference)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_interrupt_keeps_state_and_says_how_to_resume(reference, tmp_path, signum):
-    run_dir = tmp_path / signum.name
-    cli = start(run_dir)
-    wait_for_round(run_dir, cli, 2)
-    cli.send_signal(signum)
-    _, err = cli.communicate(timeout=120)
-    assert cli.returncode == 130
+def test_interrupt_keeps_state_and_says_how_to_resume(reference, interrupted_run):
+    stopped = interrupted_run
+    run_dir, err = stopped.run_dir, stopped.stderr
+    assert stopped.returncode == 130
     assert f"resume with: python -m fedmnist.train --resume {run_dir}" in err.strip().splitlines()[-1]
     assert "Traceback" not in err
-    assert not process_alive(worker_pid(run_dir))
+    assert stopped.worker_alive_before_stop and not process_alive(stopped.worker)
     saved = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("round_*"))
     assert saved and saved[-1] == len(comparable_rows(run_dir))
-    done = run_cli("--resume", str(run_dir), cwd=ROOT)
+    done = resume(run_dir)
     assert done.returncode == 0, done.stderr
     assert_same_run(run_dir, reference)
 
@@ -98,7 +142,7 @@ def test_corrupt_newest_checkpoint_falls_back_and_is_kept(reference, tmp_path):
     (newest / "saved_model.pb").write_bytes(b"garbage")
     intact = {p.name: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").iterdir() if p != newest}
     (run_dir / "summary.json").unlink()
-    done = run_cli("--resume", str(run_dir), cwd=ROOT)
+    done = resume(run_dir)
     assert done.returncode == 0, done.stderr
     assert f"checkpoint round_{ROUNDS} is unreadable" in done.stdout
     assert (run_dir / "checkpoints" / f"corrupt-round_{ROUNDS}" / "saved_model.pb").read_bytes() == b"garbage"
@@ -115,7 +159,7 @@ def test_checkpoint_of_another_model_is_named_and_left_alone(reference, tmp_path
     config["model"], config["rounds"] = "cnn", ROUNDS + 2
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    done = run_cli("--resume", str(run_dir), cwd=ROOT)
+    done = resume(run_dir)
     assert done.returncode == 1
     assert done.stderr.strip() == (f"error: checkpoint round_{ROUNDS} does not match this run's model and "
                                    "optimizers (other shapes or types), and no older checkpoint is usable")
@@ -125,9 +169,9 @@ def test_checkpoint_of_another_model_is_named_and_left_alone(reference, tmp_path
 def test_a_finished_run_extends_with_more_rounds(reference, tmp_path):
     run_dir = tmp_path / "extended"
     shutil.copytree(reference, run_dir)
-    again = run_cli("--resume", str(run_dir), cwd=ROOT)
+    again = resume(run_dir)
     assert again.returncode == 2 and "already has all 6 rounds" in again.stderr
-    done = run_cli("--resume", str(run_dir), "--rounds", str(ROUNDS + 1), cwd=ROOT)
+    done = resume(run_dir, "--rounds", str(ROUNDS + 1))
     assert done.returncode == 0, done.stderr
     assert [row["round"] for row in comparable_rows(run_dir)] == list(range(1, ROUNDS + 2))
     assert comparable_rows(run_dir)[:ROUNDS] == comparable_rows(reference)
@@ -135,14 +179,12 @@ def test_a_finished_run_extends_with_more_rounds(reference, tmp_path):
 
 def test_same_config_and_seed_give_identical_runs(tmp_path):
     from fedmnist import config as config_lib
-    from fedmnist import loop
 
     config = config_lib.load(None, ["data.dataset=synthetic", "data.num_clients=8", "clients_per_round=4",
                                     "client_selection=uniform", "rounds=3", "model=cnn", "preprocess.epochs=1",
                                     "data.examples_per_client=20", "seed=5"])
     for name in ("first", "second"):
-        (tmp_path / name).mkdir()
-        loop.train(config, tmp_path / name, echo=lambda line: None, progress=False)
+        quiet_train(config, tmp_path / name)
     assert comparable_rows(tmp_path / "first") == comparable_rows(tmp_path / "second")
     for got, want in zip(final_weights(tmp_path / "first"), final_weights(tmp_path / "second")):
         np.testing.assert_array_equal(got, want)

@@ -1,4 +1,4 @@
-"""The pairwise-masking protocol (fedmnist/secagg.py) and Shamir sharing, on real float updates."""
+"""The pairwise-masking protocol (fedmnist/privacy/secagg.py) and Shamir sharing, on real float updates."""
 
 import itertools
 
@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fedmnist import secagg, shamir
+from fedmnist.privacy import secagg, shamir
+
+pytestmark = pytest.mark.unit
 
 BITS, CLIP, MAX_WEIGHT = 32, 2.0, 2048
 LENGTH = 7850  # the article's model: 784 x 10 weights and 10 biases
@@ -133,10 +135,10 @@ def test_fixed_point_range_holds_the_extreme_sum():
     for sign in (1.0, -1.0):
         update = np.zeros(LENGTH)
         update[0] = sign * CLIP
-        encoded = {u: secagg.encode(update, 10 * MAX_WEIGHT, CLIP, scale, MAX_WEIGHT, BITS)
+        encoded = {u: secagg.encode(update, MAX_WEIGHT, CLIP, scale, MAX_WEIGHT, BITS)
                    for u in range(1, num_clients + 1)}
         mean, weight = secagg.decode_mean(plain_sum(encoded, encoded), scale, BITS)
-        assert weight == num_clients * MAX_WEIGHT  # weights above the cap count as the cap
+        assert weight == num_clients * MAX_WEIGHT  # (a weight above the bound is refused: test_secure_aggregation)
         assert mean[0] == pytest.approx(sign * CLIP, abs=0.5 / scale)
 
 

@@ -12,22 +12,22 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import portpicker
 import pytest
-import tensorflow as tf
 
 from fedmnist import config as config_lib
-from fedmnist import loop, runtime, train
+from fedmnist import loop, runtime
 from fedmnist.outputs.metrics_log import MetricsLog
+from helpers import (ROOT, Background, final_weights, process_alive, scalars, start_cli, train_main, tree_progress,
+                     wait_for, wait_gone, wait_process)
 
-ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = 6
 OVERRIDES = ["data.dataset=digits", f"rounds={ROUNDS}", "histogram_every=0", "eval_every=0"]
 
@@ -48,10 +48,6 @@ def reference(tmp_path_factory) -> Path:
     return run_dir
 
 
-def model_weights(run_dir: Path) -> list[np.ndarray]:
-    return tf.keras.models.load_model(run_dir / loop.MODEL_FILE).get_weights()
-
-
 def assert_same_run(run_dir: Path, reference: Path) -> None:
     """Per-round metrics and final weights equal (atol 1e-6)."""
     rows, expected = MetricsLog(run_dir).records(), MetricsLog(reference).records()
@@ -59,7 +55,7 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     for row, want in zip(rows, expected):
         for key, value in want.train.items():
             assert row.train[key] == pytest.approx(value, abs=1e-6), (row.round, key)
-    for got, want in zip(model_weights(run_dir), model_weights(reference)):
+    for got, want in zip(final_weights(run_dir), final_weights(reference)):
         np.testing.assert_allclose(got, want, atol=1e-6)
 
 
@@ -80,6 +76,7 @@ def kill_during_round(round_num: int, pick_worker=lambda workers: workers[0]):
 
 
 def test_a_killed_worker_is_restarted_and_the_run_equals_an_uninterrupted_one(reference, tmp_path):
+    others = set(runtime.worker_children())  # workers of this session's other tests
     echo, lines, killed = kill_during_round(3)
     loop.train(make_config(), tmp_path, echo=echo, progress=False)
 
@@ -90,12 +87,13 @@ def test_a_killed_worker_is_restarted_and_the_run_equals_an_uninterrupted_one(re
     assert repeated in (2, 3)
     events = {r.round: r.events for r in MetricsLog(tmp_path).records() if r.events}
     assert events == {repeated: [{"event": "worker_restarted", "worker": "worker 1", "cause": "died (signal 9)"}]}
-    assert _tensorboard_scalars(tmp_path, "runtime/worker_restarts") == {repeated: 1.0}
+    assert {step: value for step, value in scalars(tmp_path).get("runtime/worker_restarts", [])} == {repeated: 1.0}
     assert_same_run(tmp_path, reference)
-    assert not runtime.worker_children()
+    assert set(runtime.worker_children()) <= others
 
 
 def test_with_two_workers_a_killed_one_is_replaced_and_the_run_is_the_same(reference, tmp_path):
+    others = set(runtime.worker_children())
     echo, lines, killed = kill_during_round(3, pick_worker=lambda workers: workers[1])
     loop.train(make_config("num_workers=2"), tmp_path, echo=echo, progress=False)
 
@@ -103,130 +101,172 @@ def test_with_two_workers_a_killed_one_is_replaced_and_the_run_is_the_same(refer
     rows, expected = MetricsLog(tmp_path).records(), MetricsLog(reference).records()
     for row, want in zip(rows, expected):  # two workers sum in another order: float32 rounding only
         assert row.train["loss"] == pytest.approx(want.train["loss"], abs=1e-5)
-    for got, want in zip(model_weights(tmp_path), model_weights(reference)):
+    for got, want in zip(final_weights(tmp_path), final_weights(reference)):
         np.testing.assert_allclose(got, want, atol=1e-5)
-    assert not runtime.worker_children()
-
-
-def _tensorboard_scalars(run_dir: Path, tag: str) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
-    events.Reload()
-    if tag not in events.Tags()["tensors"]:
-        return {}
-    return {e.step: float(tf.make_ndarray(e.tensor_proto)) for e in events.Tensors(tag)}
+    assert set(runtime.worker_children()) <= others
 
 
 # --- The command line: real subprocesses, killed and stopped workers ------------------------------
+# Each CLI runs in the background from the start of the session (helpers.Background); the tests
+# check what it left.
 
-def start_cli(run_dir: Path, *overrides: str) -> subprocess.Popen:
-    args = [sys.executable, "-m", "fedmnist.train", "--quiet", "--run-dir", str(run_dir)]
-    for override in (*OVERRIDES, *overrides):
-        args += ["--set", override]
-    return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start(run_dir: Path, *overrides: str) -> subprocess.Popen:
+    return start_cli("--quiet", "--run-dir", str(run_dir), *(f"--set={o}" for o in (*OVERRIDES, *overrides)),
+                     cwd=ROOT)
 
 
-def wait_for_line(process: subprocess.Popen, prefix: str, deadline_seconds: float = 300) -> list[str]:
-    """Reads the CLI's stdout until a line starts with `prefix` (the deadline only guards a hang)."""
-    lines, deadline = [], time.monotonic() + deadline_seconds
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
+def wait_for_line(process: subprocess.Popen, prefix: str) -> None:
+    """Reads the CLI's stdout until a line starts with `prefix`, as long as the CLI makes progress."""
+    lines: list[str] = []
+    found = threading.Event()
+
+    def read() -> None:
+        for line in process.stdout:
+            lines.append(line.rstrip("\n"))
+            if line.startswith(prefix):
+                found.set()
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+
+    def seen() -> bool:
+        if not found.is_set() and not reader.is_alive():
             raise AssertionError(f"the CLI ended before {prefix!r}: {lines} {process.stderr.read()}")
-        lines.append(line.rstrip("\n"))
-        if line.startswith(prefix):
-            return lines
-    raise AssertionError(f"no {prefix!r} line: {lines}")
+        return found.is_set()
+
+    wait_for(seen, f"a line {prefix!r} from the CLI", progress=tree_progress(process.pid))
 
 
 def worker_pids(run_dir: Path) -> list[int]:
     """Every worker_binary the run started, in order, as its worker.log records them."""
-    return [int(line.split(" pid ")[1].split()[0]) for line in (run_dir / "worker.log").read_text().splitlines()
+    log = run_dir / "worker.log"
+    return [int(line.split(" pid ")[1].split()[0]) for line in (log.read_text().splitlines() if log.exists() else [])
             if line.startswith("fedmnist: worker_binary pid")]
 
 
-def wait_for_new_worker(run_dir: Path, count: int, deadline_seconds: float = 120) -> int:
-    deadline = time.monotonic() + deadline_seconds
-    while time.monotonic() < deadline:
-        pids = worker_pids(run_dir)
-        if len(pids) >= count:
-            return pids[count - 1]
-        time.sleep(0.05)
-    raise AssertionError(f"worker {count} never started")
+def wait_for_new_worker(run_dir: Path, count: int, process: subprocess.Popen) -> int:
+    pids = wait_for(lambda: len(worker_pids(run_dir)) >= count and worker_pids(run_dir),
+                    f"worker {count} of the CLI", progress=tree_progress(process.pid))
+    return pids[count - 1]
 
 
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+@dataclass
+class Ended:
+    """How a CLI run ended."""
+
+    run_dir: Path
+    returncode: int
+    stderr: str
+    workers: list[int]
 
 
-def test_killed_again_after_every_restart_the_cli_stops_with_one_line_and_resume_finishes(reference, tmp_path):
-    process = start_cli(tmp_path, "worker_retries=1")
+def killed_after_every_restart(directory: Path) -> Ended:
+    """`worker_retries=1`: the worker killed after round 2, and its replacement killed too."""
+    process = start(directory, "worker_retries=1")
     try:
         wait_for_line(process, "round  2,")
-        os.kill(worker_pids(tmp_path)[0], signal.SIGKILL)
-        os.kill(wait_for_new_worker(tmp_path, 2), signal.SIGKILL)
-        out, err = process.communicate(timeout=300)
+        os.kill(worker_pids(directory)[0], signal.SIGKILL)
+        os.kill(wait_for_new_worker(directory, 2, process), signal.SIGKILL)
+        wait_process(process, "the CLI after its workers were killed")
     finally:
-        process.kill()
-    assert process.returncode == 1, err
-    error_lines = [line for line in err.splitlines() if line.strip()]
-    assert len(error_lines) == 1 and "Traceback" not in err, err
-    assert error_lines[0].startswith("error: worker 1 at 127.0.0.1:")
-    assert re.search(r"died \(signal 9\) during round [23], after 1 restart \(worker_retries\)", error_lines[0])
-    assert f"resume with: python -m fedmnist.train --resume {tmp_path}" in error_lines[0]
-    assert re.search(r"the state after round [12] is saved", error_lines[0])
-    assert (tmp_path / "checkpoints" / "round_1").is_dir()
-    assert not any(alive(pid) for pid in worker_pids(tmp_path))
-
-    assert train.main(["--resume", str(tmp_path), "--quiet"]) == 0
-    assert_same_run(tmp_path, reference)
+        if process.poll() is None:
+            process.kill()
+        _, err = process.communicate()
+    return Ended(directory, process.returncode, err, worker_pids(directory))
 
 
 @contextlib.contextmanager
 def cli_with_a_stopped_worker(run_dir: Path, *overrides: str) -> Iterator[subprocess.Popen]:
     """A CLI run whose worker gets SIGSTOP after round 2; the worker must not outlive the run."""
-    process, pid = start_cli(run_dir, f"rounds={ROUNDS * 100}", *overrides), None
+    process, pid = start(run_dir, f"rounds={ROUNDS * 100}", *overrides), None
     try:
         wait_for_line(process, "round  2,")
         pid = worker_pids(run_dir)[0]
         os.kill(pid, signal.SIGSTOP)
         yield process
     finally:
-        process.kill()
-        if pid and alive(pid):
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+        if pid and process_alive(pid):
             os.kill(pid, signal.SIGCONT)
             os.kill(pid, signal.SIGKILL)
-            pytest.fail("the stopped worker outlived the run")
+            raise AssertionError("the stopped worker outlived the run")
 
 
-def test_a_stopped_worker_is_lost_after_the_timeout_and_not_left_behind(tmp_path):
-    with cli_with_a_stopped_worker(tmp_path, "worker_timeout_seconds=3") as process:
-        out, err = process.communicate(timeout=300)
-    assert process.returncode == 1, err
-    assert "did not answer for 3 s (worker_timeout_seconds)" in err
-    assert len([line for line in err.splitlines() if line.strip()]) == 1, err
+def stopped_worker_times_out(directory: Path) -> Ended:
+    with cli_with_a_stopped_worker(directory, "worker_timeout_seconds=3") as process:
+        wait_process(process, "the CLI with a stopped worker")
+        err = process.stderr.read()
+    return Ended(directory, process.returncode, err, worker_pids(directory))
 
 
-def test_ctrl_c_while_the_worker_is_stuck_exits_at_once_with_the_resume_hint(tmp_path):
-    with cli_with_a_stopped_worker(tmp_path, "worker_timeout_seconds=600") as process:
+def ctrl_c_with_a_stopped_worker(directory: Path) -> Ended:
+    with cli_with_a_stopped_worker(directory, "worker_timeout_seconds=600") as process:
         time.sleep(4)  # the watch calls a worker stalled after 3 s without an answer
         process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err
-    assert "the round cannot finish, its worker does not answer" in err
-    assert f"resume with: python -m fedmnist.train --resume {tmp_path}" in err
+        wait_process(process, "the CLI after Ctrl-C")
+        err = process.stderr.read()
+    return Ended(directory, process.returncode, err, worker_pids(directory))
 
 
-def test_an_unreachable_workers_entry_fails_within_the_deadline_with_one_line(tmp_path, capsys):
+BACKGROUND = {
+    "killed_twice": Background(killed_after_every_restart),
+    "timed_out": Background(stopped_worker_times_out),
+    "interrupted": Background(ctrl_c_with_a_stopped_worker),
+}
+
+
+@pytest.fixture
+def killed_twice(tmp_path_factory) -> Ended:
+    return BACKGROUND["killed_twice"].result(tmp_path_factory)
+
+
+@pytest.fixture
+def timed_out(tmp_path_factory) -> Ended:
+    return BACKGROUND["timed_out"].result(tmp_path_factory)
+
+
+@pytest.fixture
+def interrupted(tmp_path_factory) -> Ended:
+    return BACKGROUND["interrupted"].result(tmp_path_factory)
+
+
+def test_killed_again_after_every_restart_the_cli_stops_with_one_line_and_resume_finishes(reference, killed_twice):
+    run_dir, err = killed_twice.run_dir, killed_twice.stderr
+    assert killed_twice.returncode == 1, err
+    error_lines = [line for line in err.splitlines() if line.strip()]
+    assert len(error_lines) == 1 and "Traceback" not in err, err
+    assert error_lines[0].startswith("error: worker 1 at 127.0.0.1:")
+    assert re.search(r"died \(signal 9\) during round [23], after 1 restart \(worker_retries\)", error_lines[0])
+    assert f"resume with: python -m fedmnist.train --resume {run_dir}" in error_lines[0]
+    assert re.search(r"the state after round [12] is saved", error_lines[0])
+    assert (run_dir / "checkpoints" / "round_1").is_dir()
+    wait_gone(killed_twice.workers, "the CLI's workers")
+
+    done = train_main("--resume", str(run_dir), "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert_same_run(run_dir, reference)
+
+
+def test_a_stopped_worker_is_lost_after_the_timeout_and_not_left_behind(timed_out):
+    assert timed_out.returncode == 1, timed_out.stderr
+    assert "did not answer for 3 s (worker_timeout_seconds)" in timed_out.stderr
+    assert len([line for line in timed_out.stderr.splitlines() if line.strip()]) == 1, timed_out.stderr
+    wait_gone(timed_out.workers, "the CLI's workers")
+
+
+def test_ctrl_c_while_the_worker_is_stuck_exits_at_once_with_the_resume_hint(interrupted):
+    assert interrupted.returncode == 130, interrupted.stderr
+    assert "the round cannot finish, its worker does not answer" in interrupted.stderr
+    assert f"resume with: python -m fedmnist.train --resume {interrupted.run_dir}" in interrupted.stderr
+
+
+def test_an_unreachable_workers_entry_fails_within_the_deadline_with_one_line(tmp_path):
     port = portpicker.pick_unused_port()
-    code = train.main(["--quiet", "--run-dir", str(tmp_path / "run"), "--set", "data.dataset=digits",
-                       "--set", f"workers=[127.0.0.1:{port}]", "--set", "worker_timeout_seconds=2"])
-    err = capsys.readouterr().err
-    assert code == 1
-    assert [line for line in err.splitlines() if line.strip()] == [
+    done = train_main("--quiet", "--run-dir", str(tmp_path / "run"), "--set", "data.dataset=digits",
+                      "--set", f"workers=[127.0.0.1:{port}]", "--set", "worker_timeout_seconds=2")
+    assert done.returncode == 1
+    assert [line for line in done.stderr.splitlines() if line.strip()] == [
         f"error: TFF worker at 127.0.0.1:{port} did not answer within 2 s"]

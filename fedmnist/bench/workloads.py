@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -53,6 +54,9 @@ PATH_OVERRIDES = {
 }
 
 
+ROUND_LINE = re.compile(r"round +(\d+), metrics=")
+
+
 def run_package(config: Config, dataset: FederatedDataset | None = None) -> dict:
     """`loop.train` on `config` (on `dataset` instead of the configured data when given), timed by its
     own per-round seconds, with the process tree's RSS sampled throughout and at each round's line."""
@@ -63,8 +67,8 @@ def run_package(config: Config, dataset: FederatedDataset | None = None) -> dict
     workers_rss_by_round: dict[int, int] = {}
     with TreeMemory() as memory, tempfile.TemporaryDirectory(prefix="fedmnist-bench-") as run_dir:
         def echo(line: str) -> None:
-            if line.startswith("round"):
-                round_num = int(line.split(",")[0].split()[1])
+            if match := ROUND_LINE.match(line):  # the article's `round  3, metrics=...`, not other lines
+                round_num = int(match.group(1))
                 rss_by_round[round_num] = memory.current()
                 workers_rss_by_round[round_num] = rss_by_round[round_num] - memory.root.memory_info().rss
 

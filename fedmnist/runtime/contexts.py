@@ -202,6 +202,7 @@ class OnDemandRuntime:
         # Collect TFF's replaced context now: left to interpreter shutdown, its finalizer fails noisily.
         gc.collect()
         atexit.register(self.close)
+        atexit.register(_release_default_context)  # runs after `close`: atexit is last in, first out
 
     def _stack_fn(self, cardinalities):
         if self.worker is None or self.worker.process.poll() is not None:
@@ -220,6 +221,17 @@ class OnDemandRuntime:
 
 
 _installed: list[OnDemandRuntime] = []
+
+
+def _release_default_context() -> None:
+    """At exit, replaces whatever default context `close()` restored (TFF's own, whose finalizer fails
+    noisily when left to interpreter shutdown) by one that starts nothing, and collects it now."""
+    def no_worker(cardinalities):
+        raise RuntimeError("the Python interpreter is exiting")
+
+    factory = tff.framework.ResourceManagingExecutorFactory(executor_stack_fn=no_worker)
+    tff.framework.get_context_stack().set_default_context(tff.framework.SyncExecutionContext(**_context_kwargs(factory)))
+    gc.collect()
 
 
 def install() -> OnDemandRuntime:

@@ -1,0 +1,100 @@
+"""Prepared client tensors (fedmnist.client_tensors): the same batches and metrics as the article's
+tf.data path, padded to a few size classes, cached within a byte budget, one dataset kernel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from fedmnist import client_tensors, data, loop
+from fedmnist.data import sources
+from helpers import assert_same_rounds, small_config, small_run
+
+
+@pytest.mark.unit
+def test_shuffle_order_reproduces_the_articles_batches():
+    dataset = data.load_synthetic(num_clients=2, examples_per_client=37, seed=5)
+    client = dataset.train.create_tf_dataset_for_client(dataset.train.client_ids[0])
+    kwargs = dict(epochs=3, batch_size=7, shuffle_buffer=10, prefetch_buffer=2, seed=4)
+    tf.keras.utils.set_random_seed(11)
+    article = list(data.preprocess(client, **kwargs))
+    tf.keras.utils.set_random_seed(11)
+    arrays = client_tensors.prepare_client(client, **kwargs)
+    order, n = arrays["order"], len(list(client))
+    assert len(order) == 3 * n and order.max() == n - 1
+    # Rows past the examples are padding to a size class: zeros that no batch reads.
+    assert len(arrays["x"]) == len(arrays["y"]) == client_tensors.padded_rows(n) > n
+    assert not arrays["x"][n:].any() and not arrays["y"][n:].any()
+    batches = [order[i:i + 7] for i in range(0, len(order), 7)]
+    assert len(batches) == len(article)
+    for indices, batch in zip(batches, article):
+        np.testing.assert_array_equal(arrays["x"][indices], batch["x"].numpy())
+        np.testing.assert_array_equal(arrays["y"][indices], batch["y"].numpy())
+
+
+@pytest.mark.unit
+def test_size_classes_are_few_and_pad_at_most_half():
+    sizes = range(1, 1025)
+    rows = [client_tensors.padded_rows(n) for n in sizes]
+    assert all(n <= r <= 1.5 * n for n, r in zip(sizes, rows))
+    assert rows == sorted(rows)
+    # 1 to 3 rows are classes of their own, then two per doubling from 4 to 1,024.
+    assert len(set(rows)) == 3 + 2 * 8 + 1
+
+
+@pytest.mark.unit
+def test_sampled_clients_are_padded_to_size_classes_fixed_ones_are_not():
+    dataset = data.load_synthetic(num_clients=2, examples_per_client=37, seed=5)
+    client_id = dataset.train.client_ids[0]
+    n = len(list(dataset.train.create_tf_dataset_for_client(client_id)))
+    assert client_tensors.padded_rows(n) > n
+    for selection, rows in (("uniform", client_tensors.padded_rows(n)), ("fixed", n)):
+        config = small_config(f"client_selection={selection}")
+        clients = client_tensors.prepared_clients(config, dataset.train, loop.preprocess_kwargs(config))
+        assert len(clients.dataset(client_id).get_single_element()["x"]) == rows
+
+
+@pytest.mark.unit
+def test_cache_stays_within_its_byte_budget():
+    dataset = data.load_synthetic(num_clients=6, examples_per_client=20, seed=1)
+    kwargs = loop.preprocess_kwargs(small_config())
+    one_client = client_tensors.PreparedClients(dataset.train, kwargs).dataset(dataset.train.client_ids[0])
+    size = sum(t.numpy().nbytes for t in one_client.get_single_element().values())
+    clients = client_tensors.PreparedClients(dataset.train, kwargs, max_bytes=int(2.5 * size))
+    first = clients(dataset.train.client_ids[:1])[0].get_single_element()
+    clients(dataset.train.client_ids)
+    assert clients.cached_bytes <= 2.5 * size
+    again = clients(dataset.train.client_ids[:1])[0].get_single_element()   # evicted, prepared anew
+    for key in ("x", "y", "order"):
+        np.testing.assert_array_equal(first[key].numpy(), again[key].numpy())
+
+
+@pytest.mark.unit
+def test_clients_of_any_size_share_one_dataset_kernel():
+    # One traced function for every client size: TensorFlow keeps no per-size kernels, so memory
+    # stays flat however many client sizes a long run samples (bench's `scale` workload).
+    clients = {f"c{n}": (np.random.default_rng(n).uniform(size=(n, 28, 28)), np.arange(n) % 10)
+               for n in (3, 17, 40)}
+    client_data = data.client_data_from_arrays(clients)
+    traces_before = (sources.examples_dataset.experimental_get_tracing_count(),
+                     client_tensors.as_dataset.experimental_get_tracing_count())
+    cache = client_tensors.PreparedClients(client_data, loop.preprocess_kwargs(small_config()))
+    for dataset, (client_id, (pixels, _)) in zip(cache(list(clients)), clients.items()):
+        assert dataset.element_spec == client_tensors.PREPARED_SPEC
+        x = dataset.get_single_element()["x"].numpy()
+        assert len(x) == client_tensors.padded_rows(len(pixels))
+        np.testing.assert_array_equal(x[:len(pixels)], pixels.reshape(-1, 784).astype(np.float32))
+    traces_after = (sources.examples_dataset.experimental_get_tracing_count(),
+                    client_tensors.as_dataset.experimental_get_tracing_count())
+    assert all(after - before <= 1 for before, after in zip(traces_before, traces_after))
+
+
+def test_prepared_rounds_equal_the_articles_path(prepared_run, tmp_path):
+    # SMALL samples clients, so their prepared tensors carry padding rows.
+    train_data = data.load_dataset(small_config().data, 3).train
+    sizes = [len(list(train_data.create_tf_dataset_for_client(c))) for c in train_data.client_ids]
+    assert any(client_tensors.padded_rows(n) > n for n in sizes)
+    article = small_run(small_config("client_input=datasets"), tmp_path)
+    assert_same_rounds(prepared_run, article, tolerance=1e-6)
+    assert prepared_run[-1]["train"]["loss"] < prepared_run[0]["train"]["loss"]

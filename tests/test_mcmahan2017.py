@@ -110,10 +110,10 @@ def test_the_cache_is_configured_else_the_environment_else_keras(tmp_path, monke
 
 @pytest.mark.unit
 def test_missing_mnist_without_network_or_download_fails_clearly(tmp_path, monkeypatch):
-    monkeypatch.setattr(mnist, "can_download", lambda timeout=3.0: False)
+    monkeypatch.setattr(sources, "can_download", lambda timeout=3.0: False)
     with pytest.raises(sources.DataUnavailableError, match="MNIST is not cached .* cannot be downloaded"):
         mnist.load_mnist(cache_dir=tmp_path)
-    monkeypatch.setattr(mnist, "can_download", lambda timeout=3.0: True)
+    monkeypatch.setattr(sources, "can_download", lambda timeout=3.0: True)
     with pytest.raises(sources.DataUnavailableError, match="data.allow_download is false"):
         mnist.load_mnist(cache_dir=tmp_path, allow_download=False)
     assert list(tmp_path.iterdir()) == []
@@ -129,7 +129,7 @@ def test_a_missing_file_is_downloaded_through_keras_into_the_cache(tmp_path, mon
         write_fake_mnist(Path(path).parent)
         return fake_arrays()
 
-    monkeypatch.setattr(mnist, "can_download", lambda timeout=3.0: True)
+    monkeypatch.setattr(sources, "can_download", lambda timeout=3.0: True)
     monkeypatch.setattr(tf.keras.datasets.mnist, "load_data", fake_keras_load_data)
     dataset = mnist.load_mnist(num_clients=4, cache_dir=tmp_path / "cache")
     assert len(calls) == 1 and len(dataset.train.client_ids) == 4
@@ -144,7 +144,7 @@ def test_a_failed_download_leaves_nothing_and_is_one_error(tmp_path, monkeypatch
         Path(path).write_bytes(b"partial")
         raise Exception("URL fetch failure on https://example/mnist.npz: None -- timed out")
 
-    monkeypatch.setattr(mnist, "can_download", lambda timeout=3.0: True)
+    monkeypatch.setattr(sources, "can_download", lambda timeout=3.0: True)
     monkeypatch.setattr(tf.keras.datasets.mnist, "load_data", failing)
     with pytest.raises(sources.DataUnavailableError, match="could not be downloaded"):
         mnist.load_mnist(cache_dir=tmp_path)

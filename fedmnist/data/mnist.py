@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from fedmnist.data import partition
-from fedmnist.data.sources import (DataUnavailableError, FederatedDataset, can_download,
+from fedmnist.data.sources import (DataUnavailableError, FederatedDataset, ensure_cached,
                                    client_data_from_arrays)
 
 MNIST_FILE = "mnist.npz"
@@ -81,13 +81,7 @@ def read_npz(path: Path) -> tuple[Split, Split]:
 def load_arrays(cache_dir: str | Path | None = None, allow_download: bool = True) -> tuple[Split, Split]:
     """MNIST's arrays from the cache, downloaded first when missing and allowed."""
     cache = mnist_cache_dir(str(cache_dir) if cache_dir else None)
-    if not (cache / MNIST_FILE).is_file():
-        if not (allow_download and can_download()):
-            raise DataUnavailableError(
-                f"MNIST is not cached ({MNIST_FILE} in the cache directory) and cannot be downloaded (no "
-                f"network, or data.allow_download is false); set data.cache_dir or ${CACHE_ENV} to a directory "
-                f"holding Keras's {MNIST_FILE}, or use --dataset digits")
-        download(cache)
+    ensure_cached(cache / MNIST_FILE, allow_download, "MNIST", CACHE_ENV, f"Keras's {MNIST_FILE}", lambda: download(cache))
     return read_npz(cache / MNIST_FILE)
 
 

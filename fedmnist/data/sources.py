@@ -19,6 +19,7 @@ import socket
 import sqlite3
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -152,6 +153,19 @@ def can_download(timeout: float = 3.0) -> bool:
         return False
 
 
+def ensure_cached(path: Path, allow_download: bool, name: str, cache_env: str, holding: str,
+                  download: Callable[[], None]) -> None:
+    """Downloads `path` when it is missing and allowed; otherwise one clear `DataUnavailableError`."""
+    if path.is_file():
+        return
+    if not (allow_download and can_download()):
+        raise DataUnavailableError(
+            f"{name} is not cached ({path.name} in the cache directory) and cannot be downloaded (no "
+            f"network, or data.allow_download is false); set data.cache_dir or ${cache_env} to a directory "
+            f"holding {holding}, or use --dataset digits")
+    download()
+
+
 def _download_emnist(cache_dir: Path) -> None:
     """Downloads through TFF into a scratch directory, then moves the file in whole.
 
@@ -167,13 +181,8 @@ def _download_emnist(cache_dir: Path) -> None:
 def load_emnist(only_digits: bool = True, cache_dir: str | Path | None = None,
                 allow_download: bool = True) -> FederatedDataset:
     cache = emnist_cache_dir(str(cache_dir) if cache_dir else None)
-    if not emnist_is_cached(cache):
-        if not (allow_download and can_download()):
-            raise DataUnavailableError(
-                f"federated EMNIST is not cached ({EMNIST_FILE} in the cache directory) and cannot be "
-                f"downloaded (no network, or data.allow_download is false); set data.cache_dir or ${CACHE_ENV} to a directory holding "
-                f"{EMNIST_FILE}, or use --dataset digits")
-        _download_emnist(cache)
+    ensure_cached(cache / EMNIST_FILE, allow_download, "federated EMNIST", CACHE_ENV, EMNIST_FILE,
+                  lambda: _download_emnist(cache))
     try:
         train, test = tff.simulation.datasets.emnist.load_data(only_digits=only_digits,
                                                                cache_dir=str(cache))

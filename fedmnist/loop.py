@@ -32,7 +32,8 @@ from fedmnist.model import build_model_fn, create_model, initial_weights, to_ker
 from fedmnist.outputs import checkpoint as checkpoint_lib
 from fedmnist.outputs import targets
 from fedmnist.outputs.checkpoint import Checkpoints
-from fedmnist.outputs.console import format_eval, format_personalization, format_round, format_skipped, is_finite_loss
+from fedmnist.outputs.console import (format_centralized, format_eval, format_personalization, format_round,
+                                      format_skipped, format_targets, is_finite_loss)
 from fedmnist.outputs.metrics_log import MetricsLog, write_json
 from fedmnist.outputs.records import RoundRecord, to_python
 from fedmnist.outputs.sink import RunOutputs, run_outputs
@@ -340,18 +341,6 @@ def finish(run: Run, training: Training, last: RoundRecord, last_train: dict | N
     write_json(run.run_dir / SUMMARY_FILE, summary)
     importlib.import_module("fedmnist.outputs.plots").write_curves(run.run_dir)
     return summary
-
-
-def format_centralized(metrics: dict) -> str:
-    return (f"centralized eval on the pooled test set ({metrics['num_examples']:,} examples): "
-            f"loss={metrics['loss']:.4f}, accuracy={metrics['sparse_categorical_accuracy']:.4f}")
-
-
-def format_targets(reached: dict) -> str:
-    """`rounds to test accuracy (centralized): 0.97 in 12.3, 0.99 not reached in 50 rounds`."""
-    parts = [f"{target} " + ("in " if rounds is not None else "") + targets.describe(rounds, reached["rounds"])
-             for target, rounds in reached["targets"].items()]
-    return f"rounds to test accuracy ({reached['evaluation']}): " + ", ".join(parts)
 
 
 def _import_while_waiting(module: str) -> None:

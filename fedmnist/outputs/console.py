@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+from fedmnist.outputs.targets import describe as describe_rounds
+
 
 def format_round(round_num: int, train_metrics: Mapping) -> str:
     """The article's line: `round  1, metrics={...}`."""
@@ -30,3 +32,15 @@ def format_personalization(summary: Mapping) -> str:
 
 def is_finite_loss(train_metrics: Mapping) -> bool:
     return math.isfinite(float(train_metrics.get("loss", 0.0)))
+
+
+def format_centralized(metrics: dict) -> str:
+    return (f"centralized eval on the pooled test set ({metrics['num_examples']:,} examples): "
+            f"loss={metrics['loss']:.4f}, accuracy={metrics['sparse_categorical_accuracy']:.4f}")
+
+
+def format_targets(reached: dict) -> str:
+    """`rounds to test accuracy (centralized): 0.97 in 12.3, 0.99 not reached in 50 rounds`."""
+    parts = [f"{target} " + ("in " if rounds is not None else "") + describe_rounds(rounds, reached["rounds"])
+             for target, rounds in reached["targets"].items()]
+    return f"rounds to test accuracy ({reached['evaluation']}): " + ", ".join(parts)

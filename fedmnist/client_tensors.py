@@ -5,17 +5,18 @@ The article hands `process.next` a fresh `tf.data` pipeline per client per round
 the pipeline's and the training loop's functions again for every client in every round: on the tutorial
 workload that per-client overhead, not the arithmetic, is nearly all of a round (docs/performance.md).
 
-Here each client's data is prepared once, as tensors: its examples after `batch_format_fn`
-(`x`, `y`) and the order in which the article's `preprocess` visits them (`order`: `repeat(epochs)`
-then `shuffle(buffer, seed)`). TFF rebuilds the datasets every round, so every round sees that
-pipeline's first-iteration order; `order` records it, and the client work below slices the batches in
-exactly that order. The SGD steps, the client weighting, the aggregation and the metrics are TFF's,
+Here each client's examples are prepared once, as tensors (`x`, `y`, after `batch_format_fn`), and
+each round adds the order in which the article's `preprocess` would visit them with that round's
+shuffle seed (`order`: `repeat(epochs)` then `shuffle(buffer, seed)`, the pipeline's first-iteration
+order, which is what TFF's worker sees of a pipeline built for the round). The client work below
+slices the batches in exactly that order. The SGD steps, the client weighting, the aggregation and the metrics are TFF's,
 so the per-round metrics equal the article's path (the tests check it to 1e-6).
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
@@ -24,7 +25,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from fedmnist.config import Config
-from fedmnist.data.preprocessing import batch_format_fn, make_federated_data
+from fedmnist.data.preprocessing import ShuffleSeeds, batch_format_fn, make_round_data
 from fedmnist.process import build_optimizer, build_training_process
 
 # A client's prepared data: all its examples (as `batch_format_fn` shapes a batch) and the order of
@@ -34,6 +35,8 @@ PREPARED_SPEC = OrderedDict(
     y=tf.TensorSpec([None, 1], tf.int32),
     order=tf.TensorSpec([None], tf.int32))
 DEFAULT_CACHE_BYTES = 256 * 2**20
+# A round's client ids and its number -> the process's client input.
+ClientInputs = Callable[[Sequence[str], int], list]
 # `x` and `y` are padded with zeros (rows that `order` never picks) to one of a few size classes:
 # tensors of a few sizes, not one size per client, let the allocators of this process and of the
 # worker reuse freed buffers, so memory stays flat over hundreds of sampled rounds. Classes step by
@@ -75,12 +78,10 @@ def padded_rows(num_examples: int) -> int:
     return -(-num_examples // step) * step
 
 
-def prepare_client(dataset: tf.data.Dataset, epochs: int, shuffle_buffer: int, seed: int,
-                   size_classes: bool = True, **_unused_preprocess_kwargs) -> OrderedDict:
-    """One client's raw dataset as `PREPARED_SPEC` numpy arrays (takes `preprocess`'s keyword arguments).
+def prepare_examples(dataset: tf.data.Dataset, size_classes: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
+    """One client's examples as `batch_format_fn` shapes them (`x`, `y`) and their number.
 
-    `x` and `y` hold the examples in their first rows, then zeros up to `padded_rows` if
-    `size_classes`; `order` indexes only the examples.
+    The examples fill the first rows, then zeros up to `padded_rows` if `size_classes`.
     """
     # Moderate batches: one batch of 2**31 - 1 stalls on TFF's SQL-backed EMNIST datasets.
     batches = [batch_format_fn(batch) for batch in dataset.batch(4096)]
@@ -92,46 +93,82 @@ def prepare_client(dataset: tf.data.Dataset, epochs: int, shuffle_buffer: int, s
         end = start + len(batch["y"])
         x[start:end], y[start:end] = batch["x"].numpy(), batch["y"].numpy()
         start = end
+    return x, y, num_examples
+
+
+def prepare_client(dataset: tf.data.Dataset, epochs: int, shuffle_buffer: int, seed: int,
+                   size_classes: bool = True, **_unused_preprocess_kwargs) -> OrderedDict:
+    """One client's raw dataset as `PREPARED_SPEC` numpy arrays for a shuffle `seed` (takes
+    `preprocess`'s keyword arguments); `order` indexes only the examples, not the padding."""
+    x, y, num_examples = prepare_examples(dataset, size_classes)
     return OrderedDict(x=x, y=y, order=shuffle_order(num_examples, epochs, shuffle_buffer, seed))
+
+
+def shuffle_seeds(config: Config) -> ShuffleSeeds:
+    """The shuffle seeds of `config.preprocess` (`shuffle: per_round` or `fixed`)."""
+    return ShuffleSeeds(config.preprocess.shuffle_seed, per_round=config.preprocess.shuffle == "per_round")
+
+
+@dataclasses.dataclass
+class _PreparedClient:
+    x: tf.Tensor
+    y: tf.Tensor
+    num_examples: int
+    nbytes: int
+    seed: int | None = None                 # the shuffle seed `dataset` was built with
+    dataset: tf.data.Dataset | None = None
 
 
 class PreparedClients:
     """Prepared client inputs for `process.next`, built on first use and kept in a bounded LRU cache.
 
     Each input is a one-element `tf.data.Dataset` holding a client's prepared tensors (TFF's
-    client-work template takes sequences); it has no shuffle state, so it is reused across rounds.
-    The cache keeps memory flat when many clients are sampled: past `max_bytes` the least recently
-    used clients are dropped and prepared again when next selected. `size_classes` pads them (see
-    `SIZE_CLASSES_PER_DOUBLING`); it only pays when the clients change from round to round.
+    client-work template takes sequences). A client's examples are prepared once; its `order` is
+    computed for the round's shuffle seed (`seeds`: by default `preprocess_kwargs`' seed every round),
+    so with `shuffle: fixed` the whole input is reused across rounds. The cache keeps memory flat when
+    many clients are sampled: past `max_bytes` the least recently used clients are dropped and
+    prepared again when next selected. `size_classes` pads them (see `SIZE_CLASSES_PER_DOUBLING`);
+    it only pays when the clients change from round to round.
     """
 
     def __init__(self, client_data: tff.simulation.datasets.ClientData, preprocess_kwargs: dict,
-                 max_bytes: int = DEFAULT_CACHE_BYTES, size_classes: bool = True):
+                 seeds: ShuffleSeeds | None = None, max_bytes: int = DEFAULT_CACHE_BYTES,
+                 size_classes: bool = True):
         self.client_data = client_data
-        self.preprocess_kwargs = dict(preprocess_kwargs, size_classes=size_classes)
+        self.epochs, self.shuffle_buffer = preprocess_kwargs["epochs"], preprocess_kwargs["shuffle_buffer"]
+        self.seeds = seeds or ShuffleSeeds(preprocess_kwargs["seed"], per_round=False)
+        self.size_classes = size_classes
         self.max_bytes = max_bytes
-        self._cache: collections.OrderedDict[str, tuple[tf.data.Dataset, int]] = collections.OrderedDict()
+        self._cache: collections.OrderedDict[str, _PreparedClient] = collections.OrderedDict()
         self._bytes = 0
 
-    def _prepare(self, client_id: str) -> tuple[tf.data.Dataset, int]:
-        arrays = prepare_client(self.client_data.create_tf_dataset_for_client(client_id),
-                                **self.preprocess_kwargs)
-        return as_dataset(arrays), sum(a.nbytes for a in arrays.values())
-
-    def dataset(self, client_id: str) -> tf.data.Dataset:
+    def _client(self, client_id: str) -> _PreparedClient:
         if client_id in self._cache:
             self._cache.move_to_end(client_id)
-            return self._cache[client_id][0]
-        entry = self._prepare(client_id)
-        self._cache[client_id] = entry
-        self._bytes += entry[1]
+            return self._cache[client_id]
+        x, y, num_examples = prepare_examples(self.client_data.create_tf_dataset_for_client(client_id),
+                                              self.size_classes)
+        order_bytes = 4 * num_examples * self.epochs
+        client = _PreparedClient(tf.constant(x), tf.constant(y), num_examples, x.nbytes + y.nbytes + order_bytes)
+        self._cache[client_id] = client
+        self._bytes += client.nbytes
         while self._bytes > self.max_bytes and len(self._cache) > 1:
-            _, (_, size) = self._cache.popitem(last=False)
-            self._bytes -= size
-        return entry[0]
+            _, evicted = self._cache.popitem(last=False)
+            self._bytes -= evicted.nbytes
+        return client
 
-    def __call__(self, client_ids: Sequence[str]) -> list[tf.data.Dataset]:
-        return [self.dataset(c) for c in client_ids]
+    def dataset(self, client_id: str, round_num: int = 1) -> tf.data.Dataset:
+        """The client's input for `round_num`: its examples in the order of that round's shuffle."""
+        client = self._client(client_id)
+        seed = self.seeds(round_num, client_id)
+        if client.seed != seed:
+            order = shuffle_order(client.num_examples, self.epochs, self.shuffle_buffer, seed)
+            client.dataset = as_dataset(OrderedDict(x=client.x, y=client.y, order=order))
+            client.seed = seed
+        return client.dataset
+
+    def __call__(self, client_ids: Sequence[str], round_num: int = 1) -> list[tf.data.Dataset]:
+        return [self.dataset(c, round_num) for c in client_ids]
 
     @property
     def cached_bytes(self) -> int:
@@ -250,15 +287,16 @@ def build_prepared_fed_avg(model_fn: Callable[[], tff.learning.models.VariableMo
 
 def build_training(config: Config, model_fn: Callable[[], tff.learning.models.VariableModel],
                    client_data: tff.simulation.datasets.ClientData, preprocess_kwargs: dict,
-                   ) -> tuple[tff.learning.templates.LearningProcess, Callable[[Sequence[str]], list]]:
+                   ) -> tuple[tff.learning.templates.LearningProcess, ClientInputs]:
     """The training process and the function turning a round's client ids into its input.
 
     `client_input: prepared` (default): the process above fed with `PreparedClients`;
-    `client_input: datasets`: the article's `build_weighted_fed_avg` fed with `make_federated_data`.
+    `client_input: datasets`: the article's `build_weighted_fed_avg` fed with its pipelines
+    (`make_round_data`). Both shuffle each client with the same seed in a round.
     """
     if config.client_input == "datasets":
         process = build_training_process(model_fn, config.client_optimizer, config.server_optimizer)
-        return process, lambda client_ids: make_federated_data(client_data, client_ids, **preprocess_kwargs)
+        return process, articles_inputs(config, client_data, preprocess_kwargs)
     process = build_prepared_fed_avg(model_fn, build_optimizer(config.client_optimizer),
                                      build_optimizer(config.server_optimizer), config.preprocess.batch_size)
     return process, prepared_clients(config, client_data, preprocess_kwargs)
@@ -271,4 +309,13 @@ def prepared_clients(config: Config, client_data: tff.simulation.datasets.Client
     The same clients every round (`client_selection: fixed`, the article's) reuse the same buffers
     unpadded, so padding would only add bytes to every round.
     """
-    return PreparedClients(client_data, preprocess_kwargs, size_classes=config.client_selection != "fixed")
+    return PreparedClients(client_data, preprocess_kwargs, shuffle_seeds(config),
+                           size_classes=config.client_selection != "fixed")
+
+
+def articles_inputs(config: Config, client_data: tff.simulation.datasets.ClientData,
+                    preprocess_kwargs: dict) -> ClientInputs:
+    """The article's client input for a round: one `preprocess` pipeline per client (`make_round_data`)."""
+    seeds = shuffle_seeds(config)
+    return lambda client_ids, round_num: make_round_data(client_data, client_ids, round_num, seeds,
+                                                         **preprocess_kwargs)

@@ -54,6 +54,9 @@ class PreprocessConfig:
     shuffle_buffer: int = _field(100, minimum=1)
     prefetch_buffer: int = _field(10, minimum=1)
     shuffle_seed: int = _field(1, minimum=0)
+    # per_round: a client's order changes every round, derived from (shuffle_seed, round, client);
+    # fixed: one order per client for the whole run, as the article's rebuilt, seeded pipeline.
+    shuffle: Literal["per_round", "fixed"] = "per_round"
 
 
 @dataclasses.dataclass

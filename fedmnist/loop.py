@@ -168,6 +168,7 @@ def evaluation_clients(config: config_lib.Config, client_ids: Sequence[str]) -> 
 def preprocess_kwargs(config: config_lib.Config, epochs: int | None = None) -> dict:
     kwargs = dataclasses.asdict(config.preprocess)
     kwargs["seed"] = kwargs.pop("shuffle_seed")
+    del kwargs["shuffle"]   # per round or fixed: the client inputs' `ShuffleSeeds`
     if epochs is not None:
         kwargs["epochs"] = epochs
     return kwargs
@@ -237,7 +238,7 @@ def train_round(training: Training, state, plan: RoundPlan, record: RoundRecord,
                 echo: Callable[[str], None]) -> tuple[object, tff.learning.models.ModelWeights]:
     """Trains the plan's clients; fills in the record's train and aggregation parts."""
     training.begin_round(plan.round_num)
-    result = training.process.next(state, training.client_inputs(plan.completed))
+    result = training.process.next(state, training.client_inputs(plan.completed, plan.round_num))
     record.train = to_python(result.metrics["client_work"]["train"])
     weights = model_weights(training.process, result.state)
     if not (is_finite_loss(record.train) and all(np.isfinite(a).all() for a in weights.trainable)):

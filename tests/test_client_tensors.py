@@ -98,3 +98,40 @@ def test_prepared_rounds_equal_the_articles_path(prepared_run, tmp_path):
     article = small_run(small_config("client_input=datasets"), tmp_path)
     assert_same_rounds(prepared_run, article, tolerance=1e-6)
     assert prepared_run[-1]["train"]["loss"] < prepared_run[0]["train"]["loss"]
+
+
+@pytest.mark.unit
+def test_each_round_shuffles_anew_and_reproducibly():
+    dataset = data.load_synthetic(num_clients=2, examples_per_client=30, seed=5)
+    client_id = dataset.train.client_ids[0]
+    client = dataset.train.create_tf_dataset_for_client(client_id)
+    config = small_config("preprocess.epochs=2", "preprocess.batch_size=4")
+    kwargs, seeds = loop.preprocess_kwargs(config), client_tensors.shuffle_seeds(config)
+
+    def orders(clients):
+        tf.keras.utils.set_random_seed(config.seed)
+        return [clients.dataset(client_id, r).get_single_element()["order"].numpy() for r in (1, 2, 3, 2)]
+
+    per_round = orders(client_tensors.PreparedClients(dataset.train, kwargs, seeds))
+    assert all(sorted(o) == sorted(per_round[0]) for o in per_round)       # the same examples, twice each
+    assert not np.array_equal(per_round[0], per_round[1]) and not np.array_equal(per_round[1], per_round[2])
+    np.testing.assert_array_equal(per_round[1], per_round[3])              # a round replayed: its order
+    np.testing.assert_array_equal(per_round, orders(client_tensors.PreparedClients(dataset.train, kwargs, seeds)))
+    # Each round's order is the one the article's pipeline, built for that round, visits.
+    for round_num, order in zip((1, 2, 3), per_round):
+        tf.keras.utils.set_random_seed(config.seed)
+        (pipeline,) = data.make_round_data(dataset.train, [client_id], round_num, seeds, **kwargs)
+        batches = [order[i:i + 4] for i in range(0, len(order), 4)]
+        x = client_tensors.prepare_examples(client, size_classes=False)[0]
+        for indices, batch in zip(batches, pipeline, strict=True):
+            np.testing.assert_array_equal(x[indices], batch["x"].numpy())
+    fixed = small_config("preprocess.epochs=2", "preprocess.shuffle=fixed")
+    same = orders(client_tensors.PreparedClients(dataset.train, kwargs, client_tensors.shuffle_seeds(fixed)))
+    assert all(np.array_equal(o, same[0]) for o in same)
+
+
+@pytest.mark.unit
+def test_round_shuffle_seeds_depend_on_seed_round_and_client_only():
+    seeds = {data.round_shuffle_seed(s, r, c) for s in (1, 2) for r in (1, 2) for c in ("a", "b")}
+    assert len(seeds) == 8 and all(0 <= x < 2**63 for x in seeds)
+    assert data.round_shuffle_seed(1, 2, "a") == data.round_shuffle_seed(1, 2, "a")

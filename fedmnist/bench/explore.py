@@ -36,7 +36,9 @@ class Tutorial:
 
     @classmethod
     def load(cls) -> Tutorial:
-        config = config_lib.load(None, ["data.dataset=digits"])
+        # The article's pipelines repeat one order per client (its seeded `preprocess`, rebuilt every round);
+        # `shuffle=fixed` makes the prepared variants feed that order too.
+        config = config_lib.load(None, ["data.dataset=digits", "preprocess.shuffle=fixed"])
         dataset = load_dataset(config.data, config.seed)
         return cls(config, dataset, preprocess_kwargs(config), round_clients(config, dataset.train.client_ids))
 
@@ -144,7 +146,8 @@ def time_variant(tutorial: Tutorial, variant: Variant, rounds: int) -> tuple[lis
         seconds, per_round = [], []
         for round_num in range(1, rounds + 1):
             started = time.perf_counter()
-            result = learning_process.next(state, client_input(tutorial.select(round_num)))
+            clients = tutorial.select(round_num)
+            result = learning_process.next(state, client_input(clients) if variant.feed else client_input(clients, round_num))
             seconds.append(time.perf_counter() - started)
             state = result.state
             train = result.metrics["client_work"]["train"]

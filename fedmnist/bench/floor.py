@@ -7,7 +7,6 @@ step, so its per-round metrics equal the package's and its time is what the arit
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable, Sequence
 
@@ -106,16 +105,13 @@ def run_floor(config: Config, dataset: FederatedDataset | None = None, nudge_wei
         train_client = client_training(keras_model, config.preprocess.batch_size,
                                        config.client_optimizer.learning_rate)
 
-        @functools.lru_cache(maxsize=512)   # each client's prepared batches, built once and reused
-        def client_tensors(client_id: str) -> dict:
-            return cache.dataset(client_id).get_single_element()
-
         if nudge_weights:
             weights = [np.nextafter(w, np.float32(np.inf)) for w in weights]
         weights = [tf.constant(w) for w in weights]
         seconds, per_round = [], []
         for round_num in range(1, config.rounds + 1):
             started = time.perf_counter()
+            client_tensors = lambda client_id: cache.dataset(client_id, round_num).get_single_element()  # noqa: E731
             weights, examples, metrics = fed_avg_round(train_client, client_tensors, select(round_num), weights,
                                                        config.server_optimizer.learning_rate)
             per_round.append(metrics)

@@ -7,6 +7,8 @@ model trains on; `make_federated_data` does it for a list of clients, as the art
 from __future__ import annotations
 
 import collections
+import dataclasses
+import hashlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -52,6 +54,37 @@ def whole_dataset_size(dataset: tf.data.Dataset) -> int:
 def make_federated_data(client_data: tff.simulation.datasets.ClientData, client_ids: Sequence[str],
                         **preprocess_kwargs) -> list[tf.data.Dataset]:
     return [preprocess(client_data.create_tf_dataset_for_client(x), **preprocess_kwargs)
+            for x in client_ids]
+
+
+def round_shuffle_seed(seed: int, round_num: int, client_id: str) -> int:
+    """The shuffle seed of one client in one round: a new order every round, the same one in every run
+    with `seed` and after a resume (it depends on nothing else)."""
+    key = f"{seed}/{round_num}/{client_id}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") >> 1   # an int64 seed
+
+
+@dataclasses.dataclass(frozen=True)
+class ShuffleSeeds:
+    """Which shuffle seed each client's pipeline gets in a round (`preprocess.shuffle`).
+
+    `per_round`: `round_shuffle_seed`, so every round visits a client's examples in a new order, as a
+    pipeline shuffled afresh would. `fixed`: `seed` every round; the article's datasets, rebuilt by TFF
+    every round with one seed, then repeat one order per client over the whole run.
+    """
+
+    seed: int = SHUFFLE_SEED
+    per_round: bool = True
+
+    def __call__(self, round_num: int, client_id: str) -> int:
+        return round_shuffle_seed(self.seed, round_num, client_id) if self.per_round else self.seed
+
+
+def make_round_data(client_data: tff.simulation.datasets.ClientData, client_ids: Sequence[str],
+                    round_num: int, seeds: ShuffleSeeds, **preprocess_kwargs) -> list[tf.data.Dataset]:
+    """`make_federated_data` for one round: each client's pipeline shuffled with its seed for the round."""
+    kwargs = {k: v for k, v in preprocess_kwargs.items() if k != "seed"}
+    return [preprocess(client_data.create_tf_dataset_for_client(x), seed=seeds(round_num, x), **kwargs)
             for x in client_ids]
 
 

@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import numpy as np
 import tensorflow_federated as tff
 
 from fedmnist import config as config_lib
-from fedmnist.client_tensors import build_training
-from fedmnist.data.preprocessing import make_federated_data
+from fedmnist.client_tensors import ClientInputs, articles_inputs, build_training
 from fedmnist.outputs.records import to_python
 from fedmnist.privacy.accounting import delta_warning, dp_delta, dp_epsilon, sampling_for
 from fedmnist.privacy.compression import FLOAT_BITS, compression_aggregator, encoded_bits, quiet_bitpacking
@@ -155,7 +154,7 @@ class Training:
 
     process: tff.learning.templates.LearningProcess | SecureFedAvg
     report: AggregationReport
-    client_inputs: Callable[[Sequence[str]], list]
+    client_inputs: ClientInputs
     keyed: RoundKeyed | None = None
 
     def begin_round(self, round_num: int) -> None:
@@ -166,10 +165,10 @@ class Training:
 def build_process(config: config_lib.Config, model_fn: Callable[[], tff.learning.models.VariableModel],
                   client_data: tff.simulation.datasets.ClientData, preprocess_kwargs: dict) -> Training:
     """The training for `config.aggregation`: prepared client tensors for `plain` (fedmnist/client_tensors.py,
-    unless `client_input: datasets`), the article's `make_federated_data` otherwise."""
+    unless `client_input: datasets`), the article's pipelines (`articles_inputs`) otherwise."""
     mode = config.aggregation
     report = AggregationReport(config, update_shapes(model_fn), len(client_data.client_ids))
-    articles_inputs = lambda client_ids: make_federated_data(client_data, client_ids, **preprocess_kwargs)  # noqa: E731
+    articles = articles_inputs(config, client_data, preprocess_kwargs)
     if mode == "plain":
         process, client_inputs = build_training(config, model_fn, client_data, preprocess_kwargs)
         return Training(process, report, client_inputs)
@@ -177,7 +176,7 @@ def build_process(config: config_lib.Config, model_fn: Callable[[], tff.learning
         process = SecureFedAvg(model_fn, config.client_optimizer, config.server_optimizer, config.secure,
                                config_lib.secure_threshold(config), config.clients_per_round, config.seed,
                                largest_client_weight=largest_client_weight(client_data, preprocess_kwargs["epochs"]))
-        return Training(process, report, articles_inputs, keyed=process)
+        return Training(process, report, articles, keyed=process)
     if mode == "dp":
         # No zeroing: its norm estimate is not private and would spend budget nobody accounts for.
         aggregator = tff.learning.dp_aggregator(config.dp.noise_multiplier, config.clients_per_round,
@@ -185,12 +184,12 @@ def build_process(config: config_lib.Config, model_fn: Callable[[], tff.learning
         process = tff.learning.algorithms.build_unweighted_fed_avg(
             model_fn, build_optimizer(config.client_optimizer), build_optimizer(config.server_optimizer),
             model_aggregator=aggregator)
-        return Training(process, report, articles_inputs)
+        return Training(process, report, articles)
     if mode == "compressed":
         aggregator = compression_aggregator(config.compression.bits, config.compression.threshold)
         with quiet_bitpacking():
             process = tff.learning.algorithms.build_weighted_fed_avg(
                 model_fn, build_optimizer(config.client_optimizer), build_optimizer(config.server_optimizer),
                 model_aggregator=aggregator)
-        return Training(process, report, articles_inputs)
+        return Training(process, report, articles)
     raise ValueError(f"unknown aggregation {mode!r}")

@@ -5,17 +5,33 @@ import numpy as np
 import pytest
 import tensorflow_federated as tff
 
-from fedmnist.privacy.compression import FLOAT_BITS, compression_aggregator, encoded_bits
+from fedmnist.privacy.compression import FLOAT_BITS, compression_aggregator, encoded_bits, quiet_bitpacking
 
 pytestmark = pytest.mark.unit
 
 
-def test_encoded_bits_measure_tffs_encoder():
-    assert encoded_bits((10,), 8, 1000) == FLOAT_BITS * 10  # small tensors go as float32
-    for bits in (2, 8, 16):
-        measured = encoded_bits((784, 10), bits, 1000)
-        assert bits * 7840 + 64 <= measured < 32 * 7840
-    assert encoded_bits((784, 10), 8, 1000) < encoded_bits((784, 10), 16, 1000)
+def real_encoded_bits(shape: tuple[int, ...], bits: int) -> int:
+    """What TFF's uniform quantization encoder (TFMOT's `tensor_encoding`, which TFF's
+    `EncodedSumFactory.quantize_above_threshold` builds) really outputs for a tensor of `shape`."""
+    import tensorflow as tf
+    from tensorflow_model_optimization.python.core.internal import tensor_encoding as te
+
+    encoder = te.encoders.as_gather_encoder(te.encoders.uniform_quantization(bits), tf.TensorSpec(shape, tf.float32))
+    encode_params, _, _ = encoder.get_params(encoder.initial_state())
+    with quiet_bitpacking():
+        encoded, _ = encoder.encode(tf.random.uniform(shape), encode_params)
+    return sum(int(np.prod(t.shape)) * t.dtype.size * 8 for t in tf.nest.flatten(encoded))
+
+
+@pytest.mark.parametrize("shape", [(784, 10), (5, 5, 1, 32), (33,), (7,), (3136, 512)])
+@pytest.mark.parametrize("bits", [1, 3, 8, 16])
+def test_encoded_bits_are_what_tffs_encoder_outputs(shape, bits):
+    assert encoded_bits(shape, bits, 0) == real_encoded_bits(shape, bits)
+
+
+def test_small_tensors_go_as_float32():
+    assert encoded_bits((10,), 8, 1000) == FLOAT_BITS * 10
+    assert encoded_bits((784, 10), 8, 1000) < encoded_bits((784, 10), 16, 1000) < FLOAT_BITS * 7840
 
 
 def test_compression_aggregator_defaults_are_tffs():

@@ -114,10 +114,30 @@ class DPConfig:
 
 
 @dataclasses.dataclass
+class SecureDpConfig:
+    """`aggregation: secure_dp`: distributed DP, each client noising its quantized update, summed under the
+    `secure:` protocol (its threshold and dropouts; not its bits and clip). fedmnist/privacy/distributed_dp.py."""
+    mechanism: Literal["distributed_skellam", "distributed_dgauss"] = "distributed_skellam"
+    # Central noise stddev / clip: what any `secure.threshold` surviving clients' noise shares add up to
+    # (0 = no noise). Must not exceed clients_per_round: the mean's noise would exceed a whole update.
+    noise_multiplier: float = _field(0.5, minimum=0)
+    clip: float = _field(0.3, above=0)                      # L2 bound on each client's update
+    # The secure sum is modulo 2^bits. At most 32: values are handled in float64 and int64, and a larger
+    # modulus would let the noise outgrow numpy's Poisson sampler.
+    bits: int = _field(16, minimum=1, maximum=32)
+    modclip_prob: float = _field(1e-4, above=0, below=1)  # target chance of the sum wrapping (sizes the scale)
+    delta: Optional[float] = _field(None, above=0, below=1)  # null = 0.01 / num_clients
+
+
+@dataclasses.dataclass
 class CompressionConfig:
     """`aggregation: compressed`: uniform quantization as tff.learning.compression_aggregator."""
     bits: int = _field(8, minimum=1, maximum=16)
     threshold: int = _field(20000, minimum=0)              # only tensors larger than this are quantized
+
+
+# The aggregations whose model updates carry a differential-privacy guarantee.
+DP_MODES = ("dp", "secure_dp")
 
 
 @dataclasses.dataclass
@@ -155,10 +175,11 @@ class Config:
         default_factory=lambda: OptimizerConfig(learning_rate=1.0))
     availability: AvailabilityConfig = dataclasses.field(default_factory=AvailabilityConfig)
     personalization: PersonalizationConfig = dataclasses.field(default_factory=PersonalizationConfig)
-    aggregation: Literal["plain", "secure", "dp", "compressed"] = "plain"
+    aggregation: Literal["plain", "secure", "dp", "compressed", "secure_dp"] = "plain"
     secure: SecureConfig = dataclasses.field(default_factory=SecureConfig)
     dp: DPConfig = dataclasses.field(default_factory=DPConfig)
     compression: CompressionConfig = dataclasses.field(default_factory=CompressionConfig)
+    secure_dp: SecureDpConfig = dataclasses.field(default_factory=SecureDpConfig)
 
 
 # --- Building a Config from plain data ---------------------------------------------------------
@@ -299,19 +320,27 @@ def check_aggregation(config: Config) -> None:
                           f"{0.1 * config.clients_per_round:g}; lower it or raise clients_per_round")
     if config.aggregation == "secure":
         check_secure(config)
+    if config.aggregation == "secure_dp":
+        check_secure_dp(config)
 
 
-def check_secure(config: Config) -> None:
+def check_secure_roster(config: Config) -> None:
+    """Clients per round and threshold that the protocol can run with."""
     secure = config.secure
     if config.clients_per_round < 2:
-        raise ConfigError(f"clients_per_round: aggregation: secure needs at least 2 clients per round; with "
-                          f"{config.clients_per_round} the unmasked sum is that client's own update")
+        raise ConfigError(f"clients_per_round: aggregation: {config.aggregation} needs at least 2 clients per round; "
+                          f"with {config.clients_per_round} the unmasked sum is that client's own update")
     if secure_threshold(config) < 2:
         raise ConfigError(f"secure.threshold: {secure.threshold} is too low: with a threshold of 1 every Shamir "
                           f"share is the secret itself; use at least 2 (null = a majority of clients_per_round)")
     if secure_threshold(config) > config.clients_per_round:
         raise ConfigError(f"secure.threshold: {secure.threshold} is more than the "
                           f"{config.clients_per_round} clients per round")
+
+
+def check_secure(config: Config) -> None:
+    secure = config.secure
+    check_secure_roster(config)
     # Without an explicit bound the weights are known only once the data is loaded
     # (`secure_weight_bound`); weight 1 is the most room they can leave.
     if secure.max_client_weight:
@@ -319,6 +348,30 @@ def check_secure(config: Config) -> None:
                                "raise secure.bits or lower secure.max_client_weight")
     else:
         check_secure_precision(secure, config.clients_per_round, 1, "raise secure.bits", " (the smallest possible)")
+
+
+def check_secure_dp(config: Config) -> None:
+    """The protocol's roster, a sum that cannot wrap (TFF's DistributedDpSumFactory conditions) and noise
+    that still means something. The scale, which needs the model's size, is checked when the process is
+    built (fedmnist/privacy/distributed_dp.py)."""
+    check_secure_roster(config)
+    ddp, clients = config.secure_dp, config.clients_per_round
+    if 2 ** ddp.bits < clients:
+        raise ConfigError(f"secure_dp.bits: 2^{ddp.bits} is less than the {clients} clients per round, so their "
+                          f"sum wraps; use at least {math.ceil(math.log2(clients))} bits")
+    k_stddevs = math.sqrt(2) * _erfcinv(ddp.modclip_prob)
+    if 2 ** (2 * ddp.bits) < clients * k_stddevs ** 2:
+        raise ConfigError(f"secure_dp.bits: {ddp.bits} bits are too few for {clients} clients at "
+                          f"secure_dp.modclip_prob {ddp.modclip_prob:g}; raise secure_dp.bits or secure_dp.modclip_prob")
+    if ddp.noise_multiplier > clients:
+        raise ConfigError(f"secure_dp.noise_multiplier: {ddp.noise_multiplier:g} is more than the {clients} clients "
+                          f"per round: the mean's noise per weight would exceed a whole clipped update; lower it")
+
+
+def _erfcinv(p: float) -> float:
+    from scipy import special  # scipy only, no TensorFlow
+
+    return float(special.erfcinv(p))
 
 
 def check_secure_precision(secure: SecureConfig, clients_per_round: int, max_weight: int, fix: str,

@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             summary = loop.train(config, run_dir, progress=not args.quiet, resume=bool(args.resume),
                                  stop_requested=stop)
-            not_covered = " (not covered by the DP guarantee)" if summary["aggregation"]["mode"] == "dp" else ""
+            dp_mode = summary["aggregation"]["mode"] in config_lib.DP_MODES
+            not_covered = " (not covered by the DP guarantee)" if dp_mode else ""
             print(f"final: train accuracy {summary['eval']['train']['sparse_categorical_accuracy']:.4f}, "
                   f"test accuracy {summary['eval']['test']['sparse_categorical_accuracy']:.4f}{not_covered}, "
                   f"{summary['total_seconds']:.1f} s; outputs in {run_dir}")

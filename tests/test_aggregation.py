@@ -71,6 +71,7 @@ def test_secure_rounds_report_dropouts_and_protocol_bytes(runs):
         # Masked vector (4 bytes per weight and the weight) plus keys, shares and unmasking.
         assert report["bytes_per_client"] > 4 * 7851 and report["extra_bytes_per_client"] > 0
     assert sum("secure sum of" in line for line in lines) == ROUNDS
+    assert summary["aggregation"]["upload_bytes_per_client"] > 4 * 7851  # the protocol's bytes, not float32's
     assert summary["eval"]["test"]["sparse_categorical_accuracy"] > 0.25  # chance is 0.1
 
 

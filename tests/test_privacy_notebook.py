@@ -11,7 +11,7 @@ from helpers import Background
 from nbrun import execute_notebook, machine_paths_in, outputs_text
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "privacy.ipynb"
-MODES = ("plain", "secure", "dp", "compressed")
+MODES = ("plain", "secure", "dp", "secure_dp", "compressed")
 
 
 # The kernel runs in the background from the start of the session (nbrun stops it, and checks that
@@ -31,15 +31,16 @@ def table_rows(notebook) -> dict[str, list[str]]:
     return {line.split()[0]: line.split()[1:] for line in lines[start + 1:start + 1 + len(MODES)]}
 
 
-def test_notebook_trains_all_four_modes_and_prints_the_table(executed):
+def test_notebook_trains_all_five_modes_and_prints_the_table(executed):
     rows = table_rows(executed)
     assert list(rows) == list(MODES)
     for mode, (test_acc, train_acc, epsilon, upload, seconds) in rows.items():
         assert 0.0 <= float(test_acc) <= 1.0 and 0.0 <= float(train_acc) <= 1.0
-        assert (epsilon != "-") == (mode == "dp")
+        assert (epsilon != "-") == (mode in ("dp", "secure_dp"))
         assert int(upload.replace(",", "")) > 0 and float(seconds) > 0
     uploads = {mode: int(row[3].replace(",", "")) for mode, row in rows.items()}
     assert uploads["compressed"] < uploads["plain"] < uploads["secure"]
+    assert uploads["secure_dp"] < uploads["plain"]  # 16-bit coordinates, with the protocol's messages
 
 
 def test_notebook_outputs_are_small_and_free_of_machine_paths(executed):

@@ -1,4 +1,4 @@
-"""The privacy spent by `aggregation: dp`, accounted with `dp_accounting` for the sampling that ran.
+"""The privacy spent by `aggregation: dp` (secure_dp: fedmnist/privacy/distributed_accounting.py), accounted with `dp_accounting` for the sampling that ran.
 
 Two samplings, each accounted as what it is:
 
@@ -65,14 +65,14 @@ def dp_epsilon(noise_multiplier: float, sampling: Sampling, rounds: int, delta: 
     return float(accountant.compose(dp_event(noise_multiplier, sampling, rounds)).get_epsilon(delta))
 
 
-def dp_delta(settings: config_lib.DPConfig, num_clients: int) -> float:
+def dp_delta(settings: config_lib.DPConfig | config_lib.SecureDpConfig, num_clients: int) -> float:
     return settings.delta if settings.delta is not None else DEFAULT_DELTA_TIMES_CLIENTS / num_clients
 
 
-def delta_warning(delta: float, num_clients: int) -> str | None:
+def delta_warning(delta: float, num_clients: int, key: str = "dp.delta") -> str | None:
     """One line when delta is too large for `num_clients` to mean much."""
     if delta * num_clients < WARN_DELTA_TIMES_CLIENTS:
         return None
-    return (f"warning: dp.delta {delta:.3g} x {num_clients} clients = {delta * num_clients:.2g}: a guarantee "
+    return (f"warning: {key} {delta:.3g} x {num_clients} clients = {delta * num_clients:.2g}: a guarantee "
             f"this weak allows revealing some client's data outright; use a delta below "
             f"{WARN_DELTA_TIMES_CLIENTS / num_clients:.2g}")

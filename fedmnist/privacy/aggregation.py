@@ -4,10 +4,12 @@
 - `secure`: the same FedAvg, but the server sees only masked updates (fedmnist/privacy/secure_process.py).
 - `dp`: user-level differential privacy, `tff.learning.dp_aggregator` (adaptive clipping, Gaussian
   noise) with `build_unweighted_fed_avg`; the privacy spent is accounted with `dp_accounting`.
+- `secure_dp`: distributed DP: each client adds a noise share to its quantized update and the server
+  unmasks only the noised sum (fedmnist/privacy/distributed_dp.py, distributed_accounting.py).
 - `compressed`: uniform quantization of the update, as `tff.learning.compression_aggregator`.
 
 Each round reports `upload_bytes_per_client`: what one client sends for its update. plain and dp send
-float32 (4 bytes per weight; plain adds the 4-byte example weight); secure sends every message of the
+float32 (4 bytes per weight; plain adds the 4-byte example weight); secure and secure_dp send every message of the
 protocol (keys, encrypted shares, the masked vector, unmasking shares), counted from the messages
 themselves; compressed sends what TFF's encoder produces, measured by running that encoder on a
 tensor of each shape. The small scalars that adaptive clipping and zeroing add are not counted.
@@ -24,12 +26,15 @@ import numpy as np
 import tensorflow_federated as tff
 
 from fedmnist import config as config_lib
+from fedmnist.config import DP_MODES
 from fedmnist.client_tensors import ClientInputs, articles_inputs, build_training
 from fedmnist.outputs.records import to_python
 from fedmnist.privacy.accounting import delta_warning, dp_delta, dp_epsilon, sampling_for
 from fedmnist.privacy.compression import FLOAT_BITS, compression_aggregator, encoded_bits, quiet_bitpacking
+from fedmnist.privacy.distributed_accounting import ddp_epsilon
+from fedmnist.privacy.distributed_dp import ddp_parameters
 from fedmnist.privacy.secagg import threshold_warning
-from fedmnist.privacy.secure_process import SecureFedAvg, largest_client_weight
+from fedmnist.privacy.secure_process import SecureDpFedAvg, SecureFedAvg, largest_client_weight
 from fedmnist.process import build_optimizer
 
 
@@ -39,18 +44,29 @@ def update_shapes(model_fn: Callable[[], tff.learning.models.VariableModel]) -> 
     return [tuple(int(d) for d in tensor.shape) for tensor in trainable]
 
 
+COVERS = ("the model updates only: the train metrics, participation and federated evaluation, computed on "
+          "clients' data, are not covered by the guarantee")
+# The server runs the protocol with the round's participants, so the sample amplifies nothing.
+SECURE_DP_SAMPLING = "known to the server: no amplification (q = 1)"
+
+
 class AggregationReport:
     """What the run logs about aggregation: per round (metrics.jsonl, TensorBoard) and in summary.json."""
 
     def __init__(self, config: config_lib.Config, shapes: list[tuple[int, ...]], num_clients: int):
         self.config, self.mode = config, config.aggregation
         self.num_params = sum(int(np.prod(s, dtype=np.int64)) for s in shapes)
-        self.float_bytes = 4 * (self.num_params + (self.mode != "dp"))  # dp's mean is unweighted
+        self.float_bytes = 4 * (self.num_params + (self.mode not in DP_MODES))  # dp's mean is unweighted
         self.rows: list[dict] = []
         if self.mode == "dp":
             self.delta = dp_delta(config.dp, num_clients)
             self.sampling = sampling_for(config, num_clients)
             self.delta_warning = delta_warning(self.delta, num_clients)
+        if self.mode == "secure_dp":
+            self.delta = dp_delta(config.secure_dp, num_clients)
+            self.delta_warning = delta_warning(self.delta, num_clients, "secure_dp.delta")
+            self.ddp = ddp_parameters(config.secure_dp, config.clients_per_round,
+                                      config_lib.secure_threshold(config), self.num_params)
         if self.mode == "compressed":
             settings = config.compression
             self.quantized = sum(int(np.prod(s)) > settings.threshold for s in shapes)
@@ -76,14 +92,29 @@ class AggregationReport:
                     f"dropout {secure.dropout:g} (after input {secure.dropout_after_input:g})")
             warning = threshold_warning(threshold, self.config.clients_per_round)
             return line + (f"\n{warning}" if warning else "")
+        if self.mode == "secure_dp":
+            return self._secure_dp_header()
         return None
+
+    def _secure_dp_header(self) -> str:
+        p, secure = self.ddp, self.config.secure
+        lines = [f"distributed differential privacy under secure aggregation (the server sees masked inputs and "
+                 f"the noised sum only): {p.mechanism}, noise multiplier {p.noise_multiplier:g}, clip {p.clip:g}, "
+                 f"local noise stddev {p.local_stddev:.3g} per client (any {p.threshold} survivors add the "
+                 f"central noise), {p.bits}-bit sum, scale {p.scale:.4g}, {p.padded_dim} rotated coordinates, "
+                 f"threshold {p.threshold} of {p.clients_per_round}, dropout {secure.dropout:g} (after input "
+                 f"{secure.dropout_after_input:g}), {SECURE_DP_SAMPLING}, delta {self.delta:.3g}"]
+        lines += [w for w in (threshold_warning(p.threshold, p.clients_per_round), self.delta_warning) if w]
+        return "\n".join(lines)
 
     def round(self, round_num: int, metrics: Mapping) -> dict:
         """The round's aggregation figures, from the process's metrics."""
         row: dict = {"mode": self.mode}
-        if self.mode == "secure":
+        if self.mode in ("secure", "secure_dp"):
             row.update(to_python(metrics["aggregator"]["secure"]))
             row["upload_bytes_per_client"] = row.get("bytes_per_client", math.nan)
+            if self.mode == "secure_dp":
+                row.update(epsilon=self.epsilon(round_num), delta=self.delta, sampling=SECURE_DP_SAMPLING)
         elif self.mode == "dp":
             row.update(epsilon=self.epsilon(round_num), delta=self.delta, sampling=self.sampling.kind,
                        sampling_rate=self.sampling.rate, upload_bytes_per_client=self.float_bytes,
@@ -99,41 +130,47 @@ class AggregationReport:
 
     def line(self, round_num: int, row: Mapping) -> str | None:
         """The console line for a round, when there is news."""
-        if self.mode == "secure":
+        if self.mode in ("secure", "secure_dp"):
+            spent = (f"; privacy spent: epsilon {row['epsilon']:.3f} at delta {row['delta']:.3g}"
+                     if self.mode == "secure_dp" else "")
             if row["failed"]:
-                return f"round {round_num:2d}, {row['error']}"
+                return f"round {round_num:2d}, {row['error']}{spent}"
             return (f"round {round_num:2d}, secure sum of {row['clients'] - row['dropped']} of {row['clients']} "
                     f"clients ({row['dropped']} dropped), {row['bytes_per_client']:,.0f} bytes sent per client "
-                    f"({row['extra_bytes_per_client']:+,.0f} over float32)")
+                    f"({row['extra_bytes_per_client']:+,.0f} over float32){spent}")
         if self.mode == "dp":
             return (f"round {round_num:2d}, privacy spent: epsilon {row['epsilon']:.3f} at delta {row['delta']:.3g} "
                     f"({self.sampling.describe()}; adaptive clip norm {row['clip']:.3g})")
         return None
 
     def epsilon(self, rounds: int) -> float:
-        """dp: the privacy spent by `rounds` rounds (skipped ones included, conservatively)."""
+        """dp, secure_dp: the privacy spent by `rounds` rounds (skipped ones included, conservatively)."""
+        if self.mode == "secure_dp":
+            return ddp_epsilon(self.ddp, rounds, self.delta)
         return dp_epsilon(self.config.dp.noise_multiplier, self.sampling, rounds, self.delta)
 
     @property
     def not_covered(self) -> str:
-        """dp: a note for what the guarantee does not cover (metrics computed on clients' data)."""
-        return " (not covered by the DP guarantee)" if self.mode == "dp" else ""
+        """dp, secure_dp: a note for what the guarantee does not cover (metrics computed on clients' data)."""
+        return " (not covered by the DP guarantee)" if self.mode in DP_MODES else ""
 
     def summary(self) -> dict:
         summary: dict = {"mode": self.mode}
         uploads = [r["upload_bytes_per_client"] for r in self.rows if not np.isnan(r["upload_bytes_per_client"])]
         if uploads:  # none when every round was skipped
             summary["upload_bytes_per_client"] = float(np.mean(uploads))
-        if self.mode == "secure":
+        if self.mode in ("secure", "secure_dp"):
             summary.update(failed_rounds=sum(r["failed"] for r in self.rows),
                            dropped_clients=sum(r["dropped"] for r in self.rows),
                            threshold=config_lib.secure_threshold(self.config))
         if self.mode == "dp":
             summary.update(epsilon=self.epsilon(self.config.rounds), delta=self.delta,
                            noise_multiplier=self.config.dp.noise_multiplier, sampling=self.sampling.kind,
-                           sampling_rate=self.sampling.rate,
-                           covers="the model updates only: the train metrics, participation and federated "
-                                  "evaluation, computed on clients' data, are not covered by the guarantee")
+                           sampling_rate=self.sampling.rate, covers=COVERS)
+        if self.mode == "secure_dp":
+            summary.update(self.ddp.summary())
+            summary.update(epsilon=self.epsilon(self.config.rounds), delta=self.delta, sampling=SECURE_DP_SAMPLING,
+                           sampling_rate=1.0, covers=COVERS)
         if self.mode == "compressed":
             summary.update(upload_bits_per_client=self.upload_bits,
                            uncompressed_bits_per_client=8 * self.float_bytes)
@@ -152,7 +189,7 @@ class Training:
     """The training process for a config, the report that goes with it, and the function that turns a
     round's client ids into the process's input."""
 
-    process: tff.learning.templates.LearningProcess | SecureFedAvg
+    process: tff.learning.templates.LearningProcess | SecureFedAvg | SecureDpFedAvg
     report: AggregationReport
     client_inputs: ClientInputs
     keyed: RoundKeyed | None = None
@@ -176,6 +213,10 @@ def build_process(config: config_lib.Config, model_fn: Callable[[], tff.learning
         process = SecureFedAvg(model_fn, config.client_optimizer, config.server_optimizer, config.secure,
                                config_lib.secure_threshold(config), config.clients_per_round, config.seed,
                                largest_client_weight=largest_client_weight(client_data, preprocess_kwargs["epochs"]))
+        return Training(process, report, articles, keyed=process)
+    if mode == "secure_dp":
+        process = SecureDpFedAvg(model_fn, config.client_optimizer, config.server_optimizer, config.secure,
+                                 report.ddp, config.seed)
         return Training(process, report, articles, keyed=process)
     if mode == "dp":
         # No zeroing: its norm estimate is not private and would spend budget nobody accounts for.

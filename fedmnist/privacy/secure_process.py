@@ -13,6 +13,11 @@ TFF has no cryptographic secure aggregation to run in simulation, so a round is 
 3. TFF, `server_phase`: the server optimizer applies the mean delta to the global model (exactly
    the finalizer of `build_weighted_fed_avg`).
 
+What a client computes from its delta, and the server from the unmasked sum, is an encoder's:
+`FixedPointEncoder` for `secure` (above), `distributed_dp.DistributedDpEncoder` for `secure_dp`
+(clip, rotate, round, add a noise share; the server decodes the noised sum); `MaskedFedAvg` is the
+round they share, `SecureFedAvg` and `SecureDpFedAvg` its two configurations.
+
 `SecureFedAvg` has the surface of a `tff.learning.templates.LearningProcess` (`initialize`, `next`,
 `get_model_weights`, `set_model_weights`) and the very same state, so the round loop, evaluation and
 saving do not change. When the protocol aborts (more clients dropped than the threshold allows) the
@@ -28,6 +33,7 @@ from __future__ import annotations
 import collections
 import os
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import numpy as np
 import tensorflow as tf
@@ -35,41 +41,78 @@ import tensorflow_federated as tff
 
 from fedmnist.privacy import secagg
 from fedmnist.config import OptimizerConfig, SecureConfig, secure_weight_bound
+from fedmnist.privacy.distributed_dp import DdpParameters, DistributedDpEncoder
 from fedmnist.process import build_optimizer
 
 
-class SecureFedAvg:
-    """Example-weighted FedAvg with the Bonawitz et al. protocol in place of TFF's mean."""
+class UpdateEncoder(Protocol):
+    """Turns a client's model delta into integers modulo 2^bits, and the unmasked sum into the mean delta."""
+
+    bits: int
+    length: int  # of a client's vector
+    float32_bytes: int  # what TFF's float32 mean would upload per client
+    uniform_weights: bool  # clients weighted equally (else by their examples)
+
+    def begin_round(self, round_num: int) -> None: ...
+
+    def encode(self, update: np.ndarray, weight: float, rng: np.random.Generator) -> np.ndarray: ...
+
+    def decode(self, total: np.ndarray, senders: int) -> tuple[np.ndarray, dict]: ...
+
+
+class FixedPointEncoder:
+    """`secure`: the clipped delta rounded to multiples of 1/scale, times the client's example weight,
+    then the weight; the server divides the sum by the total weight."""
+
+    uniform_weights = False
+
+    def __init__(self, settings: SecureConfig, clients_per_round: int, max_weight: int, length: int):
+        self.bits, self.clip, self.max_weight, self.length = settings.bits, settings.clip, max_weight, length
+        self.scale = secagg.fixed_point_scale(settings.bits, settings.clip, max_weight, clients_per_round)
+        self.float32_bytes = 4 * length  # the update and the weight
+
+    def begin_round(self, round_num: int) -> None:
+        pass
+
+    def encode(self, update: np.ndarray, weight: float, rng: np.random.Generator) -> np.ndarray:
+        return secagg.encode(update, weight, self.clip, self.scale, self.max_weight, self.bits)
+
+    def decode(self, total: np.ndarray, senders: int) -> tuple[np.ndarray, dict]:
+        mean, total_weight = secagg.decode_mean(total, self.scale, self.bits)
+        return mean, {"total_weight": total_weight, "quantization_step": 1.0 / self.scale}
+
+
+class MaskedFedAvg:
+    """FedAvg with the Bonawitz et al. protocol in place of TFF's mean; `encoder` decides what the
+    clients mask and how the server reads the unmasked sum."""
 
     def __init__(self, model_fn: Callable[[], tff.learning.models.VariableModel],
                  client_optimizer: OptimizerConfig, server_optimizer: OptimizerConfig,
-                 settings: SecureConfig, threshold: int, clients_per_round: int, seed: int = 0,
-                 entropy: Callable[[int], bytes] = os.urandom, largest_client_weight: int | None = None):
-        """`largest_client_weight`: the population's largest client weight (`largest_client_weight()`),
-        needed when `settings.max_client_weight` is null and checked against it otherwise."""
-        secagg.check_bits(settings.bits)
-        self.settings, self.threshold, self.entropy = settings, threshold, entropy
-        self.max_weight = secure_weight_bound(settings, clients_per_round, largest_client_weight)
-        self.scale = secagg.fixed_point_scale(settings.bits, settings.clip, self.max_weight, clients_per_round)
+                 settings: SecureConfig, threshold: int, clients_per_round: int, encoder: UpdateEncoder,
+                 seed: int = 0, entropy: Callable[[int], bytes] = os.urandom):
+        """`settings`: the protocol's simulated dropouts; `encoder.bits` is its modulus."""
+        secagg.check_bits(encoder.bits)
+        self.settings, self.threshold, self.entropy, self.encoder = settings, threshold, entropy, encoder
         self.clients_per_round = clients_per_round
         self.seed = seed
         self._dropouts = np.random.default_rng([seed, 2017])
         self.last_view: secagg.ServerView | None = None  # what the server received in the last round
-        # TFF's own weighted FedAvg provides the state, initialize and get/set_model_weights; its
-        # parts, built with the same arguments, provide the two halves of `next`.
-        self._fed_avg = tff.learning.algorithms.build_weighted_fed_avg(
-            model_fn, build_optimizer(client_optimizer), build_optimizer(server_optimizer))
+        weighting = (tff.learning.ClientWeighting.UNIFORM if encoder.uniform_weights
+                     else tff.learning.ClientWeighting.NUM_EXAMPLES)
+        # TFF's own FedAvg provides the state, initialize and get/set_model_weights; its parts, built
+        # with the same arguments, provide the two halves of `next`.
+        build = (tff.learning.algorithms.build_unweighted_fed_avg if encoder.uniform_weights
+                 else tff.learning.algorithms.build_weighted_fed_avg)
+        self._fed_avg = build(model_fn, build_optimizer(client_optimizer), build_optimizer(server_optimizer))
         weights_type = tff.learning.models.weights_type_from_model(model_fn)
         distributor = tff.learning.templates.build_broadcast_process(weights_type)
         client_work = tff.learning.templates.build_model_delta_client_work(
-            model_fn, build_optimizer(client_optimizer),
-            client_weighting=tff.learning.ClientWeighting.NUM_EXAMPLES)
+            model_fn, build_optimizer(client_optimizer), client_weighting=weighting)
         finalizer = tff.learning.templates.build_apply_optimizer_finalizer(
             build_optimizer(server_optimizer), weights_type)
         state_type, data_type = self._fed_avg.next.type_signature.parameter
         update_type = tff.FederatedType(weights_type.trainable, tff.SERVER)
-        # A masked input: every trainable weight, then the client's weight.
-        self.length = sum(int(np.prod(tensor.shape, dtype=np.int64)) for tensor in weights_type.trainable) + 1
+        self.length = encoder.length
 
         @tff.federated_computation(state_type, data_type)
         def client_phase(state, client_data):
@@ -100,12 +143,14 @@ class SecureFedAvg:
         return self._fed_avg.get_hparams(state)
 
     def begin_round(self, round_num: int) -> None:
-        """Keys the simulated dropouts by round, so a resumed run drops the same clients."""
+        """Keys the simulated dropouts (and the encoder's public randomness) by round, so a resumed run
+        drops the same clients."""
         self._dropouts = np.random.default_rng([self.seed, 2017, round_num])
+        self.encoder.begin_round(round_num)
 
     def next(self, state, client_data: Sequence[tf.data.Dataset]) -> tff.learning.templates.LearningProcessOutput:
         client_data = list(client_data)
-        if len(client_data) > self.clients_per_round:  # the fixed-point range is sized for clients_per_round
+        if len(client_data) > self.clients_per_round:  # the encoding's range is sized for clients_per_round
             raise ValueError(f"{len(client_data)} clients in a round, more than clients_per_round "
                              f"({self.clients_per_round})")
         numbers = range(1, len(client_data) + 1)
@@ -117,16 +162,15 @@ class SecureFedAvg:
                                                        len(client_data))
         inputs = self._inputs(numbers, online, updates, weights)
         try:
-            total, self.last_view = secagg.run_protocol(inputs, self.threshold, self.settings.bits, dropped,
+            total, self.last_view = secagg.run_protocol(inputs, self.threshold, self.encoder.bits, dropped,
                                                         self.entropy, dropped_after_input=late)
         except secagg.SecureAggregationError as error:
             self.last_view = error.view
             report.update(failed=1, error=f"{error}; the round is skipped and the global model kept",
                           **self._traffic(error.view))
             return self._output(state, client_metrics, report, collections.OrderedDict(update_non_finite=0))
-        mean, total_weight = secagg.decode_mean(total, self.scale, self.settings.bits)
-        report.update(failed=0, total_weight=total_weight, quantization_step=1.0 / self.scale,
-                      **self._traffic(self.last_view))
+        mean, decoded = self.encoder.decode(total, len(self.last_view.masked_inputs))
+        report.update(failed=0, **decoded, **self._traffic(self.last_view))
         new_state, finalizer_metrics = self.server_phase(state, _unflatten(mean, updates[0]))
         return self._output(new_state, client_metrics, report, finalizer_metrics)
 
@@ -146,23 +190,22 @@ class SecureFedAvg:
         return list(updates), list(weights), client_metrics
 
     def _inputs(self, numbers: range, online: list[int], updates: list, weights: list) -> dict[int, np.ndarray]:
-        """The encoded input of each trained client. A client that drops before sending its input, or
-        that never trained because the round cannot succeed, holds a zero placeholder: the protocol
-        needs an entry for every client of its roster but never reads or sends these."""
+        """The encoded input of each trained client, each drawing its secret randomness (rounding,
+        noise) from its own OS entropy. A client that drops before sending its input, or that never
+        trained because the round cannot succeed, holds a zero placeholder: the protocol needs an
+        entry for every client of its roster but never reads or sends these."""
         inputs = {u: np.zeros(self.length, dtype=np.uint64) for u in numbers}
         for u, update, weight in zip(online, updates, weights):
-            inputs[u] = secagg.encode(_flatten(update), weight, self.settings.clip, self.scale, self.max_weight,
-                                      self.settings.bits)
+            rng = np.random.default_rng(int.from_bytes(self.entropy(32), "big"))
+            inputs[u] = self.encoder.encode(_flatten(update), weight, rng)
         return inputs
 
-    @staticmethod
-    def _traffic(view: secagg.ServerView | None) -> dict:
-        """Bytes a client sent over the protocol, and how many more than TFF's float32 mean sends
-        (the update and the weight, 4 bytes each)."""
+    def _traffic(self, view: secagg.ServerView | None) -> dict:
+        """Bytes a client sent over the protocol, and how many more than TFF's float32 mean sends."""
         if view is None:
             return {}
         sent = view.mean_bytes_sent()
-        return {"bytes_per_client": sent, "extra_bytes_per_client": sent - 4 * view.length}
+        return {"bytes_per_client": sent, "extra_bytes_per_client": sent - self.encoder.float32_bytes}
 
     @staticmethod
     def _output(state, client_metrics, report, finalizer_metrics) -> tff.learning.templates.LearningProcessOutput:
@@ -170,6 +213,45 @@ class SecureFedAvg:
                                           aggregator=collections.OrderedDict(secure=report),
                                           finalizer=finalizer_metrics)
         return tff.learning.templates.LearningProcessOutput(state, metrics)
+
+
+class SecureFedAvg(MaskedFedAvg):
+    """Example-weighted FedAvg under secure aggregation (`aggregation: secure`)."""
+
+    def __init__(self, model_fn: Callable[[], tff.learning.models.VariableModel],
+                 client_optimizer: OptimizerConfig, server_optimizer: OptimizerConfig,
+                 settings: SecureConfig, threshold: int, clients_per_round: int, seed: int = 0,
+                 entropy: Callable[[int], bytes] = os.urandom, largest_client_weight: int | None = None):
+        """`largest_client_weight`: the population's largest client weight (`largest_client_weight()`),
+        needed when `settings.max_client_weight` is null and checked against it otherwise."""
+        secagg.check_bits(settings.bits)
+        self.max_weight = secure_weight_bound(settings, clients_per_round, largest_client_weight)
+        # A masked input: every trainable weight, then the client's weight.
+        length = _num_weights(model_fn) + 1
+        encoder = FixedPointEncoder(settings, clients_per_round, self.max_weight, length)
+        self.scale = encoder.scale
+        super().__init__(model_fn, client_optimizer, server_optimizer, settings, threshold, clients_per_round,
+                         encoder, seed, entropy)
+
+
+class SecureDpFedAvg(MaskedFedAvg):
+    """Unweighted FedAvg with distributed DP under secure aggregation (`aggregation: secure_dp`)."""
+
+    def __init__(self, model_fn: Callable[[], tff.learning.models.VariableModel],
+                 client_optimizer: OptimizerConfig, server_optimizer: OptimizerConfig,
+                 settings: SecureConfig, params: DdpParameters, seed: int = 0,
+                 entropy: Callable[[int], bytes] = os.urandom):
+        """`params`: `distributed_dp.ddp_parameters` for this model; `settings`: the dropouts."""
+        if params.dim != _num_weights(model_fn):
+            raise ValueError(f"the parameters are for {params.dim} weights, the model has {_num_weights(model_fn)}")
+        self.params = params
+        super().__init__(model_fn, client_optimizer, server_optimizer, settings, params.threshold,
+                         params.clients_per_round, DistributedDpEncoder(params, seed), seed, entropy)
+
+
+def _num_weights(model_fn: Callable[[], tff.learning.models.VariableModel]) -> int:
+    trainable = tff.learning.models.weights_type_from_model(model_fn).trainable
+    return sum(int(np.prod(tensor.shape, dtype=np.int64)) for tensor in trainable)
 
 
 def largest_client_weight(client_data: tff.simulation.datasets.ClientData, epochs: int) -> int:

@@ -120,9 +120,11 @@ def skellam_renyi(order: int, shift: int, variance: float) -> float:
     """D_order(Sk + shift || Sk) for Sk the Skellam distribution of `variance`, summed numerically."""
     mu = variance / 2
     k = np.arange(-int(60 * math.sqrt(variance)) - shift, int(60 * math.sqrt(variance)) + shift + 1)
-    log_p, log_q = stats.skellam.logpmf(k - shift, mu, mu), stats.skellam.logpmf(k, mu, mu)
-    terms = order * log_p + (1 - order) * log_q
-    return float(special.logsumexp(terms[np.isfinite(log_p) & np.isfinite(log_q)])) / (order - 1)
+    with np.errstate(divide="ignore"):  # far tails underflow to log(0); they are left out below
+        log_p, log_q = stats.skellam.logpmf(k - shift, mu, mu), stats.skellam.logpmf(k, mu, mu)
+    kept = np.isfinite(log_p) & np.isfinite(log_q)
+    terms = order * log_p[kept] + (1 - order) * log_q[kept]
+    return float(special.logsumexp(terms)) / (order - 1)
 
 
 @pytest.mark.unit

@@ -1,6 +1,7 @@
 """The benchmark: the package's training path beside a plain-TensorFlow floor, in one process.
 
-    python -m fedmnist.bench [--workload tutorial|cnn|scale ...] [--json FILE]    (or `fedmnist bench`)
+    python -m fedmnist.bench [--workload tutorial|cnn|scale|paper-round ...] [--json FILE]
+    (or `fedmnist bench`)
 
 For each workload it runs the package's round loop (`fedmnist.loop.train`) and a floor that performs
 the same SGD steps on the same batches in plain TensorFlow (no FL framework), and prints for each:

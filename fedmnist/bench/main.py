@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fedmnist.bench",
                                      description=fedmnist.bench.__doc__.split("\n\n")[0])
     parser.add_argument("--workload", action="append", choices=WORKLOADS,
-                        help="tutorial and cnn by default; scale is opt-in (repeatable)")
+                        help="tutorial and cnn by default; scale and paper-round are opt-in (repeatable)")
     parser.add_argument("--json", type=Path, help="write all figures to this JSON file")
     parser.add_argument("--paths", nargs="+", choices=tuple(PATH_OVERRIDES),
                         help="package variants to run (default: per workload)")

@@ -162,8 +162,10 @@ class Ended:
 
 
 def killed_after_every_restart(directory: Path) -> Ended:
-    """`worker_retries=1`: the worker killed after round 2, and its replacement killed too."""
-    process = start(directory, "worker_retries=1")
+    """`worker_retries=1`: the worker killed after round 2, and its replacement killed too. The run is
+    planned far longer than ROUNDS so that it is still training when the kills land, however slowly
+    this test reads its output; the resume shortens it to ROUNDS."""
+    process = start(directory, "worker_retries=1", f"rounds={ROUNDS * 100}")
     try:
         wait_for_line(process, "round  2,")
         os.kill(worker_pids(directory)[0], signal.SIGKILL)
@@ -245,7 +247,7 @@ def test_killed_again_after_every_restart_the_cli_stops_with_one_line_and_resume
     assert (run_dir / "checkpoints" / "round_1").is_dir()
     wait_gone(killed_twice.workers, "the CLI's workers")
 
-    done = train_main("--resume", str(run_dir), "--quiet")
+    done = train_main("--resume", str(run_dir), "--rounds", str(ROUNDS), "--quiet")
     assert done.returncode == 0, done.stderr
     assert_same_run(run_dir, reference)
 

@@ -181,7 +181,7 @@ def test_same_config_and_seed_give_identical_runs(tmp_path):
     from fedmnist import config as config_lib
 
     config = config_lib.load(None, ["data.dataset=synthetic", "data.num_clients=8", "clients_per_round=4",
-                                    "client_selection=uniform", "rounds=3", "model=cnn", "preprocess.epochs=1",
+                                    "client_selection=uniform", "rounds=2", "model=cnn", "preprocess.epochs=1",
                                     "data.examples_per_client=20", "seed=5"])
     for name in ("first", "second"):
         quiet_train(config, tmp_path / name)

@@ -23,8 +23,10 @@ def real_encoded_bits(shape: tuple[int, ...], bits: int) -> int:
     return sum(int(np.prod(t.shape)) * t.dtype.size * 8 for t in tf.nest.flatten(encoded))
 
 
-@pytest.mark.parametrize("shape", [(784, 10), (5, 5, 1, 32), (33,), (7,), (3136, 512)])
-@pytest.mark.parametrize("bits", [1, 3, 8, 16])
+# Small shapes at every bit width (words filled exactly, partly, or by one value), and the CNN's largest
+# kernel, 1.6 million weights, once.
+@pytest.mark.parametrize("shape, bits", [(shape, bits) for shape in [(784, 10), (5, 5, 1, 32), (33,), (7,)]
+                                         for bits in (1, 3, 8, 16)] + [((3136, 512), 8)])
 def test_encoded_bits_are_what_tffs_encoder_outputs(shape, bits):
     assert encoded_bits(shape, bits, 0) == real_encoded_bits(shape, bits)
 

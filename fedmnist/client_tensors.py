@@ -175,14 +175,53 @@ class PreparedClients:
         return self._bytes
 
 
+def train_on_prepared(model: tff.learning.models.VariableModel, optimizer: tff.learning.optimizers.Optimizer,
+                      hparams, initial_weights, prepared: OrderedDict, batch_size: int,
+                      ) -> tuple[tff.learning.templates.ClientResult, OrderedDict]:
+    """One client's local SGD from `initial_weights`, as TFF's model-delta client work runs it: the
+    batches are `order[i:i + batch_size]` (the whole client when `batch_size` is 0), gathered from the
+    prepared `x` and `y`. Returns the update, its example weight and the unfinalized metrics."""
+    weights = tff.learning.models.ModelWeights.from_model(model)
+    tf.nest.map_structure(lambda v, t: v.assign(t), weights, initial_weights)
+    trainable = tuple(tf.nest.flatten(weights.trainable))
+    optimizer_state = optimizer.set_hparams(
+        optimizer.initialize(tuple(tf.TensorSpec(v.shape, v.dtype) for v in trainable)), hparams)
+    order = prepared["order"]
+    num_examples = tf.zeros([], tf.int64)
+    # `order` visits each of the client's examples once per epoch, so it indexes all of them:
+    # its largest index + 1 is the client's size (the rows of `x` may be padded).
+    step = batch_size if batch_size else tf.maximum(tf.reduce_max(order) + 1, 1)
+    for start in tf.range(0, tf.size(order), step):
+        indices = order[start:start + step]
+        batch = OrderedDict(x=tf.gather(prepared["x"], indices), y=tf.gather(prepared["y"], indices))
+        with tf.GradientTape() as tape:
+            output = model.forward_pass(batch, training=True)
+        gradients = tape.gradient(output.loss, weights.trainable)
+        optimizer_state, updated = optimizer.next(
+            optimizer_state, tuple(tf.nest.flatten(weights.trainable)), tuple(tf.nest.flatten(gradients)))
+        tf.nest.map_structure(lambda v, t: v.assign(t), weights.trainable,
+                              tf.nest.pack_sequence_as(weights.trainable, updated))
+        num_examples += tf.cast(output.num_examples, tf.int64)
+    update = tf.nest.map_structure(tf.subtract, initial_weights.trainable, weights.trainable)
+    # As TFF's client work: a non-finite update is sent as zeros, with weight 0 and no metrics.
+    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tf.nest.flatten(update)])
+    if finite:
+        weight = tf.cast(num_examples, tf.float32)
+    else:
+        update = tf.nest.map_structure(tf.zeros_like, update)
+        model.reset_metrics()
+        weight = tf.constant(0.0, tf.float32)
+    return (tff.learning.templates.ClientResult(update=update, update_weight=weight),
+            model.report_local_unfinalized_metrics())
+
+
 def build_prepared_client_work(model_fn: Callable[[], tff.learning.models.VariableModel],
                                optimizer: tff.learning.optimizers.Optimizer,
                                batch_size: int) -> tff.learning.templates.ClientWorkProcess:
     """TFF's `build_model_delta_client_work` (example-weighted), reading prepared tensors.
 
     The training step, the non-finite guard and the metrics are the same as TFF's; only the loop
-    differs: `order[i:i + batch_size]` picks each batch, so no tf.data runs in the worker. `batch_size`
-    0 makes each batch as large as the client's dataset, as `preprocess` does (B = inf).
+    differs (`train_on_prepared`), so no tf.data runs in the worker.
     """
     with tf.Graph().as_default():
         whimsy_model = model_fn()
@@ -204,38 +243,7 @@ def build_prepared_client_work(model_fn: Callable[[], tff.learning.models.Variab
 
         @tf.function
         def train():
-            weights = tff.learning.models.ModelWeights.from_model(model)
-            tf.nest.map_structure(lambda v, t: v.assign(t), weights, initial_weights)
-            trainable = tuple(tf.nest.flatten(weights.trainable))
-            specs = tuple(tf.TensorSpec(v.shape, v.dtype) for v in trainable)
-            optimizer_state = optimizer.set_hparams(optimizer.initialize(specs), hparams)
-            order = prepared["order"]
-            num_examples = tf.zeros([], tf.int64)
-            # `order` visits each of the client's examples once per epoch, so it indexes all of them:
-            # its largest index + 1 is the client's size (the rows of `x` may be padded).
-            step = batch_size if batch_size else tf.maximum(tf.reduce_max(order) + 1, 1)
-            for start in tf.range(0, tf.size(order), step):
-                indices = order[start:start + step]
-                batch = OrderedDict(x=tf.gather(prepared["x"], indices), y=tf.gather(prepared["y"], indices))
-                with tf.GradientTape() as tape:
-                    output = model.forward_pass(batch, training=True)
-                gradients = tape.gradient(output.loss, weights.trainable)
-                optimizer_state, updated = optimizer.next(
-                    optimizer_state, tuple(tf.nest.flatten(weights.trainable)), tuple(tf.nest.flatten(gradients)))
-                tf.nest.map_structure(lambda v, t: v.assign(t), weights.trainable,
-                                      tf.nest.pack_sequence_as(weights.trainable, updated))
-                num_examples += tf.cast(output.num_examples, tf.int64)
-            update = tf.nest.map_structure(tf.subtract, initial_weights.trainable, weights.trainable)
-            # As TFF's client work: a non-finite update is sent as zeros, with weight 0 and no metrics.
-            finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tf.nest.flatten(update)])
-            if finite:
-                weight = tf.cast(num_examples, tf.float32)
-            else:
-                update = tf.nest.map_structure(tf.zeros_like, update)
-                model.reset_metrics()
-                weight = tf.constant(0.0, tf.float32)
-            return (tff.learning.templates.ClientResult(update=update, update_weight=weight),
-                    model.report_local_unfinalized_metrics())
+            return train_on_prepared(model, optimizer, hparams, initial_weights, prepared, batch_size)
 
         return train()
 

@@ -138,8 +138,9 @@ def test_skellam_bound_holds_and_is_close_to_the_exact_renyi_divergence(variance
             assert bound <= 1.1 * exact
 
 
-def epsilon_for(noise_multiplier: float, rounds: int, delta: float) -> float:
-    params = params_for(dim=7850, clients=10, threshold=6, noise_multiplier=noise_multiplier, clip=0.3)
+def epsilon_for(noise_multiplier: float, rounds: int, delta: float, clients: int = 10) -> float:
+    params = params_for(dim=7850, clients=clients, threshold=clients // 2 + 1, noise_multiplier=noise_multiplier,
+                        clip=0.3)
     return distributed_accounting.ddp_epsilon(params, rounds, delta)
 
 
@@ -167,8 +168,11 @@ def test_impossible_secure_dp_configs_are_one_line_errors(tmp_path, monkeypatch,
 
 
 ROUNDS = 5
-COMMON = ["data.dataset=digits", f"rounds={ROUNDS}", "client_selection=uniform", "eval_clients=0",
-          "histogram_every=0"]
+# All 20 digits clients every round: with 10, the noise on the mean is twice as large and a 5-round run's
+# accuracy swings by 0.25 from one draw of noise to the next, in both modes.
+CLIENTS = 20
+COMMON = ["data.dataset=digits", f"rounds={ROUNDS}", f"clients_per_round={CLIENTS}", "client_selection=uniform",
+          "eval_clients=0", "histogram_every=0"]
 
 
 def train(tmp_path_factory, name: str, *overrides: str) -> tuple[dict, list[dict], list[str]]:
@@ -184,7 +188,7 @@ def test_secure_dp_trains_within_accuracy_of_dp_at_the_same_epsilon(tmp_path_fac
     dp_summary, _, _ = train(tmp_path_factory, "dp", "aggregation=dp", "dp.noise_multiplier=0.5",
                              "dp.public_sample=true")
     target, delta = dp_summary["aggregation"]["epsilon"], dp_summary["aggregation"]["delta"]
-    noise = optimize.brentq(lambda z: epsilon_for(z, ROUNDS, delta) - target, 0.1, 5.0, xtol=1e-6)
+    noise = optimize.brentq(lambda z: epsilon_for(z, ROUNDS, delta, CLIENTS) - target, 0.1, 5.0, xtol=1e-6)
     summary, rows, lines = train(tmp_path_factory, "secure_dp", "aggregation=secure_dp", "secure.dropout=0.1",
                                  f"secure_dp.noise_multiplier={noise}", "secure_dp.clip=0.3")
     report = summary["aggregation"]
@@ -198,6 +202,7 @@ def test_secure_dp_trains_within_accuracy_of_dp_at_the_same_epsilon(tmp_path_fac
     assert sum("privacy spent: epsilon" in line for line in lines) == ROUNDS
     accuracy = summary["eval"]["test"]["sparse_categorical_accuracy"]
     dp_accuracy = dp_summary["eval"]["test"]["sparse_categorical_accuracy"]
-    assert accuracy > 0.3  # chance is 0.1
-    # Fresh noise every run: secure_dp has trained from 0.52 to 0.69 here, dp (adaptive clip) 0.47 to 0.54.
+    assert accuracy > 0.5  # chance is 0.1
+    # Fresh noise every run. In eight pairs of runs here, secure_dp reached 0.63 to 0.79 and dp (adaptive
+    # clip) 0.51 to 0.72; secure_dp minus dp ranged from -0.03 to +0.20. The stated accuracy: at most 0.1 below.
     assert accuracy >= dp_accuracy - 0.1

@@ -124,7 +124,7 @@ class SecureDpConfig:
     clip: float = _field(0.3, above=0)                      # L2 bound on each client's update
     # The secure sum is modulo 2^bits. At most 32: values are handled in float64 and int64, and a larger
     # modulus would let the noise outgrow numpy's Poisson sampler.
-    bits: int = _field(16, minimum=1, maximum=32)
+    bits: int = _field(16, minimum=2, maximum=32)    # the protocol masks in at least 2 bits
     modclip_prob: float = _field(1e-4, above=0, below=1)  # target chance of the sum wrapping (sizes the scale)
     delta: Optional[float] = _field(None, above=0, below=1)  # null = 0.01 / num_clients
 
@@ -354,24 +354,19 @@ def check_secure_dp(config: Config) -> None:
     """The protocol's roster, a sum that cannot wrap (TFF's DistributedDpSumFactory conditions) and noise
     that still means something. The scale, which needs the model's size, is checked when the process is
     built (fedmnist/privacy/distributed_dp.py)."""
+    from fedmnist.privacy.distributed_dp import clip_prob_to_num_stddevs  # numpy and scipy, no TensorFlow
+
     check_secure_roster(config)
     ddp, clients = config.secure_dp, config.clients_per_round
     if 2 ** ddp.bits < clients:
         raise ConfigError(f"secure_dp.bits: 2^{ddp.bits} is less than the {clients} clients per round, so their "
-                          f"sum wraps; use at least {math.ceil(math.log2(clients))} bits")
-    k_stddevs = math.sqrt(2) * _erfcinv(ddp.modclip_prob)
-    if 2 ** (2 * ddp.bits) < clients * k_stddevs ** 2:
+                          f"sum wraps; raise secure_dp.bits")
+    if 2 ** (2 * ddp.bits) < clients * clip_prob_to_num_stddevs(ddp.modclip_prob) ** 2:
         raise ConfigError(f"secure_dp.bits: {ddp.bits} bits are too few for {clients} clients at "
                           f"secure_dp.modclip_prob {ddp.modclip_prob:g}; raise secure_dp.bits or secure_dp.modclip_prob")
     if ddp.noise_multiplier > clients:
         raise ConfigError(f"secure_dp.noise_multiplier: {ddp.noise_multiplier:g} is more than the {clients} clients "
                           f"per round: the mean's noise per weight would exceed a whole clipped update; lower it")
-
-
-def _erfcinv(p: float) -> float:
-    from scipy import special  # scipy only, no TensorFlow
-
-    return float(special.erfcinv(p))
 
 
 def check_secure_precision(secure: SecureConfig, clients_per_round: int, max_weight: int, fix: str,

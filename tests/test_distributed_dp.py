@@ -145,6 +145,20 @@ def epsilon_for(noise_multiplier: float, rounds: int, delta: float, clients: int
 
 
 @pytest.mark.unit
+def test_skellam_with_large_noise_is_accounted_as_the_gaussian_mechanism():
+    # Its RDP is the Gaussian's plus terms in 1/variance^2 and 1/variance: negligible here, so epsilon is
+    # the Gaussian mechanism's with the summed noise of the threshold survivors and the L2 sensitivity.
+    params = params_for(dim=7850, clients=10, threshold=6, noise_multiplier=1.1, clip=0.3, bits=20)
+    assert params.mechanism == "distributed_skellam"
+    z = math.sqrt(params.threshold) * params.scaled_local_stddev / params.l2_sensitivity
+    for rounds, delta in [(1, 1e-5), (50, 5e-4)]:
+        accountant = dp_accounting.rdp.RdpAccountant(orders=list(distributed_accounting.ORDERS))
+        expected = accountant.compose(dp_accounting.GaussianDpEvent(z), rounds).get_epsilon(delta)
+        assert distributed_accounting.ddp_epsilon(params, rounds, delta) == pytest.approx(expected, rel=1e-6)
+        assert distributed_accounting.ddp_epsilon(params, rounds, delta) >= expected
+
+
+@pytest.mark.unit
 def test_epsilon_grows_with_rounds_and_falls_with_noise():
     assert epsilon_for(0.5, 10, 1e-4) > epsilon_for(0.5, 5, 1e-4) > epsilon_for(1.0, 5, 1e-4)
     assert epsilon_for(0.0, 5, 1e-4) == math.inf

@@ -2,7 +2,9 @@
 
 Each round it trains the same clients as the package's loop, on the same prepared tensors
 (`fedmnist.client_tensors`), with the same client SGD steps and the same example-weighted server SGD
-step, so its per-round metrics equal the package's and its time is what the arithmetic alone costs.
+step, so its per-round metrics equal the package's and its time is what the arithmetic costs, plus what
+any implementation of the round pays for its input: each client's tensors for the round, with the
+round's shuffle order (`preprocess.shuffle: per_round`) computed as the package computes it.
 """
 
 from __future__ import annotations

@@ -98,8 +98,8 @@ class AggregationReport:
 
     def _secure_dp_header(self) -> str:
         p, secure = self.ddp, self.config.secure
-        lines = [f"distributed differential privacy under secure aggregation (the server sees masked inputs and "
-                 f"the noised sum only): {p.mechanism}, noise multiplier {p.noise_multiplier:g}, clip {p.clip:g}, "
+        lines = [f"distributed differential privacy under secure aggregation (of the model updates, the server sees "
+                 f"masked inputs and their noised sum only): {p.mechanism}, noise multiplier {p.noise_multiplier:g}, clip {p.clip:g}, "
                  f"local noise stddev {p.local_stddev:.3g} per client (any {p.threshold} survivors add the "
                  f"central noise), {p.bits}-bit sum, scale {p.scale:.4g}, {p.padded_dim} rotated coordinates, "
                  f"threshold {p.threshold} of {p.clients_per_round}, dropout {secure.dropout:g} (after input "

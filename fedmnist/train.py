@@ -14,6 +14,8 @@ import os
 import shutil
 import signal
 import sys
+import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from fedmnist import config as config_lib
 from fedmnist.cli import ArgumentParser, UsageError
 
 RUNS_ROOT = Path("runs")
+STALL_POLL_SECONDS = 0.5
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,7 +114,8 @@ def check_resume_args(args: argparse.Namespace) -> None:
 
 
 class StopRequest:
-    """First SIGINT/SIGTERM: stop after the current round. Second: stop now."""
+    """First SIGINT/SIGTERM: stop after the current round. Second: stop now. Stalled workers: stop now,
+    also when they stall after the first signal (the round it waits for would never end)."""
 
     def __init__(self):
         self.requested = False
@@ -126,6 +130,16 @@ class StopRequest:
         self.requested = True
         print(f"\n{signal.Signals(signum).name}: stopping after the current round "
               f"(signal again to stop at once)", file=sys.stderr)
+        threading.Thread(target=self._signal_again_if_stalled, args=(signum,), name="stop when stalled",
+                         daemon=True).start()
+
+    @staticmethod
+    def _signal_again_if_stalled(signum: int) -> None:
+        """Waits for the requested stop; if a worker stalls first, signals this process again, so the
+        handler stops at once (a signal also wakes the main thread from its wait on the round)."""
+        while not _workers_stalled():
+            time.sleep(STALL_POLL_SECONDS)
+        os.kill(os.getpid(), signum)
 
     def __call__(self) -> bool:
         return self.requested

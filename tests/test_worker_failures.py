@@ -206,7 +206,10 @@ def stopped_worker_times_out(directory: Path) -> Ended:
 
 def ctrl_c_with_a_stopped_worker(directory: Path) -> Ended:
     with cli_with_a_stopped_worker(directory, "worker_timeout_seconds=600") as process:
-        time.sleep(4)  # the watch calls a worker stalled after 3 s without an answer
+        # By then the next round is waiting on the stopped worker. The watch calls a worker stalled after
+        # 3 s without an answer; a Ctrl-C that comes before (a busy machine) asks to stop after the round,
+        # and the stall, once seen, stops the run at once all the same.
+        time.sleep(4)
         process.send_signal(signal.SIGINT)
         wait_process(process, "the CLI after Ctrl-C")
         err = process.stderr.read()

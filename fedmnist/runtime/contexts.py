@@ -128,7 +128,8 @@ class Runtime(Sequence):
 
     def stalled(self) -> bool:
         """True when a worker is lost or has not answered for a few seconds."""
-        return any(watch.lost is not None or watch.check_process() or watch.silent_for() > 3.0
+        return any(not watch.stopping
+                   and (watch.lost is not None or watch.check_process() or watch.silent_for() > 3.0)
                    for watch in self.watches)
 
     def stop_workers(self) -> None:

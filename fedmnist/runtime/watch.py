@@ -101,6 +101,11 @@ class WorkerWatch:
     def silent_for(self) -> float:
         return time.monotonic() - self.last_answer
 
+    @property
+    def stopping(self) -> bool:
+        """The worker is being stopped on purpose: its silence is not a stall."""
+        return self._stopped.is_set()
+
     def stop(self) -> None:
         """Stops watching (the worker is being stopped on purpose) and closes the channel."""
         self._stopped.set()

@@ -88,3 +88,9 @@ def to_keras(weights: tff.learning.models.ModelWeights, name: str, num_classes: 
     keras_model.compile(loss=tf.keras.losses.SparseCategoricalCrossentropy(),
                         metrics=[tf.keras.metrics.SparseCategoricalAccuracy()])
     return keras_model
+
+
+def update_shapes(model_fn: Callable[[], tff.learning.models.VariableModel]) -> list[tuple[int, ...]]:
+    """Shapes of the trainable weights, i.e. of a client's model update."""
+    trainable = tff.learning.models.weights_type_from_model(model_fn).trainable
+    return [tuple(int(d) for d in tensor.shape) for tensor in trainable]

@@ -35,13 +35,8 @@ from fedmnist.privacy.distributed_accounting import ddp_epsilon
 from fedmnist.privacy.distributed_dp import ddp_parameters
 from fedmnist.privacy.secagg import threshold_warning
 from fedmnist.privacy.secure_process import SecureDpFedAvg, SecureFedAvg, largest_client_weight
+from fedmnist.model import update_shapes
 from fedmnist.process import build_optimizer
-
-
-def update_shapes(model_fn: Callable[[], tff.learning.models.VariableModel]) -> list[tuple[int, ...]]:
-    """Shapes of the trainable weights, i.e. of a client's model update."""
-    trainable = tff.learning.models.weights_type_from_model(model_fn).trainable
-    return [tuple(int(d) for d in tensor.shape) for tensor in trainable]
 
 
 COVERS = ("the model updates only: the train metrics, participation and federated evaluation, computed on "

@@ -199,11 +199,8 @@ class DistributedDpEncoder:
         update = np.asarray(update, dtype=np.float64)
         if not np.all(np.isfinite(update)):  # as TFF's client work: such a client contributes nothing
             update = np.zeros_like(update)
-        norm = float(np.linalg.norm(update))
-        if norm > self.params.clip:
-            update = update * (self.params.clip / norm)
         padded = np.zeros(self.length)
-        padded[:len(update)] = update
+        padded[:len(update)] = secagg.clip_l2(update, self.params.clip)
         scaled = hadamard(self._signs * padded) * self.params.scale
         floor = np.floor(scaled)
         return (floor + (rng.random(self.length) < scaled - floor)).astype(np.int64)

@@ -404,11 +404,14 @@ def encode(update: np.ndarray, weight: float, clip: float, scale: float, max_wei
     if not 0 <= weight <= max_weight:
         raise ValueError(f"a client weight of {weight} is outside 0..{max_weight}, the bound the "
                          f"fixed-point range was sized for")
-    norm = float(np.linalg.norm(update))
-    if norm > clip:
-        update = update * (clip / norm)
-    quantized = np.rint(update * scale).astype(np.int64) * weight
+    quantized = np.rint(clip_l2(update, clip) * scale).astype(np.int64) * weight
     return np.append(quantized, weight).view(np.uint64) & modulus_mask(bits)
+
+
+def clip_l2(update: np.ndarray, clip: float) -> np.ndarray:
+    """`update` scaled down to L2 norm `clip` if it is longer (both secure modes clip so)."""
+    norm = float(np.linalg.norm(update))
+    return update * (clip / norm) if norm > clip else update
 
 
 def to_signed(values: np.ndarray, bits: int) -> np.ndarray:

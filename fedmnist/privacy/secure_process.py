@@ -42,6 +42,7 @@ import tensorflow_federated as tff
 from fedmnist.privacy import secagg
 from fedmnist.config import OptimizerConfig, SecureConfig, secure_weight_bound
 from fedmnist.privacy.distributed_dp import DdpParameters, DistributedDpEncoder
+from fedmnist.model import update_shapes
 from fedmnist.process import build_optimizer
 
 
@@ -250,8 +251,7 @@ class SecureDpFedAvg(MaskedFedAvg):
 
 
 def _num_weights(model_fn: Callable[[], tff.learning.models.VariableModel]) -> int:
-    trainable = tff.learning.models.weights_type_from_model(model_fn).trainable
-    return sum(int(np.prod(tensor.shape, dtype=np.int64)) for tensor in trainable)
+    return sum(int(np.prod(shape, dtype=np.int64)) for shape in update_shapes(model_fn))
 
 
 def largest_client_weight(client_data: tff.simulation.datasets.ClientData, epochs: int) -> int:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-
-class UsageError(Exception):
-    """Bad command-line usage (exit code 2)."""
+from fedmnist.errors import UsageError
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -24,9 +24,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from fedmnist.config import Config
-from fedmnist.data.preprocessing import ShuffleSeeds, batch_format_fn, make_round_data
-from fedmnist.process import build_optimizer, build_training_process
+from fedmnist.data.preprocessing import Preprocessing, batch_format_fn
 
 # A client's prepared data: all its examples (as `batch_format_fn` shapes a batch) and the order of
 # the article's shuffled, repeated stream as indices into them.
@@ -35,8 +33,6 @@ PREPARED_SPEC = OrderedDict(
     y=tf.TensorSpec([None, 1], tf.int32),
     order=tf.TensorSpec([None], tf.int32))
 DEFAULT_CACHE_BYTES = 256 * 2**20
-# A round's client ids and its number -> the process's client input.
-ClientInputs = Callable[[Sequence[str], int], list]
 # `x` and `y` are padded with zeros (rows that `order` never picks) to one of a few size classes:
 # tensors of a few sizes, not one size per client, let the allocators of this process and of the
 # worker reuse freed buffers, so memory stays flat over hundreds of sampled rounds. Classes step by
@@ -96,19 +92,6 @@ def prepare_examples(dataset: tf.data.Dataset, size_classes: bool = True) -> tup
     return x, y, num_examples
 
 
-def prepare_client(dataset: tf.data.Dataset, epochs: int, shuffle_buffer: int, seed: int,
-                   size_classes: bool = True, **_unused_preprocess_kwargs) -> OrderedDict:
-    """One client's raw dataset as `PREPARED_SPEC` numpy arrays for a shuffle `seed` (takes
-    `preprocess`'s keyword arguments); `order` indexes only the examples, not the padding."""
-    x, y, num_examples = prepare_examples(dataset, size_classes)
-    return OrderedDict(x=x, y=y, order=shuffle_order(num_examples, epochs, shuffle_buffer, seed))
-
-
-def shuffle_seeds(config: Config) -> ShuffleSeeds:
-    """The shuffle seeds of `config.preprocess` (`shuffle: per_round` or `fixed`)."""
-    return ShuffleSeeds(config.preprocess.shuffle_seed, per_round=config.preprocess.shuffle == "per_round")
-
-
 @dataclasses.dataclass
 class _PreparedClient:
     x: tf.Tensor
@@ -124,19 +107,18 @@ class PreparedClients:
 
     Each input is a one-element `tf.data.Dataset` holding a client's prepared tensors (TFF's
     client-work template takes sequences). A client's examples are prepared once; its `order` is
-    computed for the round's shuffle seed (`seeds`: by default `preprocess_kwargs`' seed every round),
-    so with `shuffle: fixed` the whole input is reused across rounds. The cache keeps memory flat when
+    computed for the round's shuffle seed (`settings.seed`), so with a fixed seed the whole input is
+    reused across rounds. The cache keeps memory flat when
     many clients are sampled: past `max_bytes` the least recently used clients are dropped and
     prepared again when next selected. `size_classes` pads them (see `SIZE_CLASSES_PER_DOUBLING`);
     it only pays when the clients change from round to round.
     """
 
-    def __init__(self, client_data: tff.simulation.datasets.ClientData, preprocess_kwargs: dict,
-                 seeds: ShuffleSeeds | None = None, max_bytes: int = DEFAULT_CACHE_BYTES,
-                 size_classes: bool = True):
+    def __init__(self, client_data: tff.simulation.datasets.ClientData, settings: Preprocessing,
+                 max_bytes: int = DEFAULT_CACHE_BYTES, size_classes: bool = True):
         self.client_data = client_data
-        self.epochs, self.shuffle_buffer = preprocess_kwargs["epochs"], preprocess_kwargs["shuffle_buffer"]
-        self.seeds = seeds or ShuffleSeeds(preprocess_kwargs["seed"], per_round=False)
+        self.settings = settings
+        self.epochs, self.shuffle_buffer = settings.epochs, settings.shuffle_buffer
         self.size_classes = size_classes
         self.max_bytes = max_bytes
         self._cache: collections.OrderedDict[str, _PreparedClient] = collections.OrderedDict()
@@ -160,7 +142,7 @@ class PreparedClients:
     def dataset(self, client_id: str, round_num: int = 1) -> tf.data.Dataset:
         """The client's input for `round_num`: its examples in the order of that round's shuffle."""
         client = self._client(client_id)
-        seed = self.seeds(round_num, client_id)
+        seed = self.settings.seed(round_num, client_id)
         if client.seed != seed:
             order = shuffle_order(client.num_examples, self.epochs, self.shuffle_buffer, seed)
             client.dataset = as_dataset(OrderedDict(x=client.x, y=client.y, order=order))
@@ -177,10 +159,15 @@ class PreparedClients:
 
 def train_on_prepared(model: tff.learning.models.VariableModel, optimizer: tff.learning.optimizers.Optimizer,
                       hparams, initial_weights, prepared: OrderedDict, batch_size: int,
+                      weighted: bool = True, proximal_strength: float = 0.0,
                       ) -> tuple[tff.learning.templates.ClientResult, OrderedDict]:
     """One client's local SGD from `initial_weights`, as TFF's model-delta client work runs it: the
     batches are `order[i:i + batch_size]` (the whole client when `batch_size` is 0), gathered from the
-    prepared `x` and `y`. Returns the update, its example weight and the unfinalized metrics."""
+    prepared `x` and `y`. Returns the update, its weight (the examples trained on, or 1 when not
+    `weighted`) and the unfinalized metrics.
+
+    With `proximal_strength` mu > 0 each step's gradient gets mu (w - initial_weights) added, the gradient
+    of FedProx's proximal term (mu / 2) ||w - initial_weights||^2."""
     weights = tff.learning.models.ModelWeights.from_model(model)
     tf.nest.map_structure(lambda v, t: v.assign(t), weights, initial_weights)
     trainable = tuple(tf.nest.flatten(weights.trainable))
@@ -197,6 +184,9 @@ def train_on_prepared(model: tff.learning.models.VariableModel, optimizer: tff.l
         with tf.GradientTape() as tape:
             output = model.forward_pass(batch, training=True)
         gradients = tape.gradient(output.loss, weights.trainable)
+        if proximal_strength > 0.0:
+            gradients = tf.nest.map_structure(lambda g, w, w0: g + proximal_strength * (w - w0),
+                                              gradients, weights.trainable, initial_weights.trainable)
         optimizer_state, updated = optimizer.next(
             optimizer_state, tuple(tf.nest.flatten(weights.trainable)), tuple(tf.nest.flatten(gradients)))
         tf.nest.map_structure(lambda v, t: v.assign(t), weights.trainable,
@@ -206,7 +196,7 @@ def train_on_prepared(model: tff.learning.models.VariableModel, optimizer: tff.l
     # As TFF's client work: a non-finite update is sent as zeros, with weight 0 and no metrics.
     finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tf.nest.flatten(update)])
     if finite:
-        weight = tf.cast(num_examples, tf.float32)
+        weight = tf.cast(num_examples, tf.float32) if weighted else tf.constant(1.0, tf.float32)
     else:
         update = tf.nest.map_structure(tf.zeros_like, update)
         model.reset_metrics()
@@ -216,9 +206,11 @@ def train_on_prepared(model: tff.learning.models.VariableModel, optimizer: tff.l
 
 
 def build_prepared_client_work(model_fn: Callable[[], tff.learning.models.VariableModel],
-                               optimizer: tff.learning.optimizers.Optimizer,
-                               batch_size: int) -> tff.learning.templates.ClientWorkProcess:
-    """TFF's `build_model_delta_client_work` (example-weighted), reading prepared tensors.
+                               optimizer: tff.learning.optimizers.Optimizer, batch_size: int,
+                               weighted: bool = True, proximal_strength: float = 0.0,
+                               ) -> tff.learning.templates.ClientWorkProcess:
+    """TFF's `build_model_delta_client_work` (example-weighted, or uniform when not `weighted`), reading
+    prepared tensors; with `proximal_strength`, FedProx's client work.
 
     The training step, the non-finite guard and the metrics are the same as TFF's; only the loop
     differs (`train_on_prepared`), so no tf.data runs in the worker.
@@ -243,7 +235,8 @@ def build_prepared_client_work(model_fn: Callable[[], tff.learning.models.Variab
 
         @tf.function
         def train():
-            return train_on_prepared(model, optimizer, hparams, initial_weights, prepared, batch_size)
+            return train_on_prepared(model, optimizer, hparams, initial_weights, prepared, batch_size, weighted,
+                                     proximal_strength)
 
         return train()
 
@@ -272,58 +265,28 @@ def build_prepared_client_work(model_fn: Callable[[], tff.learning.models.Variab
 def build_prepared_fed_avg(model_fn: Callable[[], tff.learning.models.VariableModel],
                            client_optimizer: tff.learning.optimizers.Optimizer,
                            server_optimizer: tff.learning.optimizers.Optimizer,
-                           batch_size: int,
-                           model_aggregator: tff.aggregators.WeightedAggregationFactory | None = None,
-                           ) -> tff.learning.templates.LearningProcess:
-    """`build_weighted_fed_avg` with the prepared-tensor client work; the same components otherwise."""
+                           batch_size: int, model_aggregator=None, weighted: bool = True,
+                           proximal_strength: float = 0.0) -> tff.learning.templates.LearningProcess:
+    """`build_weighted_fed_avg` (`build_unweighted_fed_avg` when not `weighted`; FedProx with
+    `proximal_strength`) with the prepared-tensor client work; TFF's components otherwise.
+
+    `model_aggregator`: a weighted aggregation factory (an unweighted one when not `weighted`); None is
+    TFF's mean, as in its builders.
+    """
 
     @tff.tensorflow.computation
     def initial_model_weights_fn():
         return tff.learning.models.ModelWeights.from_model(model_fn())
 
     weights_type = initial_model_weights_fn.type_signature.result
-    aggregator = (model_aggregator or tff.aggregators.MeanFactory()).create(
-        weights_type.trainable, tff.TensorType(np.float32))
-    # TFF's own pieces of `build_weighted_fed_avg`, so only the client work's data path differs from it.
+    if weighted:
+        aggregator = (model_aggregator or tff.aggregators.MeanFactory()).create(
+            weights_type.trainable, tff.TensorType(np.float32))
+    else:
+        aggregator = (model_aggregator or tff.aggregators.UnweightedMeanFactory()).create(weights_type.trainable)
     return tff.learning.templates.compose_learning_process(
         initial_model_weights_fn,
         tff.learning.templates.build_broadcast_process(weights_type),
-        build_prepared_client_work(model_fn, client_optimizer, batch_size),
+        build_prepared_client_work(model_fn, client_optimizer, batch_size, weighted, proximal_strength),
         aggregator,
         tff.learning.templates.build_apply_optimizer_finalizer(server_optimizer, weights_type))
-
-
-def build_training(config: Config, model_fn: Callable[[], tff.learning.models.VariableModel],
-                   client_data: tff.simulation.datasets.ClientData, preprocess_kwargs: dict,
-                   ) -> tuple[tff.learning.templates.LearningProcess, ClientInputs]:
-    """The training process and the function turning a round's client ids into its input.
-
-    `client_input: prepared` (default): the process above fed with `PreparedClients`;
-    `client_input: datasets`: the article's `build_weighted_fed_avg` fed with its pipelines
-    (`make_round_data`). Both shuffle each client with the same seed in a round.
-    """
-    if config.client_input == "datasets":
-        process = build_training_process(model_fn, config.client_optimizer, config.server_optimizer)
-        return process, articles_inputs(config, client_data, preprocess_kwargs)
-    process = build_prepared_fed_avg(model_fn, build_optimizer(config.client_optimizer),
-                                     build_optimizer(config.server_optimizer), config.preprocess.batch_size)
-    return process, prepared_clients(config, client_data, preprocess_kwargs)
-
-
-def prepared_clients(config: Config, client_data: tff.simulation.datasets.ClientData,
-                     preprocess_kwargs: dict) -> PreparedClients:
-    """The prepared-client cache for `config`: padded to size classes when clients are sampled.
-
-    The same clients every round (`client_selection: fixed`, the article's) reuse the same buffers
-    unpadded, so padding would only add bytes to every round.
-    """
-    return PreparedClients(client_data, preprocess_kwargs, shuffle_seeds(config),
-                           size_classes=config.client_selection != "fixed")
-
-
-def articles_inputs(config: Config, client_data: tff.simulation.datasets.ClientData,
-                    preprocess_kwargs: dict) -> ClientInputs:
-    """The article's client input for a round: one `preprocess` pipeline per client (`make_round_data`)."""
-    seeds = shuffle_seeds(config)
-    return lambda client_ids, round_num: make_round_data(client_data, client_ids, round_num, seeds,
-                                                         **preprocess_kwargs)

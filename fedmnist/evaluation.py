@@ -10,11 +10,16 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from fedmnist.model import to_keras
-from fedmnist.outputs.records import to_python
+from fedmnist.schedule import due
+from fedmnist.values import to_python
 
 
 class FederatedEvaluator:
-    """Evaluates model weights on client datasets; the evaluation process is built once."""
+    """Evaluates model weights on client datasets; the evaluation process is built once.
+
+    Built before the first round: tracing it builds Keras models inside a graph, which would invalidate
+    a Keras model built eagerly before it (the centralized evaluator's).
+    """
 
     def __init__(self, model_fn: Callable[[], tff.learning.models.VariableModel]):
         # The iterator loop gives the same metrics as the default DatasetReduce loop, faster
@@ -51,3 +56,24 @@ class CentralizedEvaluator:
         loss, accuracy = self._model.evaluate(self.pixels, self.labels, batch_size=self.batch_size, verbose=0)
         return {"loss": float(loss), "sparse_categorical_accuracy": float(accuracy),
                 "num_examples": int(len(self.labels))}
+
+
+class Evaluations:
+    """The evaluations a round runs: federated evaluation on the clients' `data` (split -> datasets) every
+    `every` rounds, and the server's centralized evaluation every `centralized_every` rounds (each also
+    after the last round; None = never)."""
+
+    def __init__(self, federated: FederatedEvaluator, data: dict[str, list[tf.data.Dataset]], every: int | None,
+                 last_round: int, centralized: CentralizedEvaluator | None = None,
+                 centralized_every: int | None = None):
+        self.federated, self.data, self.every, self.last_round = federated, data, every, last_round
+        self.centralized, self.centralized_every = centralized, centralized_every
+
+    def __call__(self, round_num: int, weights: tff.learning.models.ModelWeights) -> dict | None:
+        """The round's evaluation results by split (`train`, `test`, `centralized`), or None."""
+        results = {}
+        if due(self.every, round_num, self.last_round):
+            results = {split: self.federated(weights, data) for split, data in self.data.items()}
+        if self.centralized is not None and due(self.centralized_every, round_num, self.last_round):
+            results["centralized"] = self.centralized(weights)
+        return results or None

@@ -1,12 +1,23 @@
-"""Step 3 of the article: the federated averaging process, built from the config's optimizers."""
+"""Step 3 of the article: the federated averaging process, built from the config's optimizers.
+
+`build_training_process` is the article's `build_weighted_fed_avg`. `ProcessBuilder` is what an aggregation
+mode builds from: the configured algorithm on the configured client input (`client_input: prepared`,
+fedmnist's prepared tensors, or `datasets`, the article's tf.data pipelines), with the mode's aggregator.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
 
 import tensorflow_federated as tff
 
+from fedmnist.algorithms.base import Algorithm
+from fedmnist.client_tensors import PreparedClients, build_prepared_client_work, build_prepared_fed_avg
 from fedmnist.config import OptimizerConfig
+from fedmnist.data.preprocessing import Preprocessing, count_examples, make_round_data
+from fedmnist.model import update_shapes
 
 
 def build_optimizer(cfg: OptimizerConfig) -> tff.learning.optimizers.Optimizer:
@@ -32,3 +43,64 @@ def build_training_process(model_fn: Callable[[], tff.learning.models.VariableMo
         model_fn,
         client_optimizer_fn=build_optimizer(client_optimizer),
         server_optimizer_fn=build_optimizer(server_optimizer))
+
+
+@dataclasses.dataclass
+class ProcessBuilder:
+    """The algorithm on the client input, for an aggregation mode to build its process from.
+
+    `prepared`: fedmnist's prepared client tensors (fedmnist/client_tensors.py) instead of the article's
+    pipelines; `size_classes` pads them (worth it only when the clients change from round to round).
+    """
+
+    model_fn: Callable[[], tff.learning.models.VariableModel]
+    algorithm: Algorithm
+    client_optimizer: OptimizerConfig
+    server_optimizer: OptimizerConfig
+    client_data: tff.simulation.datasets.ClientData
+    preprocessing: Preprocessing
+    prepared: bool = True
+    size_classes: bool = True
+
+    def __post_init__(self):
+        self.update_shapes = update_shapes(self.model_fn)
+
+    @property
+    def num_params(self) -> int:
+        return sum(math.prod(shape) for shape in self.update_shapes)
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.client_data.client_ids)
+
+    def server_optimizer_fn(self) -> tff.learning.optimizers.Optimizer:
+        return build_optimizer(self.server_optimizer)
+
+    def learning_process(self, aggregator=None, weighted: bool = True) -> tff.learning.templates.LearningProcess:
+        """The whole process, with `aggregator` (None: TFF's mean) weighted by examples or uniform."""
+        client, server = build_optimizer(self.client_optimizer), build_optimizer(self.server_optimizer)
+        if self.prepared:
+            return build_prepared_fed_avg(self.model_fn, client, server, self.preprocessing.batch_size, aggregator,
+                                          weighted, self.algorithm.proximal_strength)
+        return self.algorithm.build(self.model_fn, client, server, weighted=weighted, aggregator=aggregator)
+
+    def client_work(self, weighted: bool = True) -> tff.learning.templates.ClientWorkProcess:
+        """The client work alone, for processes that aggregate the updates by other means."""
+        client = build_optimizer(self.client_optimizer)
+        if self.prepared:
+            return build_prepared_client_work(self.model_fn, client, self.preprocessing.batch_size, weighted,
+                                              self.algorithm.proximal_strength)
+        return self.algorithm.client_work(self.model_fn, client, weighted)
+
+    def client_inputs(self) -> Callable[[list[str], int], list]:
+        """A round's client ids and number -> the process's client input."""
+        if self.prepared:
+            return PreparedClients(self.client_data, self.preprocessing, size_classes=self.size_classes)
+        return lambda client_ids, round_num: make_round_data(self.client_data, client_ids, round_num,
+                                                             self.preprocessing)
+
+    def largest_client_weight(self) -> int:
+        """The largest weight a client gets: its examples x epochs, which is what the example-weighted
+        client work counts on the article's repeated dataset."""
+        sizes = (count_examples(self.client_data.create_tf_dataset_for_client(c)) for c in self.client_data.client_ids)
+        return self.preprocessing.epochs * max(sizes, default=0)

@@ -20,7 +20,9 @@ import traceback
 from pathlib import Path
 
 from fedmnist import config as config_lib
-from fedmnist.cli import ArgumentParser, UsageError
+from fedmnist import registry
+from fedmnist.cli import ArgumentParser
+from fedmnist.errors import FedmnistError, Interrupted, UsageError, WorkerFailedError
 
 RUNS_ROOT = Path("runs")
 STALL_POLL_SECONDS = 0.5
@@ -32,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML config file (default: the tutorial's settings)")
     parser.add_argument("--rounds", type=int, help="number of federated rounds")
     parser.add_argument("--clients-per-round", type=int, help="clients that train in each round")
-    parser.add_argument("--dataset", help="auto, emnist, digits, synthetic or mnist")
+    parser.add_argument("--dataset", help=f"one of: {', '.join(registry.SOURCES.names())}")
+    parser.add_argument("--algorithm", help=f"one of: {', '.join(registry.ALGORITHMS.names())}")
     parser.add_argument("--model", help="linear, cnn or 2nn")
     parser.add_argument("--seed", type=int, help="seed for data splits, sampling and initial weights")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -51,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def overrides_from_args(args: argparse.Namespace) -> list[str]:
     named = {"rounds": args.rounds, "clients_per_round": args.clients_per_round,
-             "data.dataset": args.dataset, "model": args.model, "seed": args.seed}
+             "data.dataset": args.dataset, "algorithm": args.algorithm, "model": args.model, "seed": args.seed}
     return [f"{key}={value}" for key, value in named.items() if value is not None] + args.set
 
 
@@ -104,6 +107,7 @@ def load_run_config(run_dir: Path, rounds: int | None) -> config_lib.Config:
 
 def check_resume_args(args: argparse.Namespace) -> None:
     changed = [flag for flag, value in (("--config", args.config), ("--dataset", args.dataset),
+                                        ("--algorithm", args.algorithm),
                                         ("--model", args.model), ("--seed", args.seed),
                                         ("--clients-per-round", args.clients_per_round),
                                         ("--set", args.set), ("--run-dir", args.run_dir),
@@ -178,13 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             server = dashboard.TensorBoardServer(run_dir, port=dashboard.pick_port())
             print(f"TensorBoard: {server.url}", flush=True)
         try:
-            summary = loop.train(config, run_dir, progress=not args.quiet, resume=bool(args.resume),
-                                 stop_requested=stop)
-            dp_mode = summary["aggregation"]["mode"] in config_lib.DP_MODES
-            not_covered = " (not covered by the DP guarantee)" if dp_mode else ""
-            print(f"final: train accuracy {summary['eval']['train']['sparse_categorical_accuracy']:.4f}, "
-                  f"test accuracy {summary['eval']['test']['sparse_categorical_accuracy']:.4f}{not_covered}, "
-                  f"{summary['total_seconds']:.1f} s; outputs in {run_dir}")
+            loop.train(config, run_dir, progress=not args.quiet, resume=bool(args.resume), stop_requested=stop)
             if server is not None:
                 stop.restore_defaults()  # training is over: Ctrl-C now just stops TensorBoard
                 dashboard.serve_until_interrupted(server.wait_ready())
@@ -194,17 +192,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except KeyboardInterrupt as error:
         return _interrupted(str(error) or "interrupted during a round", run_dir)
-    except (UsageError, config_lib.ConfigError) as error:
-        return _fail(error, 2, args)
+    except Interrupted as error:
+        return _interrupted(str(error), run_dir)
+    except WorkerFailedError as error:
+        saved = f"the state after round {error.saved_round} is saved" if error.saved_round else "no round completed"
+        return _fail(f"{error}; {saved}; resume with: python -m fedmnist.train --resume {run_dir}", 1, args, error)
+    except FedmnistError as error:
+        return _fail(error, error.exit_code, args)
     except OSError as error:
         where = f" {error.filename}" if error.filename else ""
         return _fail(f"cannot write{where}: {error.strerror or error}", 1, args, error)
     except Exception as error:  # noqa: BLE001 - the CLI's last line of defence: one line, exit 1.
-        if type(error).__name__ == "Interrupted":
-            return _interrupted(str(error), run_dir)
-        if type(error).__name__ == "WorkerFailedError":
-            saved = f"the state after round {error.saved_round} is saved" if error.saved_round else "no round completed"
-            return _fail(f"{error}; {saved}; resume with: python -m fedmnist.train --resume {run_dir}", 1, args, error)
         return _fail(error, 1, args)
 
 

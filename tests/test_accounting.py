@@ -5,6 +5,7 @@ import math
 import pytest
 
 from fedmnist import config as config_lib
+from fedmnist.privacy.central_dp import DPConfig
 from fedmnist.privacy.accounting import Sampling, dp_delta, dp_epsilon
 
 pytestmark = pytest.mark.unit
@@ -21,5 +22,5 @@ def test_dp_epsilon_follows_rounds_noise_and_sampling():
 
 
 def test_dp_delta_defaults_to_a_hundredth_over_the_population():
-    assert dp_delta(config_lib.DPConfig(), 20) == pytest.approx(0.01 / 20)
-    assert dp_delta(config_lib.DPConfig(delta=1e-3), 20) == 1e-3
+    assert dp_delta(DPConfig(), 20) == pytest.approx(0.01 / 20)
+    assert dp_delta(DPConfig(delta=1e-3), 20) == 1e-3

@@ -10,8 +10,7 @@ from fedmnist import data
 from fedmnist.bench.floor import round_clients, run_floor
 from fedmnist.bench.report import AGREEMENT_TOLERANCE, agreement_tolerance
 from fedmnist.bench.workloads import WORKLOAD_SPECS, run_package
-from fedmnist.client_tensors import prepared_clients
-from fedmnist.loop import preprocess_kwargs
+from fedmnist.experiment import prepared_clients
 from helpers import ROOT, small_config
 
 
@@ -66,6 +65,6 @@ def test_paper_round_workload_is_mcmahans_fedavg_cnn_round():
             for c in dataset.train.client_ids} == {600}
     clients = round_clients(config, dataset.train.client_ids)(1)
     assert len(clients) == 10
-    prepared = prepared_clients(config, dataset.train, preprocess_kwargs(config)).dataset(clients[0], 1)
+    prepared = prepared_clients(config, dataset.train).dataset(clients[0], 1)
     order = prepared.get_single_element()["order"].numpy()
     assert len(order) == 600 * 5 and sorted(set(order)) == list(range(600))   # 300 steps of 10

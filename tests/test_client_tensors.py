@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fedmnist import client_tensors, data, loop
+from fedmnist import client_tensors, data
+from fedmnist.data.preprocessing import Preprocessing
+from fedmnist.experiment import prepared_clients, preprocessing_settings
 from fedmnist.data import sources
 from helpers import assert_same_rounds, small_config, small_run
 
@@ -16,11 +18,13 @@ from helpers import assert_same_rounds, small_config, small_run
 def test_shuffle_order_reproduces_the_articles_batches():
     dataset = data.load_synthetic(num_clients=2, examples_per_client=37, seed=5)
     client = dataset.train.create_tf_dataset_for_client(dataset.train.client_ids[0])
-    kwargs = dict(epochs=3, batch_size=7, shuffle_buffer=10, prefetch_buffer=2, seed=4)
+    settings = Preprocessing(epochs=3, batch_size=7, shuffle_buffer=10, prefetch_buffer=2, shuffle_seed=4,
+                             per_round=False)
     tf.keras.utils.set_random_seed(11)
-    article = list(data.preprocess(client, **kwargs))
+    article = list(data.preprocess(client, epochs=3, batch_size=7, shuffle_buffer=10, prefetch_buffer=2, seed=4))
     tf.keras.utils.set_random_seed(11)
-    arrays = client_tensors.prepare_client(client, **kwargs)
+    prepared = client_tensors.PreparedClients(dataset.train, settings).dataset(dataset.train.client_ids[0])
+    arrays = {key: value.numpy() for key, value in prepared.get_single_element().items()}
     order, n = arrays["order"], len(list(client))
     assert len(order) == 3 * n and order.max() == n - 1
     # Rows past the examples are padding to a size class: zeros that no batch reads.
@@ -51,17 +55,17 @@ def test_sampled_clients_are_padded_to_size_classes_fixed_ones_are_not():
     assert client_tensors.padded_rows(n) > n
     for selection, rows in (("uniform", client_tensors.padded_rows(n)), ("fixed", n)):
         config = small_config(f"client_selection={selection}")
-        clients = client_tensors.prepared_clients(config, dataset.train, loop.preprocess_kwargs(config))
+        clients = prepared_clients(config, dataset.train)
         assert len(clients.dataset(client_id).get_single_element()["x"]) == rows
 
 
 @pytest.mark.unit
 def test_cache_stays_within_its_byte_budget():
     dataset = data.load_synthetic(num_clients=6, examples_per_client=20, seed=1)
-    kwargs = loop.preprocess_kwargs(small_config())
-    one_client = client_tensors.PreparedClients(dataset.train, kwargs).dataset(dataset.train.client_ids[0])
+    settings = preprocessing_settings(small_config().preprocess)
+    one_client = client_tensors.PreparedClients(dataset.train, settings).dataset(dataset.train.client_ids[0])
     size = sum(t.numpy().nbytes for t in one_client.get_single_element().values())
-    clients = client_tensors.PreparedClients(dataset.train, kwargs, max_bytes=int(2.5 * size))
+    clients = client_tensors.PreparedClients(dataset.train, settings, max_bytes=int(2.5 * size))
     first = clients(dataset.train.client_ids[:1])[0].get_single_element()
     clients(dataset.train.client_ids)
     assert clients.cached_bytes <= 2.5 * size
@@ -79,7 +83,7 @@ def test_clients_of_any_size_share_one_dataset_kernel():
     client_data = data.client_data_from_arrays(clients)
     traces_before = (sources.examples_dataset.experimental_get_tracing_count(),
                      client_tensors.as_dataset.experimental_get_tracing_count())
-    cache = client_tensors.PreparedClients(client_data, loop.preprocess_kwargs(small_config()))
+    cache = client_tensors.PreparedClients(client_data, preprocessing_settings(small_config().preprocess))
     for dataset, (client_id, (pixels, _)) in zip(cache(list(clients)), clients.items()):
         assert dataset.element_spec == client_tensors.PREPARED_SPEC
         x = dataset.get_single_element()["x"].numpy()
@@ -106,27 +110,27 @@ def test_each_round_shuffles_anew_and_reproducibly():
     client_id = dataset.train.client_ids[0]
     client = dataset.train.create_tf_dataset_for_client(client_id)
     config = small_config("preprocess.epochs=2", "preprocess.batch_size=4")
-    kwargs, seeds = loop.preprocess_kwargs(config), client_tensors.shuffle_seeds(config)
+    settings = preprocessing_settings(config.preprocess)
 
     def orders(clients):
         tf.keras.utils.set_random_seed(config.seed)
         return [clients.dataset(client_id, r).get_single_element()["order"].numpy() for r in (1, 2, 3, 2)]
 
-    per_round = orders(client_tensors.PreparedClients(dataset.train, kwargs, seeds))
+    per_round = orders(client_tensors.PreparedClients(dataset.train, settings))
     assert all(sorted(o) == sorted(per_round[0]) for o in per_round)       # the same examples, twice each
     assert not np.array_equal(per_round[0], per_round[1]) and not np.array_equal(per_round[1], per_round[2])
     np.testing.assert_array_equal(per_round[1], per_round[3])              # a round replayed: its order
-    np.testing.assert_array_equal(per_round, orders(client_tensors.PreparedClients(dataset.train, kwargs, seeds)))
+    np.testing.assert_array_equal(per_round, orders(client_tensors.PreparedClients(dataset.train, settings)))
     # Each round's order is the one the article's pipeline, built for that round, visits.
     for round_num, order in zip((1, 2, 3), per_round):
         tf.keras.utils.set_random_seed(config.seed)
-        (pipeline,) = data.make_round_data(dataset.train, [client_id], round_num, seeds, **kwargs)
+        (pipeline,) = data.make_round_data(dataset.train, [client_id], round_num, settings)
         batches = [order[i:i + 4] for i in range(0, len(order), 4)]
         x = client_tensors.prepare_examples(client, size_classes=False)[0]
         for indices, batch in zip(batches, pipeline, strict=True):
             np.testing.assert_array_equal(x[indices], batch["x"].numpy())
     fixed = small_config("preprocess.epochs=2", "preprocess.shuffle=fixed")
-    same = orders(client_tensors.PreparedClients(dataset.train, kwargs, client_tensors.shuffle_seeds(fixed)))
+    same = orders(client_tensors.PreparedClients(dataset.train, preprocessing_settings(fixed.preprocess)))
     assert all(np.array_equal(o, same[0]) for o in same)
 
 

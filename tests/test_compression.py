@@ -1,11 +1,11 @@
-"""`aggregation: compressed` (fedmnist.privacy.compression): TFF's quantizing aggregator with our bits and
+"""`aggregation: compressed` (fedmnist.aggregation.quantization): TFF's quantizing aggregator with our bits and
 threshold, and the bits its encoder really sends."""
 
 import numpy as np
 import pytest
 import tensorflow_federated as tff
 
-from fedmnist.privacy.compression import FLOAT_BITS, compression_aggregator, encoded_bits, quiet_bitpacking
+from fedmnist.aggregation.quantization import FLOAT_BITS, compression_aggregator, encoded_bits, quiet_bitpacking
 
 pytestmark = pytest.mark.unit
 

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from fedmnist import config, custom_model, data, model, runtime
-from fedmnist.outputs.records import to_python
+from fedmnist.values import to_python
 from fedmnist.process import build_training_process
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from fedmnist import config as config_lib
+from fedmnist.privacy.central_dp import CentralDp, DPConfig
 from fedmnist.clients.participation import Participation
 from fedmnist.privacy import accounting
 from fedmnist.privacy.accounting import Sampling
@@ -49,13 +50,18 @@ def dp_config(*extra: str) -> config_lib.Config:
     return config_lib.load(None, ["data.dataset=digits", "aggregation=dp", "client_selection=uniform", *extra])
 
 
+def planner(config, ids) -> Participation:
+    """The round planner a dp run uses: the sampling its aggregation mode asks for."""
+    return Participation(config, ids, CentralDp(config).secret_sample_rate(len(ids)))
+
+
 @pytest.mark.unit
 def test_the_sampling_that_runs_is_poisson_at_the_accounted_rate_and_unseeded():
     config = dp_config()
     ids = [f"client_{i:02d}" for i in range(20)]
     sampling = accounting.sampling_for(config, len(ids))
     assert sampling == Sampling("poisson", 0.5)
-    plans = [Participation(config, ids).plan(r) for r in range(1, 2001)]
+    plans = [planner(config, ids).plan(r) for r in range(1, 2001)]
     sizes = np.array([len(p.completed) for p in plans])
     # Binomial(20, 0.5) sizes, not a fixed 10: mean 10, standard deviation sqrt(5).
     assert abs(sizes.mean() - 10) < 4 * math.sqrt(5 / len(sizes))
@@ -63,7 +69,7 @@ def test_the_sampling_that_runs_is_poisson_at_the_accounted_rate_and_unseeded():
     inclusion = np.array([[cid in p.completed for cid in ids] for p in plans]).mean(axis=0)
     assert np.all(np.abs(inclusion - 0.5) < 4 * math.sqrt(0.25 / len(plans)))
     # Not a function of the seed: two planners with one config draw different samples.
-    again = [Participation(config, ids).plan(r).completed for r in range(1, 21)]
+    again = [planner(config, ids).plan(r).completed for r in range(1, 21)]
     assert again != [p.completed for p in plans[:20]]
     assert all(p.public_ids() == [] and "selected" not in p.report() for p in plans)
 
@@ -73,7 +79,7 @@ def test_a_public_sample_is_the_seeded_one_with_ids_and_q_1():
     config = dp_config("dp.public_sample=true")
     ids = [f"client_{i:02d}" for i in range(20)]
     assert accounting.sampling_for(config, len(ids)) == Sampling("public", 1.0)
-    first, second = Participation(config, ids).plan(3), Participation(config, ids).plan(3)
+    first, second = planner(config, ids).plan(3), planner(config, ids).plan(3)
     assert first.completed == second.completed and len(first.completed) == 10
     assert first.public_ids() == first.completed
 
@@ -86,8 +92,8 @@ def test_dp_with_availability_is_refused():
 
 @pytest.mark.unit
 def test_default_delta_is_meaningful_and_a_weak_one_is_named():
-    assert accounting.dp_delta(config_lib.DPConfig(), 20) * 20 == pytest.approx(0.01)
-    assert accounting.delta_warning(accounting.dp_delta(config_lib.DPConfig(), 20), 20) is None
+    assert accounting.dp_delta(DPConfig(), 20) * 20 == pytest.approx(0.01)
+    assert accounting.delta_warning(accounting.dp_delta(DPConfig(), 20), 20) is None
     warning = accounting.delta_warning(0.037, 20)
     assert warning.startswith("warning: dp.delta 0.037 x 20 clients = 0.74") and "\n" not in warning
 

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from fedmnist import data, loop, model
+from fedmnist import data, experiment, model
 from fedmnist.config import OptimizerConfig
 from fedmnist.process import build_training_process
 
@@ -39,7 +39,7 @@ def test_one_round_is_the_example_weighted_average(tff_runtime, server_lr):
     state = process.set_model_weights(process.initialize(), initial)
     result = process.next(state, data.make_federated_data(dataset.train, client_ids))
     federated = process.get_model_weights(result.state).trainable
-    shortcut = loop.model_weights(process, result.state)   # what the round loop reads, without a worker call
+    shortcut = experiment.model_weights(process, result.state)   # what the round loop reads, without a worker call
     for a, b in zip(shortcut.trainable, federated):
         np.testing.assert_array_equal(a, b)
 

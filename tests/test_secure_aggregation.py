@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fedmnist import config as config_lib
+from fedmnist.privacy.secure import SecureConfig
 from fedmnist.privacy import secagg, shamir
 
 BITS, CLIP = 32, 2.0
@@ -94,16 +95,16 @@ def test_a_threshold_at_or_below_half_of_the_clients_is_warned(threshold, client
         assert "\n" not in warning and "two disjoint groups" in warning
 
 
+@pytest.mark.unit
 def test_the_run_header_prints_the_threshold_warning():
-    from fedmnist.privacy.aggregation import AggregationReport
+    from fedmnist.privacy.secure import Secure
 
-    shapes = [(784, 10), (10,)]
     low = config_lib.load(None, ["aggregation=secure", "secure.threshold=5"])
-    lines = AggregationReport(low, shapes, 20).header().splitlines()
+    lines = Secure(low).header().splitlines()
     assert len(lines) == 2 and lines[0].startswith("secure aggregation: threshold 5 of 10")
     assert lines[1].startswith("warning: ") and "at most half of the 10 clients" in lines[1]
     majority = config_lib.load(None, ["aggregation=secure"])
-    assert len(AggregationReport(majority, shapes, 20).header().splitlines()) == 1
+    assert len(Secure(majority).header().splitlines()) == 1
 
 
 # --- 3. One unmasking answer per client ----------------------------------------------------------
@@ -158,13 +159,15 @@ def test_a_weight_above_the_bound_is_refused_not_capped():
 
 @pytest.mark.unit
 def test_the_config_bound_on_client_weights_is_derived_or_enforced():
-    derived = config_lib.SecureConfig()
-    assert config_lib.secure_weight_bound(derived, 10, 3000) == 3000
+    from fedmnist.privacy.secure import secure_weight_bound
+
+    derived = SecureConfig()
+    assert secure_weight_bound(derived, 10, 3000) == 3000
     with pytest.raises(config_lib.ConfigError, match=r"secure.max_client_weight: a client has weight 3000") as refused:
-        config_lib.secure_weight_bound(config_lib.SecureConfig(max_client_weight=2048), 10, 3000)
+        secure_weight_bound(SecureConfig(max_client_weight=2048), 10, 3000)
     assert "\n" not in str(refused.value)
     with pytest.raises(config_lib.ConfigError, match="secure.bits: 16 bits leave too little precision"):
-        config_lib.secure_weight_bound(config_lib.SecureConfig(bits=16), 10, 3000)
+        secure_weight_bound(SecureConfig(bits=16), 10, 3000)
 
 
 @pytest.mark.unit
@@ -210,22 +213,40 @@ def example_count(client_data, client_id: str) -> int:
     return sum(1 for _ in client_data.create_tf_dataset_for_client(client_id).as_numpy_iterator())
 
 
+def datasets_builder(client_data):
+    """FedAvg on the article's datasets (`client_input: datasets`) over `client_data`, as a mode builds from it."""
+    from fedmnist.algorithms.fedavg import FedAvg
+    from fedmnist.experiment import process_builder
+    from fedmnist.model import build_model_fn
+
+    config = config_lib.load(None, ["client_input=datasets"])
+    return process_builder(config, build_model_fn(), FedAvg(config), client_data)
+
+
 @pytest.fixture(scope="module")
 def digits_population(tff_runtime):
     """20 clients of scikit-learn's digits and the largest weight among them (examples x epochs)."""
     from fedmnist.data import load_digits
-    from fedmnist.privacy.secure_process import largest_client_weight
 
     client_data = load_digits(20).train
-    return client_data, largest_client_weight(client_data, EPOCHS)
+    return client_data, datasets_builder(client_data).largest_client_weight()
 
 
-def secure_process(settings: config_lib.SecureConfig, threshold: int, clients: int, largest: int | None):
-    from fedmnist.model import build_model_fn
+def secure_process(settings: SecureConfig, threshold: int, clients: int, largest: int | None,
+                   max_weight: int | None = None):
+    """SecureFedAvg with the weight bound derived from `largest` (checked as a run checks it), or
+    `max_weight` unchecked."""
+    from fedmnist.privacy.secure import secure_weight_bound
     from fedmnist.privacy.secure_process import SecureFedAvg
 
-    return SecureFedAvg(build_model_fn(), config_lib.OptimizerConfig(), config_lib.OptimizerConfig(learning_rate=1.0),
-                        settings, threshold=threshold, clients_per_round=clients, largest_client_weight=largest)
+    bound = max_weight or secure_weight_bound(settings, clients, largest)
+    return SecureFedAvg(datasets_builder(load_digits_once()), settings, threshold, clients, bound)
+
+
+def load_digits_once():
+    from fedmnist.data import load_digits
+
+    return load_digits(20).train
 
 
 def plain_round(data: list) -> tuple[list[np.ndarray], dict]:
@@ -261,7 +282,7 @@ def test_clients_dropped_before_their_input_train_nothing_and_stay_out_of_the_me
     digits, largest = digits_population
     ids = digits.client_ids[:6]
     data = make_federated_data(digits, ids)
-    secure = secure_process(config_lib.SecureConfig(dropout=0.3), threshold=4, clients=6, largest=largest)
+    secure = secure_process(SecureConfig(dropout=0.3), threshold=4, clients=6, largest=largest)
     output, _ = secure_round(secure, data, round_num=2)
     report = output.metrics["aggregator"]["secure"]
     assert report["failed"] == 0 and report["dropped"] > 0, "the seeded dropouts of round 2 should drop some"
@@ -282,7 +303,7 @@ def test_clients_that_drop_after_their_input_stay_in_the_sum_and_too_many_skip_t
 
     digits, largest = digits_population
     data = make_federated_data(digits, digits.client_ids[:6])
-    secure = secure_process(config_lib.SecureConfig(dropout_after_input=0.5), threshold=4, clients=6, largest=largest)
+    secure = secure_process(SecureConfig(dropout_after_input=0.5), threshold=4, clients=6, largest=largest)
     output, _ = secure_round(secure, data, round_num=4)
     report = output.metrics["aggregator"]["secure"]
     assert report["failed"] == 0 and report["dropped"] == 0 and report["dropped_after_input"] == 2, \
@@ -292,7 +313,7 @@ def test_clients_that_drop_after_their_input_stay_in_the_sum_and_too_many_skip_t
     assert output.metrics["client_work"] == metrics
     assert_close(secure, output, weights)
 
-    secure = secure_process(config_lib.SecureConfig(dropout_after_input=0.99), threshold=4, clients=6, largest=largest)
+    secure = secure_process(SecureConfig(dropout_after_input=0.99), threshold=4, clients=6, largest=largest)
     output, start = secure_round(secure, data, round_num=1)
     report = output.metrics["aggregator"]["secure"]
     assert report["failed"] == 1 and "stayed to unmask" in report["error"] and "global model kept" in report["error"]
@@ -317,15 +338,14 @@ def population_with_a_large_client(tff_runtime):
 
 def test_secure_equals_plain_with_a_client_above_the_old_weight_cap(population_with_a_large_client):
     from fedmnist.data import make_federated_data
-    from fedmnist.privacy.secure_process import largest_client_weight
 
     client_data = population_with_a_large_client
-    largest = largest_client_weight(client_data, EPOCHS)
+    largest = datasets_builder(client_data).largest_client_weight()
     assert largest == EPOCHS * example_count(client_data, "large") == 3000
     data = make_federated_data(client_data, client_data.client_ids)
     # The large client's update has an L2 norm of about 2, the default clip: a clip of 4 leaves every
     # update unclipped, so what is compared is the weighting alone.
-    secure = secure_process(config_lib.SecureConfig(clip=4.0), threshold=4, clients=6, largest=largest)
+    secure = secure_process(SecureConfig(clip=4.0), threshold=4, clients=6, largest=largest)
     assert secure.max_weight == 3000
     output, _ = secure_round(secure, data, round_num=1)
     assert output.metrics["aggregator"]["secure"]["total_weight"] == EPOCHS * (600 + 5 * 40)
@@ -334,18 +354,17 @@ def test_secure_equals_plain_with_a_client_above_the_old_weight_cap(population_w
 
     # An explicit bound below the population's largest weight is refused in one line ...
     with pytest.raises(config_lib.ConfigError, match="secure.max_client_weight: a client has weight 3000"):
-        secure_process(config_lib.SecureConfig(max_client_weight=2048), threshold=4, clients=6, largest=largest)
+        secure_process(SecureConfig(max_client_weight=2048), threshold=4, clients=6, largest=largest)
     # ... and a client above it, if the population was not checked, fails the round instead of being capped.
-    unchecked = secure_process(config_lib.SecureConfig(max_client_weight=2048), threshold=4, clients=6, largest=None)
+    unchecked = secure_process(SecureConfig(max_client_weight=2048), threshold=4, clients=6, largest=None,
+                               max_weight=2048)
     with pytest.raises(ValueError, match="client weight of 3000 is outside 0..2048"):
         secure_round(unchecked, data, round_num=1)
 
 
 def test_the_training_derives_the_weight_bound_from_the_population(population_with_a_large_client):
-    from fedmnist import loop
-    from fedmnist.model import build_model_fn
-    from fedmnist.privacy.aggregation import build_process
+    from fedmnist.privacy.secure import Secure
 
-    config = config_lib.Config(aggregation="secure", clients_per_round=6)
-    training = build_process(config, build_model_fn(), population_with_a_large_client, loop.preprocess_kwargs(config))
+    config = config_lib.load(None, ["aggregation=secure", "clients_per_round=6"])
+    training = Secure(config).build(datasets_builder(population_with_a_large_client))
     assert training.process.max_weight == 3000

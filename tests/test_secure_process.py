@@ -6,11 +6,13 @@ import pytest
 import tensorflow_federated as tff
 
 from fedmnist import config as config_lib
+from fedmnist.privacy.secure import SecureConfig
 from fedmnist import runtime
 from fedmnist.data import load_digits, make_federated_data
 from fedmnist.model import build_model_fn, initial_weights
 from fedmnist.privacy import secagg
-from fedmnist.privacy.secure_process import SecureFedAvg, largest_client_weight
+from fedmnist.privacy.secure import secure_weight_bound
+from fedmnist.privacy.secure_process import SecureFedAvg
 
 
 @pytest.fixture(scope="module")
@@ -18,17 +20,29 @@ def digits_round():
     """Six digits clients' preprocessed data, the population's largest client weight, and a worker."""
     dataset = load_digits(20)
     data = make_federated_data(dataset.train, dataset.train.client_ids[:6])
-    largest = largest_client_weight(dataset.train, config_lib.PreprocessConfig().epochs)
     with runtime.local_runtime():
-        yield data, largest
+        yield data, builder(dataset.train)
+
+
+def builder(client_data):
+    """FedAvg on the article's datasets, as `aggregation: secure` builds from it with `client_input: datasets`."""
+    from fedmnist.algorithms.fedavg import FedAvg
+    from fedmnist.experiment import process_builder
+
+    config = config_lib.load(None, ["client_input=datasets"])
+    return process_builder(config, build_model_fn(), FedAvg(config), client_data)
+
+
+def secure_fed_avg(builder, settings: SecureConfig, threshold: int, clients: int) -> SecureFedAvg:
+    bound = secure_weight_bound(settings, clients, builder.largest_client_weight())
+    return SecureFedAvg(builder, settings, threshold, clients, bound)
 
 
 def test_one_secure_round_equals_tffs_weighted_fed_avg(digits_round):
-    digits_round, largest = digits_round
+    digits_round, process_builder = digits_round
     model_fn = build_model_fn()
-    settings = config_lib.SecureConfig()
-    secure = SecureFedAvg(model_fn, config_lib.OptimizerConfig(), config_lib.OptimizerConfig(learning_rate=1.0),
-                          settings, threshold=4, clients_per_round=6, largest_client_weight=largest)
+    settings = SecureConfig()
+    secure = secure_fed_avg(process_builder, settings, threshold=4, clients=6)
     plain = tff.learning.algorithms.build_weighted_fed_avg(
         model_fn, tff.learning.optimizers.build_sgdm(0.02), tff.learning.optimizers.build_sgdm(1.0))
     start = initial_weights("linear", 10, 0)
@@ -49,10 +63,8 @@ def test_one_secure_round_equals_tffs_weighted_fed_avg(digits_round):
 
 
 def test_aborted_secure_round_returns_the_previous_state(digits_round):
-    digits_round, largest = digits_round
-    secure = SecureFedAvg(build_model_fn(), config_lib.OptimizerConfig(), config_lib.OptimizerConfig(learning_rate=1.0),
-                          config_lib.SecureConfig(dropout=0.99), threshold=4, clients_per_round=6,
-                          largest_client_weight=largest)
+    digits_round, process_builder = digits_round
+    secure = secure_fed_avg(process_builder, SecureConfig(dropout=0.99), threshold=4, clients=6)
     state = secure.set_model_weights(secure.initialize(), initial_weights("linear", 10, 0))
     output = secure.next(state, digits_round)
     report = output.metrics["aggregator"]["secure"]

@@ -17,10 +17,10 @@ from fedmnist import config as config_lib
 from fedmnist import runtime
 from fedmnist.bench.figures import max_diff
 from fedmnist.bench.floor import round_clients
-from fedmnist.client_tensors import build_prepared_fed_avg, prepared_clients
-from fedmnist.data.preprocessing import make_federated_data, preprocess
+from fedmnist.client_tensors import build_prepared_fed_avg
+from fedmnist.data.preprocessing import Preprocessing
 from fedmnist.data.sources import FederatedDataset, load_dataset
-from fedmnist.loop import preprocess_kwargs
+from fedmnist.experiment import prepared_clients, preprocessing_settings
 from fedmnist.model import build_model_fn, initial_weights
 from fedmnist.process import build_optimizer
 
@@ -31,7 +31,7 @@ class Tutorial:
 
     config: config_lib.Config
     dataset: FederatedDataset
-    kwargs: dict                         # the preprocessing's (loop.preprocess_kwargs)
+    settings: Preprocessing              # the article's preprocessing, with the config's values
     select: Callable[[int], list[str]]   # round number -> its clients
 
     @classmethod
@@ -40,7 +40,8 @@ class Tutorial:
         # `shuffle=fixed` makes the prepared variants feed that order too.
         config = config_lib.load(None, ["data.dataset=digits", "preprocess.shuffle=fixed"])
         dataset = load_dataset(config.data, config.seed)
-        return cls(config, dataset, preprocess_kwargs(config), round_clients(config, dataset.train.client_ids))
+        return cls(config, dataset, preprocessing_settings(config.preprocess),
+                   round_clients(config, dataset.train.client_ids))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +53,8 @@ class Variant:
     default_num_clients: int = 0              # the context's, with one worker
 
 
-def _digits_dataset_computation(client_data, client_ids: list[str], kwargs: dict, seed: int) -> tff.Computation:
+def _digits_dataset_computation(client_data, client_ids: list[str], settings: Preprocessing,
+                                seed: int) -> tff.Computation:
     """A `tff.Computation` from a client id to its preprocessed dataset, built inside the worker
     (for `tff.simulation.compose_dataset_computation_with_learning_process`). The clients' examples
     are embedded in the computation, as a cached ClientData's `dataset_computation` would read them."""
@@ -71,24 +73,24 @@ def _digits_dataset_computation(client_data, client_ids: list[str], kwargs: dict
         start, end = tf.gather(tf.constant(starts), i), tf.gather(tf.constant(ends), i)
         examples = {"label": tf.constant(labels)[start:end], "pixels": tf.constant(pixels)[start:end]}
         tf.random.set_seed(seed)  # the graph seed that the eager pipeline takes from the global seed
-        return preprocess(tf.data.Dataset.from_tensor_slices(examples), **kwargs)
+        return settings.pipeline(tf.data.Dataset.from_tensor_slices(examples))
 
     return dataset_computation
 
 
 def variants(tutorial: Tutorial) -> dict[str, Variant]:
     """The article's path first (the reference), then one TFF option at a time, then the package's."""
-    config, train, kwargs = tutorial.config, tutorial.dataset.train, tutorial.kwargs
+    config, train, settings = tutorial.config, tutorial.dataset.train, tutorial.settings
     model_fn = build_model_fn(config.model, tutorial.dataset.num_classes)
     iterator = tff.learning.LoopImplementation.DATASET_ITERATOR
-    articles = lambda ids: make_federated_data(train, ids, **kwargs)  # noqa: E731
+    articles = lambda ids: [settings.pipeline(train.create_tf_dataset_for_client(c)) for c in ids]  # noqa: E731
 
     def fed_avg(**extra):
         return tff.learning.algorithms.build_weighted_fed_avg(
             model_fn, build_optimizer(config.client_optimizer), build_optimizer(config.server_optimizer), **extra)
 
     def composed():
-        computation = _digits_dataset_computation(train, list(train.client_ids), kwargs, config.seed)
+        computation = _digits_dataset_computation(train, list(train.client_ids), settings, config.seed)
         return tff.simulation.compose_dataset_computation_with_learning_process(computation, fed_avg())
 
     def prepared_process():
@@ -140,7 +142,7 @@ def time_variant(tutorial: Tutorial, variant: Variant, rounds: int) -> tuple[lis
     with worker_context(variant):
         tf.keras.utils.set_random_seed(config.seed)
         learning_process = variant.build()
-        client_input = variant.feed or prepared_clients(config, dataset.train, tutorial.kwargs)
+        client_input = variant.feed or prepared_clients(config, dataset.train)
         state = learning_process.set_model_weights(
             learning_process.initialize(), initial_weights(config.model, dataset.num_classes, config.seed))
         seconds, per_round = [], []

@@ -17,11 +17,10 @@ import tensorflow as tf
 
 from fedmnist.bench.figures import summarize
 from fedmnist.bench.memory import TreeMemory
-from fedmnist.client_tensors import prepared_clients
 from fedmnist.clients.participation import Participation
 from fedmnist.config import Config
 from fedmnist.data.sources import FederatedDataset, load_dataset
-from fedmnist.loop import preprocess_kwargs
+from fedmnist.experiment import prepared_clients
 from fedmnist.model import create_model, initial_weights
 
 ClientTraining = Callable[[list[tf.Tensor], tf.Tensor, tf.Tensor, tf.Tensor], tuple]
@@ -101,7 +100,7 @@ def run_floor(config: Config, dataset: FederatedDataset | None = None, nudge_wei
         tf.keras.utils.set_random_seed(config.seed)
         dataset = dataset or load_dataset(config.data, config.seed)
         select = round_clients(config, dataset.train.client_ids)
-        cache = prepared_clients(config, dataset.train, preprocess_kwargs(config))   # the same prepared batches
+        cache = prepared_clients(config, dataset.train)   # the same prepared batches
         keras_model = create_model(config.model, dataset.num_classes)
         weights = initial_weights(config.model, dataset.num_classes, config.seed).trainable
         train_client = client_training(keras_model, config.preprocess.batch_size,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,8 +17,8 @@ if TYPE_CHECKING:
     from fedmnist.data.sources import FederatedDataset
 
 WORKLOADS = ("tutorial", "cnn", "scale", "paper-round")
-# `paper-round` is opt-in: each round trains 3,000 CNN steps (about 20 s on 2 cores); with the floor
-# and the floor's float32-noise run the workload takes 4-5 minutes.
+# `paper-round` is opt-in: each round trains 3,000 CNN steps, and the workload runs the package, the floor
+# and the floor's float32-noise run one after the other (its time: docs/performance.md, "paper-round").
 DEFAULT_WORKLOADS = ("tutorial", "cnn")
 
 
@@ -71,25 +70,22 @@ PATH_OVERRIDES = {
 }
 
 
-ROUND_LINE = re.compile(r"round +(\d+), metrics=")
-
-
 def run_package(config: Config, dataset: FederatedDataset | None = None) -> dict:
-    """`loop.train` on `config` (on `dataset` instead of the configured data when given), timed by its
-    own per-round seconds, with the process tree's RSS sampled throughout and at each round's line."""
+    """The package's experiment built from `config` (on `dataset` instead of the configured data when given)
+    and run by `loop.run`, timed by its own per-round seconds, with the process tree's RSS sampled throughout
+    and as each round ends."""
     # Imported here: the command line answers --help before TensorFlow loads.
-    from fedmnist import loop
+    from fedmnist import experiment, loop
 
     rss_by_round: dict[int, int] = {}
     workers_rss_by_round: dict[int, int] = {}
     with TreeMemory() as memory, tempfile.TemporaryDirectory(prefix="fedmnist-bench-") as run_dir:
-        def echo(line: str) -> None:
-            if match := ROUND_LINE.match(line):  # the article's `round  3, metrics=...`, not other lines
-                round_num = int(match.group(1))
-                rss_by_round[round_num] = memory.current()
-                workers_rss_by_round[round_num] = rss_by_round[round_num] - memory.root.memory_info().rss
+        def round_done(record) -> None:
+            rss_by_round[record.round] = memory.current()
+            workers_rss_by_round[record.round] = rss_by_round[record.round] - memory.root.memory_info().rss
 
-        loop.train(config, Path(run_dir), echo=echo, progress=False, dataset=dataset)
+        with experiment.build(config, Path(run_dir), echo=lambda line: None, dataset=dataset) as built:
+            loop.run(built, loop.Hooks(round_done=round_done))
         rows = MetricsLog(Path(run_dir)).rows()
     leftover = runtime.worker_children()
     if leftover:

@@ -7,9 +7,9 @@ can be selected, and selected clients drop out with `availability.dropout` proba
 update is lost). With `always` (the article) every client is available and none drops out.
 
 Every random draw is keyed by (seed, round), so a round's plan is the same in a resumed run, except
-in `aggregation: dp` (unless `dp.public_sample`): there each client takes part with probability
-clients_per_round / num_clients, drawn from the operating system's CSPRNG, and the sample is secret:
-the plan's `public_ids()` and `report()` do not reveal it (fedmnist/privacy/accounting.py).
+with a secret sample (`secret_rate`, which `aggregation: dp` asks for unless `dp.public_sample`): there
+each client takes part with that probability, drawn from the operating system's CSPRNG, and the
+plan's `public_ids()` and `report()` do not reveal who (fedmnist/privacy/accounting.py).
 """
 
 from __future__ import annotations
@@ -55,9 +55,11 @@ class RoundPlan:
 
 
 class Participation:
-    """Plans each round's clients from the config; `plan(round_num)` is deterministic."""
+    """Plans each round's clients from the config: `clients_per_round` of `client_ids`, the first ones
+    (`client_selection: fixed`) or a seeded uniform sample, among those available; `plan(round_num)` is
+    deterministic unless `secret_rate` asks for a secret Poisson sample."""
 
-    def __init__(self, config: Config, client_ids: Sequence[str]):
+    def __init__(self, config: Config, client_ids: Sequence[str], secret_rate: float | None = None):
         self.ids = list(client_ids)
         self.count = config.clients_per_round
         self.selection = config.client_selection
@@ -68,8 +70,7 @@ class Participation:
         self.archetypes = rng.choice(list(ARCHETYPES), size=len(self.ids), p=shares / shares.sum())
         self.shift = rng.integers(-1, 2, size=len(self.ids))
         self._uniform = tff.simulation.build_uniform_sampling_fn(self.ids, replace=False, random_seed=self.seed)
-        self.secret_rate = (min(1.0, self.count / len(self.ids))
-                            if config.aggregation == "dp" and not config.dp.public_sample else None)
+        self.secret_rate = secret_rate
 
     def clock_hours(self, round_num: int) -> float:
         return self.cfg.start_hour + (round_num - 1) * self.cfg.round_minutes / 60

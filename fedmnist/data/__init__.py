@@ -9,7 +9,7 @@ import importlib
 
 _PREPROCESSING = ("BATCH_SIZE", "NUM_CLIENTS", "NUM_EPOCHS", "PREFETCH_BUFFER", "SHUFFLE_BUFFER", "SHUFFLE_SEED",
                   "batch_format_fn", "input_spec", "make_federated_data", "preprocess",
-                  "ShuffleSeeds", "make_round_data", "round_shuffle_seed")
+                  "Preprocessing", "make_round_data", "round_shuffle_seed")
 _SOURCES = ("CACHE_ENV", "EMNIST_FILE", "DataUnavailableError", "FederatedDataset", "client_data_from_arrays",
             "digits_as_emnist", "load_dataset", "load_digits", "load_emnist", "load_synthetic")
 __all__ = [*_PREPROCESSING, *_SOURCES]

@@ -17,8 +17,6 @@ dealt IID. Federated evaluation reads them; centralized evaluation uses the whol
 
 from __future__ import annotations
 
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -26,8 +24,10 @@ import numpy as np
 import tensorflow as tf
 
 from fedmnist.data import partition
-from fedmnist.data.sources import (DataUnavailableError, FederatedDataset, ensure_cached,
-                                   client_data_from_arrays)
+from fedmnist.data.sources import (cache_dir, client_data_from_arrays, digits_as_emnist, download_whole,
+                                   ensure_cached)
+from fedmnist.data.types import FederatedDataset
+from fedmnist.errors import DataUnavailableError
 
 MNIST_FILE = "mnist.npz"
 CACHE_ENV = "FEDMNIST_MNIST_CACHE"
@@ -38,23 +38,15 @@ Split = tuple[np.ndarray, np.ndarray]
 
 def mnist_cache_dir(configured: str | None = None) -> Path:
     """The configured directory, else $FEDMNIST_MNIST_CACHE, else Keras's cache `~/.keras/datasets`."""
-    chosen = configured or os.environ.get(CACHE_ENV) or Path.home() / ".keras" / "datasets"
-    return Path(chosen).expanduser()
+    return cache_dir(configured, CACHE_ENV, Path.home() / ".keras" / "datasets")
 
 
-def download(cache_dir: Path) -> None:
-    """Downloads `mnist.npz` through Keras into a scratch directory, then moves the file in whole.
-
-    Given an absolute path, `load_data` downloads to it and checks the file's SHA-256 against MNIST's.
-    """
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".download-") as scratch:
-        target = Path(scratch) / MNIST_FILE
-        try:
-            tf.keras.datasets.mnist.load_data(path=str(target))
-        except Exception as error:  # noqa: BLE001 - Keras raises a bare Exception for a failed fetch
-            raise DataUnavailableError(f"MNIST could not be downloaded: {error}") from error
-        os.replace(target, cache_dir / MNIST_FILE)
+def _download(scratch: Path) -> None:
+    """Given an absolute path, Keras's `load_data` downloads to it and checks the file's SHA-256 against MNIST's."""
+    try:
+        tf.keras.datasets.mnist.load_data(path=str(scratch / MNIST_FILE))
+    except Exception as error:  # noqa: BLE001 - Keras raises a bare Exception for a failed fetch
+        raise DataUnavailableError(f"MNIST could not be downloaded: {error}") from error
 
 
 def read_npz(path: Path) -> tuple[Split, Split]:
@@ -81,7 +73,7 @@ def read_npz(path: Path) -> tuple[Split, Split]:
 def load_arrays(cache_dir: str | Path | None = None, allow_download: bool = True) -> tuple[Split, Split]:
     """MNIST's arrays from the cache, downloaded first when missing and allowed."""
     cache = mnist_cache_dir(str(cache_dir) if cache_dir else None)
-    ensure_cached(cache / MNIST_FILE, allow_download, "MNIST", CACHE_ENV, f"Keras's {MNIST_FILE}", lambda: download(cache))
+    ensure_cached(cache / MNIST_FILE, allow_download, "MNIST", CACHE_ENV, f"Keras's {MNIST_FILE}", lambda: download_whole(cache, MNIST_FILE, _download))
     return read_npz(cache / MNIST_FILE)
 
 
@@ -133,8 +125,6 @@ def load_mnist(num_clients: int = 100, method: str = "iid", seed: int = 0, alpha
 def digits_as_mnist(test_size: int = 297, seed: int = 0) -> tuple[Split, Split]:
     """scikit-learn's 1,797 real handwritten digits in MNIST's format (uint8 28x28, 0 = background),
     split into train and test: a small stand-in for MNIST where it cannot be downloaded."""
-    from fedmnist.data.sources import digits_as_emnist
-
     pixels, labels = digits_as_emnist()
     images = np.round((1.0 - pixels) * 255).astype(np.uint8)
     order = np.random.default_rng(seed).permutation(len(labels))

@@ -43,12 +43,16 @@ def preprocess(dataset: tf.data.Dataset, epochs: int = NUM_EPOCHS, batch_size: i
 
 
 def whole_dataset_size(dataset: tf.data.Dataset) -> int:
-    """The number of examples, at least 1 (a batch size); counted when tf.data does not know it
-    (EMNIST's SQL-backed client datasets)."""
+    """The number of examples, at least 1 (a batch size)."""
+    return max(count_examples(dataset), 1)
+
+
+def count_examples(dataset: tf.data.Dataset) -> int:
+    """The number of elements; counted when tf.data does not know it (EMNIST's SQL-backed client datasets)."""
     size = int(dataset.cardinality())
     if size < 0:
         size = int(dataset.reduce(np.int64(0), lambda count, _: count + 1))
-    return max(size, 1)
+    return size
 
 
 def make_federated_data(client_data: tff.simulation.datasets.ClientData, client_ids: Sequence[str],
@@ -65,26 +69,38 @@ def round_shuffle_seed(seed: int, round_num: int, client_id: str) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class ShuffleSeeds:
-    """Which shuffle seed each client's pipeline gets in a round (`preprocess.shuffle`).
+class Preprocessing:
+    """The article's `preprocess` arguments, and which shuffle seed each client's pipeline gets in a round.
 
     `per_round`: `round_shuffle_seed`, so every round visits a client's examples in a new order, as a
-    pipeline shuffled afresh would. `fixed`: `seed` every round; the article's datasets, rebuilt by TFF
-    every round with one seed, then repeat one order per client over the whole run.
+    pipeline shuffled afresh would. Otherwise `shuffle_seed` every round: the article's datasets, rebuilt
+    by TFF every round with one seed, then repeat one order per client over the whole run.
     """
 
-    seed: int = SHUFFLE_SEED
+    epochs: int = NUM_EPOCHS
+    batch_size: int = BATCH_SIZE
+    shuffle_buffer: int = SHUFFLE_BUFFER
+    prefetch_buffer: int = PREFETCH_BUFFER
+    shuffle_seed: int = SHUFFLE_SEED
     per_round: bool = True
 
-    def __call__(self, round_num: int, client_id: str) -> int:
-        return round_shuffle_seed(self.seed, round_num, client_id) if self.per_round else self.seed
+    def seed(self, round_num: int, client_id: str) -> int:
+        return round_shuffle_seed(self.shuffle_seed, round_num, client_id) if self.per_round else self.shuffle_seed
+
+    def pipeline(self, dataset: tf.data.Dataset, seed: int | None = None) -> tf.data.Dataset:
+        """The article's `preprocess` with these settings (and `seed` for the shuffle, when given)."""
+        return preprocess(dataset, self.epochs, self.batch_size, self.shuffle_buffer, self.prefetch_buffer,
+                          self.shuffle_seed if seed is None else seed)
+
+    def one_epoch(self) -> Preprocessing:
+        """The same pipeline over one epoch: what evaluation reads."""
+        return dataclasses.replace(self, epochs=1)
 
 
 def make_round_data(client_data: tff.simulation.datasets.ClientData, client_ids: Sequence[str],
-                    round_num: int, seeds: ShuffleSeeds, **preprocess_kwargs) -> list[tf.data.Dataset]:
+                    round_num: int, settings: Preprocessing) -> list[tf.data.Dataset]:
     """`make_federated_data` for one round: each client's pipeline shuffled with its seed for the round."""
-    kwargs = {k: v for k, v in preprocess_kwargs.items() if k != "seed"}
-    return [preprocess(client_data.create_tf_dataset_for_client(x), seed=seeds(round_num, x), **kwargs)
+    return [settings.pipeline(client_data.create_tf_dataset_for_client(x), settings.seed(round_num, x))
             for x in client_ids]
 
 

@@ -2,12 +2,7 @@
 
 Every source yields `tff.simulation.datasets.ClientData` with federated EMNIST's element spec:
 `OrderedDict(label=int32 scalar, pixels=float32 28x28)`, pixels in [0, 1] with 1.0 = background.
-
-- `emnist`: the real federated EMNIST through `tff.simulation.datasets.emnist.load_data`.
-- `digits`: scikit-learn's 1,797 real handwritten 8x8 digits, scaled to 28x28, split into clients.
-- `synthetic`: small random, learnable data for fast tests.
-- `mnist`: Keras's MNIST split into clients as McMahan et al. 2017 split it (fedmnist/data/mnist.py).
-- `auto`: `emnist` when it is cached or can be downloaded, otherwise `digits` with one warning.
+The sources are listed in fedmnist/data/builtin.py; `load_dataset` loads the configured one.
 """
 
 from __future__ import annotations
@@ -26,30 +21,16 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from fedmnist import registry
 from fedmnist.config import DataConfig
 from fedmnist.data import partition
 from fedmnist.data.preprocessing import IMAGE_SHAPE
+from fedmnist.data.types import FederatedDataset
+from fedmnist.errors import DataUnavailableError
 
 EMNIST_FILE = "emnist_all.sqlite"
 EMNIST_HOST = ("storage.googleapis.com", 443)
 CACHE_ENV = "FEDMNIST_EMNIST_CACHE"
-
-
-class DataUnavailableError(RuntimeError):
-    """The requested dataset cannot be loaded here."""
-
-
-@dataclasses.dataclass
-class FederatedDataset:
-    """A federated population: the same client ids in `train` and `test`."""
-
-    name: str
-    train: tff.simulation.datasets.ClientData
-    test: tff.simulation.datasets.ClientData
-    num_classes: int
-    # The source's own pooled test set (pixels, labels), e.g. MNIST's 10,000 test images; without one,
-    # centralized evaluation pools the clients' test data (`pooled_test_set`).
-    central_test: tuple[np.ndarray, np.ndarray] | None = None
 
 
 # --- In-memory client data ---------------------------------------------------------------
@@ -135,10 +116,15 @@ def load_synthetic(num_clients: int = 20, examples_per_client: int = 50, seed: i
 
 # --- emnist: the real federated EMNIST ---------------------------------------------------------
 
+def cache_dir(configured: str | Path | None, env: str, default: Path) -> Path:
+    """The configured directory, else the directory in $`env`, else `default`."""
+    chosen = configured or os.environ.get(env) or default
+    return Path(chosen).expanduser()
+
+
 def emnist_cache_dir(configured: str | None = None) -> Path:
     """The configured directory, else $FEDMNIST_EMNIST_CACHE, else TFF's default ~/.tff."""
-    chosen = configured or os.environ.get(CACHE_ENV) or Path.home() / ".tff"
-    return Path(chosen).expanduser()
+    return cache_dir(configured, CACHE_ENV, Path.home() / ".tff")
 
 
 def emnist_is_cached(cache_dir: Path) -> bool:
@@ -166,23 +152,24 @@ def ensure_cached(path: Path, allow_download: bool, name: str, cache_env: str, h
     download()
 
 
-def _download_emnist(cache_dir: Path) -> None:
-    """Downloads through TFF into a scratch directory, then moves the file in whole.
+def download_whole(directory: Path, name: str, fetch: Callable[[Path], None]) -> None:
+    """`fetch(scratch)` downloads file `name` into a scratch directory inside `directory`; the file is then
+    moved in whole, so an interrupted download never leaves a truncated file that later loads would trust."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".download-") as scratch:
+        fetch(Path(scratch))
+        os.replace(Path(scratch) / name, directory / name)
 
-    TFF writes the decompressed file in place, so an interrupted download would otherwise leave a
-    truncated database that later loads would trust.
-    """
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".download-") as scratch:
-        tff.simulation.datasets.emnist.load_data(cache_dir=scratch)
-        os.replace(Path(scratch) / EMNIST_FILE, cache_dir / EMNIST_FILE)
+
+def _download_emnist(scratch: Path) -> None:
+    tff.simulation.datasets.emnist.load_data(cache_dir=str(scratch))
 
 
 def load_emnist(only_digits: bool = True, cache_dir: str | Path | None = None,
                 allow_download: bool = True) -> FederatedDataset:
     cache = emnist_cache_dir(str(cache_dir) if cache_dir else None)
     ensure_cached(cache / EMNIST_FILE, allow_download, "federated EMNIST", CACHE_ENV, EMNIST_FILE,
-                  lambda: _download_emnist(cache))
+                  lambda: download_whole(cache, EMNIST_FILE, _download_emnist))
     try:
         train, test = tff.simulation.datasets.emnist.load_data(only_digits=only_digits,
                                                                cache_dir=str(cache))
@@ -228,28 +215,4 @@ def pooled_test_set(dataset: FederatedDataset) -> tuple[np.ndarray, np.ndarray]:
 
 def load_dataset(cfg: DataConfig, seed: int = 0) -> FederatedDataset:
     """Loads the configured source, capped by `max_clients` and `max_examples_per_client`."""
-    return cap(_load_source(cfg, seed), cfg.max_clients, cfg.max_examples_per_client)
-
-
-def _load_source(cfg: DataConfig, seed: int) -> FederatedDataset:
-    """`auto` falls back from EMNIST to `digits` with a warning."""
-    dataset = cfg.dataset
-    if dataset == "auto":
-        cache = emnist_cache_dir(cfg.cache_dir)
-        if emnist_is_cached(cache) or (cfg.allow_download and can_download()):
-            return load_emnist(cfg.only_digits, cache)
-        print("warning: federated EMNIST is not cached and there is no network; "
-              "using scikit-learn's digits instead (--dataset digits)", file=sys.stderr)
-        dataset = "digits"
-    if dataset == "emnist":
-        return load_emnist(cfg.only_digits, cfg.cache_dir, cfg.allow_download)
-    if dataset == "digits":
-        return load_digits(cfg.num_clients, cfg.partition, seed, cfg.dirichlet_alpha, cfg.test_fraction)
-    if dataset == "mnist":
-        from fedmnist.data.mnist import load_mnist  # it imports this module
-
-        return load_mnist(cfg.num_clients, cfg.partition, seed, cfg.dirichlet_alpha, cfg.cache_dir,
-                          cfg.allow_download)
-    return load_synthetic(cfg.num_clients, cfg.examples_per_client, seed, cfg.partition,
-                          cfg.dirichlet_alpha, cfg.test_fraction)
-
+    return cap(registry.SOURCES.get(cfg.dataset).load(cfg, seed), cfg.max_clients, cfg.max_examples_per_client)

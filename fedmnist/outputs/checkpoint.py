@@ -19,12 +19,10 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from fedmnist.errors import CheckpointError
+
 DIRECTORY = "checkpoints"
 PREFIX = "round_"
-
-
-class CheckpointError(RuntimeError):
-    """No usable checkpoint."""
 
 
 def _run(coroutine):

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
+from fedmnist.outputs.records import accuracy_key
 from fedmnist.outputs.targets import describe as describe_rounds
 
 
@@ -20,18 +20,20 @@ def format_skipped(round_num: int, completed: int, selected: int) -> str:
 
 
 def format_eval(split: str, metrics: Mapping) -> str:
-    return (f"eval on {split:5s} data: loss={metrics['loss']:.4f}, "
-            f"accuracy={metrics['sparse_categorical_accuracy']:.4f}")
+    return f"eval on {split:5s} data: loss={metrics['loss']:.4f}, accuracy={metrics[accuracy_key(metrics)]:.4f}"
+
+
+def format_final(summary: Mapping, not_covered: str, run_dir) -> str:
+    """The run's last line: federated evaluation on the training and test clients, time, where the outputs are."""
+    train, test = summary["eval"]["train"], summary["eval"]["test"]
+    return (f"final: train accuracy {train[accuracy_key(train)]:.4f}, test accuracy {test[accuracy_key(test)]:.4f}"
+            f"{not_covered}, {summary['total_seconds']:.1f} s; outputs in {run_dir}")
 
 
 def format_personalization(summary: Mapping) -> str:
     return (f"personalized on {summary['clients']} clients: accuracy {summary['accuracy_before']:.4f} -> "
             f"{summary['accuracy_after']:.4f}, gain mean {summary['gain_mean']:+.4f}, quartiles "
             f"{summary['gain_q1']:+.4f} / {summary['gain_median']:+.4f} / {summary['gain_q3']:+.4f}")
-
-
-def is_finite_loss(train_metrics: Mapping) -> bool:
-    return math.isfinite(float(train_metrics.get("loss", 0.0)))
 
 
 def format_centralized(metrics: dict) -> str:

@@ -9,7 +9,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
+
 
 METRICS_FILE = "metrics.jsonl"
 ACCURACY = "sparse_categorical_accuracy"
@@ -71,21 +71,6 @@ def accuracy_key(metrics: Mapping) -> str:
     """The accuracy metric's name: Keras models report `sparse_categorical_accuracy`, the
     tutorial's hand-written model `accuracy`."""
     return ACCURACY if ACCURACY in metrics else "accuracy"
-
-
-def to_python(value: Any) -> Any:
-    """Nested mappings of numpy/TF numbers as plain dicts, floats and ints (JSON-ready)."""
-    if isinstance(value, Mapping):
-        return {str(k): to_python(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_python(v) for v in value]
-    if hasattr(value, "numpy"):
-        value = value.numpy()
-    if isinstance(value, np.ndarray) and value.shape == ():
-        value = value.item()
-    if isinstance(value, np.generic):
-        value = value.item()
-    return value
 
 
 def flatten(metrics: Mapping, prefix: str = "") -> dict[str, float]:

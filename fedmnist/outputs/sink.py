@@ -1,31 +1,61 @@
-"""Where each round's record goes: one sink fanning out to `metrics.jsonl`, TensorBoard and checkpoints.
+"""Where a run's results go: one sink fanning out to `metrics.jsonl`, TensorBoard, checkpoints and, at the
+end, the model, `summary.json` and the curves.
 
-Each destination is a small release manager in the manner of `tff.program`'s: `release(record, state)`
-once per round, `close()` at the end. The loop hands a round to `RunOutputs.release` and knows nothing
-of files.
+Each destination is a small release manager in the manner of `tff.program`'s (`RunOutput`): `release`
+once per round, `drop_after(r)` when a run resumes after round r (what was written for later rounds goes),
+`finish` once the rounds are done, `close` last. The loop hands its results to `RunOutputs` and knows
+nothing of files. A new output is one class here (or in a module of its own) and one line in
+`run_outputs`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+import importlib
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import tensorflow_federated as tff
 
 from fedmnist.outputs.checkpoint import Checkpoints
-from fedmnist.outputs.metrics_log import MetricsLog
+from fedmnist.outputs.metrics_log import MetricsLog, write_json
 from fedmnist.outputs.records import RoundRecord
-from fedmnist.outputs.tensorboard import TensorBoardLog, weight_arrays
+from fedmnist.outputs.tensorboard import TensorBoardLog, drop_events_after, weight_arrays
+from fedmnist.schedule import due
+
+SUMMARY_FILE = "summary.json"
+MODEL_FILE = "model.keras"
 
 
-class RoundReleaser(Protocol):
-    def release(self, record: RoundRecord, state: Any, weights: tff.learning.models.ModelWeights) -> None: ...
+@dataclasses.dataclass
+class FinalResult:
+    """What the end of a run hands every output: the summary, the final weights and the Keras model
+    holding them."""
 
-    def close(self) -> None: ...
+    summary: dict
+    weights: tff.learning.models.ModelWeights
+    keras_model: Callable[[], Any]  # builds the compiled Keras model holding `weights`
 
 
-class MetricsRelease:
+class RunOutput:
+    """One destination; every step is optional."""
+
+    def release(self, record: RoundRecord, state: Any, weights: tff.learning.models.ModelWeights) -> None:
+        pass
+
+    def drop_after(self, round_num: int) -> None:
+        pass
+
+    def finish(self, result: FinalResult) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class MetricsRelease(RunOutput):
     """Appends the record to `metrics.jsonl`."""
 
     def __init__(self, log: MetricsLog):
@@ -34,61 +64,125 @@ class MetricsRelease:
     def release(self, record: RoundRecord, state: Any, weights: tff.learning.models.ModelWeights) -> None:
         self.log.append(record)
 
-    def close(self) -> None:
-        pass
+    def drop_after(self, round_num: int) -> None:
+        self.log.drop_after(round_num)
 
 
-class TensorBoardRelease:
-    """The record's scalars every round; weight histograms every `histogram_every` rounds and in the last."""
+class TensorBoardRelease(RunOutput):
+    """The record's scalars every round; weight histograms every `histogram_every` rounds (0: never) and in
+    the last."""
 
-    def __init__(self, board: TensorBoardLog, weight_names: list[str], histogram_every: int, last_round: int):
-        self.board, self.weight_names = board, weight_names
-        self.histogram_every, self.last_round = histogram_every, last_round
+    def __init__(self, run_dir: Path, weight_names: list[str], histogram_every: int, last_round: int,
+                 config_text: str | None):
+        self.run_dir, self.weight_names = run_dir, weight_names
+        self.histogram_every, self.last_round = histogram_every or None, last_round
+        self.config_text = config_text
+        self.board: TensorBoardLog | None = None
+
+    def _open(self) -> TensorBoardLog:
+        if self.board is None:
+            self.board = TensorBoardLog(self.run_dir)
+            if self.config_text is not None:
+                self.board.write_text("config", self.config_text)
+        return self.board
 
     def release(self, record: RoundRecord, state: Any, weights: tff.learning.models.ModelWeights) -> None:
-        self.board.write(record.round, record.scalars())
-        if self.histogram_every and (record.round == self.last_round or record.round % self.histogram_every == 0):
-            self.board.write_histograms(record.round, weight_arrays(self.weight_names, weights))
+        board = self._open()
+        board.write(record.round, record.scalars())
+        if due(self.histogram_every, record.round, self.last_round):
+            board.write_histograms(record.round, weight_arrays(self.weight_names, weights))
+
+    def drop_after(self, round_num: int) -> None:
+        drop_events_after(self.run_dir, round_num)
+        self.config_text = None  # written when the run began
 
     def close(self) -> None:
-        self.board.close()
+        if self.board is not None:
+            self.board.close()
 
 
-class CheckpointRelease:
+class CheckpointRelease(RunOutput):
     """Saves the server state every `every` rounds and in the last round."""
 
     def __init__(self, checkpoints: Checkpoints, every: int, last_round: int):
         self.checkpoints, self.every, self.last_round = checkpoints, every, last_round
 
     def release(self, record: RoundRecord, state: Any, weights: tff.learning.models.ModelWeights) -> None:
-        if record.round == self.last_round or record.round % self.every == 0:
+        if due(self.every, record.round, self.last_round):
             self.checkpoints.save(state, record.round)
 
-    def close(self) -> None:
-        pass
+
+class ModelFile(RunOutput):
+    """`model.keras`: the final global model."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / MODEL_FILE
+
+    def finish(self, result: FinalResult) -> None:
+        result.keras_model().save(self.path)
 
 
-class RunOutputs:
-    """Every destination of a run's rounds, released in order: the log first, checkpoints last, so a
-    checkpointed round is always logged."""
+class SummaryFile(RunOutput):
+    """`summary.json`."""
 
-    def __init__(self, releasers: Sequence[RoundReleaser]):
-        self.releasers = list(releasers)
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / SUMMARY_FILE
+
+    def finish(self, result: FinalResult) -> None:
+        write_json(self.path, result.summary)
+
+
+class CurvesFigure(RunOutput):
+    """`curves.png`, from `metrics.jsonl`. matplotlib is slow to import: a thread imports it while the
+    rounds mostly wait on the worker (a failed import is left to `finish`'s own, which reports it)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        threading.Thread(target=self._import_plots, name="import plots", daemon=True).start()
+
+    @staticmethod
+    def _import_plots() -> None:
+        try:
+            importlib.import_module("fedmnist.outputs.plots")
+        except Exception:  # noqa: BLE001
+            pass
+
+    def finish(self, result: FinalResult) -> None:
+        importlib.import_module("fedmnist.outputs.plots").write_curves(self.run_dir)
+
+
+class RunOutputs(RunOutput):
+    """Every destination of a run, in order: the log first, checkpoints last, so a checkpointed round is
+    always logged."""
+
+    def __init__(self, outputs: Sequence[RunOutput]):
+        self.outputs = list(outputs)
 
     def release(self, record: RoundRecord, state: Any, weights: tff.learning.models.ModelWeights) -> None:
-        for releaser in self.releasers:
-            releaser.release(record, state, weights)
+        for output in self.outputs:
+            output.release(record, state, weights)
+
+    def drop_after(self, round_num: int) -> None:
+        for output in self.outputs:
+            output.drop_after(round_num)
+
+    def finish(self, result: FinalResult) -> None:
+        for output in self.outputs:
+            output.finish(result)
 
     def close(self) -> None:
-        for releaser in self.releasers:
-            releaser.close()
+        for output in self.outputs:
+            output.close()
 
 
-def run_outputs(run_dir: Path, board: TensorBoardLog, checkpoints: Checkpoints, weight_names: list[str],
-                histogram_every: int, checkpoint_every: int, last_round: int) -> RunOutputs:
+def run_outputs(run_dir: Path, checkpoints: Checkpoints, weight_names: list[str], histogram_every: int,
+                checkpoint_every: int, last_round: int, config_text: str) -> RunOutputs:
     """The standard outputs of a run directory."""
     return RunOutputs([
         MetricsRelease(MetricsLog(run_dir)),
-        TensorBoardRelease(board, weight_names, histogram_every, last_round),
+        TensorBoardRelease(run_dir, weight_names, histogram_every, last_round, config_text),
         CheckpointRelease(checkpoints, checkpoint_every, last_round),
+        ModelFile(run_dir),
+        SummaryFile(run_dir),
+        CurvesFigure(run_dir),
     ])

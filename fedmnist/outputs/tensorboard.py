@@ -17,7 +17,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 from tensorboard.compat.proto import event_pb2
 
-from fedmnist.outputs.records import flatten, to_python
+from fedmnist.outputs.records import flatten
 
 
 class TensorBoardLog:
@@ -59,14 +59,6 @@ def drop_events_after(run_dir: Path, round_num: int) -> None:
                 for record in kept:
                     writer.write(record)
             os.replace(temporary, path)
-
-
-def learning_rates(process: tff.learning.templates.LearningProcess, state) -> dict[str, float]:
-    """The client and server learning rates held in the training state (TFF's hparams)."""
-    hparams = to_python(process.get_hparams(state))
-    parts = {"client": hparams.get("client_work", {}), "server": hparams.get("finalizer", {})}
-    return {side: float(values["learning_rate"]) for side, values in parts.items()
-            if "learning_rate" in values}
 
 
 def weight_names(keras_model: tf.keras.Model) -> list[str]:

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 import dp_accounting
 
-from fedmnist import config as config_lib
+if TYPE_CHECKING:
+    from fedmnist.config import Config
 
 # The default delta is this divided by the number of clients: a mechanism that published one random
 # client's data whole would still meet delta, so delta x N must be well below 1 to mean anything.
@@ -44,7 +46,7 @@ class Sampling:
         return "public seeded sample, accounted with q = 1 (no amplification)"
 
 
-def sampling_for(config: config_lib.Config, num_clients: int) -> Sampling:
+def sampling_for(config: Config, num_clients: int) -> Sampling:
     if config.dp.public_sample:
         return Sampling("public", 1.0)
     return Sampling("poisson", min(1.0, config.clients_per_round / num_clients))
@@ -65,7 +67,8 @@ def dp_epsilon(noise_multiplier: float, sampling: Sampling, rounds: int, delta: 
     return float(accountant.compose(dp_event(noise_multiplier, sampling, rounds)).get_epsilon(delta))
 
 
-def dp_delta(settings: config_lib.DPConfig | config_lib.SecureDpConfig, num_clients: int) -> float:
+def dp_delta(settings, num_clients: int) -> float:
+    """`settings.delta` (a `dp:` or `secure_dp:` section), by default 0.01 / `num_clients`."""
     return settings.delta if settings.delta is not None else DEFAULT_DELTA_TIMES_CLIENTS / num_clients
 
 

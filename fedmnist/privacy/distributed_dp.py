@@ -30,13 +30,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING
+
 import numpy as np
 from scipy import special
 
-from fedmnist.config import ConfigError, SecureDpConfig
+from fedmnist.errors import ConfigError
 from fedmnist.privacy import secagg
 
-MECHANISMS = ("distributed_skellam", "distributed_dgauss")
+if TYPE_CHECKING:
+    from fedmnist.privacy.secure_dp import SecureDpConfig
+
 MAX_SCALE_FACTOR = 1e6  # TFF's distributed_dp.MAX_SCALE_FACTOR: larger scales overflow and do not help
 L2_LEEWAY = 1e-5  # TFF's leeway on the inflated norm bound, for float32 rounding in its computation
 ROTATION_SEED = 2021  # mixed with the run's seed and the round: the rotation's signs are public

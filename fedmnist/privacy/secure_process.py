@@ -33,17 +33,18 @@ from __future__ import annotations
 import collections
 import os
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
 from fedmnist.privacy import secagg
-from fedmnist.config import OptimizerConfig, SecureConfig, secure_weight_bound
 from fedmnist.privacy.distributed_dp import DdpParameters, DistributedDpEncoder
-from fedmnist.model import update_shapes
-from fedmnist.process import build_optimizer
+from fedmnist.process import ProcessBuilder
+
+if TYPE_CHECKING:
+    from fedmnist.privacy.secure import SecureConfig
 
 
 class UpdateEncoder(Protocol):
@@ -87,30 +88,25 @@ class MaskedFedAvg:
     """FedAvg with the Bonawitz et al. protocol in place of TFF's mean; `encoder` decides what the
     clients mask and how the server reads the unmasked sum."""
 
-    def __init__(self, model_fn: Callable[[], tff.learning.models.VariableModel],
-                 client_optimizer: OptimizerConfig, server_optimizer: OptimizerConfig,
-                 settings: SecureConfig, threshold: int, clients_per_round: int, encoder: UpdateEncoder,
-                 seed: int = 0, entropy: Callable[[int], bytes] = os.urandom):
-        """`settings`: the protocol's simulated dropouts; `encoder.bits` is its modulus."""
+    def __init__(self, builder: ProcessBuilder, settings: SecureConfig, threshold: int, clients_per_round: int,
+                 encoder: UpdateEncoder, seed: int = 0, entropy: Callable[[int], bytes] = os.urandom):
+        """`builder`: the algorithm on the client input; `settings`: the protocol's simulated dropouts;
+        `encoder.bits` is its modulus."""
         secagg.check_bits(encoder.bits)
         self.settings, self.threshold, self.entropy, self.encoder = settings, threshold, entropy, encoder
         self.clients_per_round = clients_per_round
         self.seed = seed
         self._dropouts = np.random.default_rng([seed, 2017])
         self.last_view: secagg.ServerView | None = None  # what the server received in the last round
-        weighting = (tff.learning.ClientWeighting.UNIFORM if encoder.uniform_weights
-                     else tff.learning.ClientWeighting.NUM_EXAMPLES)
-        # TFF's own FedAvg provides the state, initialize and get/set_model_weights; its parts, built
-        # with the same arguments, provide the two halves of `next`.
-        build = (tff.learning.algorithms.build_unweighted_fed_avg if encoder.uniform_weights
-                 else tff.learning.algorithms.build_weighted_fed_avg)
-        self._fed_avg = build(model_fn, build_optimizer(client_optimizer), build_optimizer(server_optimizer))
-        weights_type = tff.learning.models.weights_type_from_model(model_fn)
+        weighted = not encoder.uniform_weights
+        # The algorithm's own process provides the state, initialize and get/set_model_weights; its
+        # parts, built with the same arguments, provide the two halves of `next`.
+        self._fed_avg = builder.learning_process(weighted=weighted)
+        weights_type = tff.learning.models.weights_type_from_model(builder.model_fn)
         distributor = tff.learning.templates.build_broadcast_process(weights_type)
-        client_work = tff.learning.templates.build_model_delta_client_work(
-            model_fn, build_optimizer(client_optimizer), client_weighting=weighting)
-        finalizer = tff.learning.templates.build_apply_optimizer_finalizer(
-            build_optimizer(server_optimizer), weights_type)
+        client_work = builder.client_work(weighted)
+        finalizer = tff.learning.templates.build_apply_optimizer_finalizer(builder.server_optimizer_fn(),
+                                                                           weights_type)
         state_type, data_type = self._fed_avg.next.type_signature.parameter
         update_type = tff.FederatedType(weights_type.trainable, tff.SERVER)
         self.length = encoder.length
@@ -219,53 +215,29 @@ class MaskedFedAvg:
 class SecureFedAvg(MaskedFedAvg):
     """Example-weighted FedAvg under secure aggregation (`aggregation: secure`)."""
 
-    def __init__(self, model_fn: Callable[[], tff.learning.models.VariableModel],
-                 client_optimizer: OptimizerConfig, server_optimizer: OptimizerConfig,
-                 settings: SecureConfig, threshold: int, clients_per_round: int, seed: int = 0,
-                 entropy: Callable[[int], bytes] = os.urandom, largest_client_weight: int | None = None):
-        """`largest_client_weight`: the population's largest client weight (`largest_client_weight()`),
-        needed when `settings.max_client_weight` is null and checked against it otherwise."""
+    def __init__(self, builder: ProcessBuilder, settings: SecureConfig, threshold: int, clients_per_round: int,
+                 max_weight: int, seed: int = 0, entropy: Callable[[int], bytes] = os.urandom):
+        """`max_weight`: the bound on a client's weight that sizes the fixed-point range
+        (`fedmnist.privacy.secure.secure_weight_bound`)."""
         secagg.check_bits(settings.bits)
-        self.max_weight = secure_weight_bound(settings, clients_per_round, largest_client_weight)
+        self.max_weight = max_weight
         # A masked input: every trainable weight, then the client's weight.
-        length = _num_weights(model_fn) + 1
-        encoder = FixedPointEncoder(settings, clients_per_round, self.max_weight, length)
+        encoder = FixedPointEncoder(settings, clients_per_round, max_weight, builder.num_params + 1)
         self.scale = encoder.scale
-        super().__init__(model_fn, client_optimizer, server_optimizer, settings, threshold, clients_per_round,
-                         encoder, seed, entropy)
+        super().__init__(builder, settings, threshold, clients_per_round, encoder, seed, entropy)
 
 
 class SecureDpFedAvg(MaskedFedAvg):
     """Unweighted FedAvg with distributed DP under secure aggregation (`aggregation: secure_dp`)."""
 
-    def __init__(self, model_fn: Callable[[], tff.learning.models.VariableModel],
-                 client_optimizer: OptimizerConfig, server_optimizer: OptimizerConfig,
-                 settings: SecureConfig, params: DdpParameters, seed: int = 0,
+    def __init__(self, builder: ProcessBuilder, settings: SecureConfig, params: DdpParameters, seed: int = 0,
                  entropy: Callable[[int], bytes] = os.urandom):
         """`params`: `distributed_dp.ddp_parameters` for this model; `settings`: the dropouts."""
-        if params.dim != _num_weights(model_fn):
-            raise ValueError(f"the parameters are for {params.dim} weights, the model has {_num_weights(model_fn)}")
+        if params.dim != builder.num_params:
+            raise ValueError(f"the parameters are for {params.dim} weights, the model has {builder.num_params}")
         self.params = params
-        super().__init__(model_fn, client_optimizer, server_optimizer, settings, params.threshold,
-                         params.clients_per_round, DistributedDpEncoder(params, seed), seed, entropy)
-
-
-def _num_weights(model_fn: Callable[[], tff.learning.models.VariableModel]) -> int:
-    return sum(int(np.prod(shape, dtype=np.int64)) for shape in update_shapes(model_fn))
-
-
-def largest_client_weight(client_data: tff.simulation.datasets.ClientData, epochs: int) -> int:
-    """The largest weight a client of `client_data` gets: its examples x `epochs`, which is what
-    `build_model_delta_client_work` with NUM_EXAMPLES counts on the article's repeated dataset."""
-    return epochs * max((_count(client_data.create_tf_dataset_for_client(cid)) for cid in client_data.client_ids),
-                        default=0)
-
-
-def _count(dataset: tf.data.Dataset) -> int:
-    known = int(dataset.cardinality())
-    if known >= 0:
-        return known
-    return int(dataset.reduce(np.int64(0), lambda count, _: count + 1))  # unknown length: count them
+        super().__init__(builder, settings, params.threshold, params.clients_per_round,
+                         DistributedDpEncoder(params, seed), seed, entropy)
 
 
 def _flatten(update) -> np.ndarray:

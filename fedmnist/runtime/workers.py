@@ -35,9 +35,10 @@ from fedmnist.runtime.processes import die_with_parent
 from fedmnist.runtime.watch import GRPC_OPTIONS
 
 STARTUP_TIMEOUT_SECONDS = 60.0
-# The worker deserializes every client's data every round into buffers of a few hundred KB. glibc
-# keeps such freed buffers in its heap, fragmented, and the worker's RSS grows round after round;
-# served by mmap instead, they go back to the system when freed (docs/performance.md, "Memory").
+# The worker deserializes every client's data every round into buffers larger than this threshold.
+# glibc keeps such freed buffers in its heap, fragmented, and the worker's RSS grows round after round;
+# served by mmap instead, they go back to the system when freed (docs/performance.md, "Memory", with
+# the buffers' sizes).
 _MMAP_THRESHOLD_BYTES = 128 * 1024
 # One thread per TensorFlow op: the worker already trains a round's clients in parallel, one per core,
 # so splitting each op across cores only adds contention, and it makes float32 sums depend on the
@@ -125,7 +126,8 @@ class LocalWorker:
             if self.process.returncode != -signal.SIGABRT:
                 raise
             # The gRPC inside worker_binary rarely aborts while starting (a failed check in its epoll
-            # poller: once in hundreds of starts here). A second start has always worked.
+            # poller; how rarely: docs/measurements.md, "Worker start aborts"). A second start has
+            # always worked.
             self.process = self._spawn()
             wait_until_ready(stub, self.address, self.process)
         self.check_listening()

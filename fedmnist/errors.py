@@ -1,0 +1,54 @@
+"""The errors a command turns into an exit code, in one TensorFlow-free module.
+
+`train.main` and the other commands catch these by type: a `UsageError` or `ConfigError` exits 2, every
+other `FedmnistError` exits 1 with its one-line message, `Interrupted` exits 130.
+"""
+
+from __future__ import annotations
+
+
+class FedmnistError(Exception):
+    """A failure the package reports as one line; `exit_code` is what the command returns."""
+
+    exit_code = 1
+
+
+class UsageError(FedmnistError):
+    """Bad command-line usage."""
+
+    exit_code = 2
+
+
+class ConfigError(FedmnistError, ValueError):
+    """A configuration mistake; the message names the key and the fix."""
+
+    exit_code = 2
+
+
+class DataUnavailableError(FedmnistError, RuntimeError):
+    """The requested dataset cannot be loaded here."""
+
+
+class CheckpointError(FedmnistError, RuntimeError):
+    """No usable checkpoint, or one that cannot be written."""
+
+
+class TrainingDivergedError(FedmnistError, RuntimeError):
+    """The training loss or the global weights became NaN or infinite."""
+
+
+class WorkerFailedError(FedmnistError, RuntimeError):
+    """A worker was lost and could not be replaced: retries used up, or a remote worker. `saved_round`
+    is the last round whose state is checkpointed (0: none)."""
+
+    saved_round = 0
+
+
+class Interrupted(FedmnistError):
+    """A stop was requested (SIGINT/SIGTERM); the state after `round_num` is saved."""
+
+    exit_code = 130
+
+    def __init__(self, round_num: int):
+        super().__init__(f"interrupted after round {round_num}")
+        self.round_num = round_num

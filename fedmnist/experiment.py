@@ -1,0 +1,266 @@
+"""Everything a run needs, built and validated once from a config: `build(config, run_dir) -> Experiment`.
+
+The config is read here and nowhere below the command line: the data source, the model, the algorithm and
+the aggregation mode (each a registered component, fedmnist/registry.py), the training process, the
+evaluations, client participation, checkpoints and outputs come out built. Validation that needs the data
+or the model happens here too, before round 1, and raises the package's own errors (fedmnist/errors.py).
+The round loop (`fedmnist.loop.run`) then plays the experiment's rounds and never sees the config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import tensorflow as tf
+import tensorflow_federated as tff
+import yaml
+
+from fedmnist import installed_versions, registry, runtime
+from fedmnist.aggregation.base import AggregationMode, Training
+from fedmnist.clients.participation import Participation
+from fedmnist.clients.personalization import PersonalizationEvaluator
+from fedmnist.config import Config, PreprocessConfig, to_dict
+from fedmnist.data.preprocessing import Preprocessing, make_federated_data
+from fedmnist.data.sources import load_dataset, pooled_test_set
+from fedmnist.data.types import FederatedDataset
+from fedmnist.errors import ConfigError
+from fedmnist.evaluation import CentralizedEvaluator, Evaluations, FederatedEvaluator
+from fedmnist.model import build_model_fn, create_model, initial_weights, to_keras
+from fedmnist.outputs import targets
+from fedmnist.outputs.checkpoint import Checkpoints
+from fedmnist.outputs.console import format_centralized, format_eval, format_final, format_personalization, format_targets
+from fedmnist.outputs.metrics_log import MetricsLog
+from fedmnist.outputs.records import RoundRecord
+from fedmnist.outputs.sink import FinalResult, RunOutputs, run_outputs
+from fedmnist.outputs.tensorboard import weight_names
+from fedmnist.client_tensors import PreparedClients
+from fedmnist.process import ProcessBuilder
+
+CONFIG_FILE = "config.yaml"
+
+
+@dataclasses.dataclass
+class Experiment:
+    """A run, built: what `loop.run` plays, round by round. A context manager: leaving it stops the workers."""
+
+    run_dir: Path
+    rounds: int
+    dataset: FederatedDataset
+    mode: AggregationMode
+    training: Training
+    participation: Participation
+    evaluations: Evaluations
+    outputs: RunOutputs
+    checkpoints: Checkpoints
+    workers: runtime.Runtime
+    worker_retries: int
+    initial_weights: tff.learning.models.ModelWeights
+    keras_model: Callable[[tff.learning.models.ModelWeights], tf.keras.Model]
+    personalize: Callable[[tff.learning.models.ModelWeights], dict | None]
+    about: dict  # what summary.json says of the run's setting
+    accuracy_targets: Sequence[float]
+    echo: Callable[[str], None]
+    resume: bool
+    stack: contextlib.ExitStack
+    created: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def __enter__(self) -> Experiment:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.outputs.close()
+        self.stack.close()
+
+    # --- What the loop asks -------------------------------------------------------------------
+
+    def start(self) -> tuple[object, int]:
+        """The seeded initial state, or when resuming the newest intact checkpoint's state and round (what
+        the outputs hold of later rounds is dropped)."""
+        process = self.training.process
+        state = process.set_model_weights(process.initialize(), self.initial_weights)
+        if not self.resume:
+            return state, 0
+        saved, done = self.checkpoints.load_latest(state, warn=self.echo)
+        self.outputs.drop_after(done)
+        self.echo(f"resuming after round {done}")
+        return (state if saved is None else saved), done
+
+    def weights_of(self, state) -> tff.learning.models.ModelWeights:
+        return model_weights(self.training.process, state)
+
+    def learning_rates(self, state) -> dict[str, float]:
+        """The client and server learning rates held in the training state (TFF's hparams)."""
+        from fedmnist.values import to_python
+
+        hparams = to_python(self.training.process.get_hparams(state))
+        parts = {"client": hparams.get("client_work", {}), "server": hparams.get("finalizer", {})}
+        return {side: float(values["learning_rate"]) for side, values in parts.items() if "learning_rate" in values}
+
+    def save_for_stop(self, state, round_num: int) -> int:
+        """Checkpoints the state after `round_num` (unless it is saved already); returns `round_num`."""
+        if round_num > 0 and round_num not in self.checkpoints.rounds():
+            self.checkpoints.save(state, round_num)
+        return round_num
+
+    def finish(self, last: RoundRecord, last_train: dict | None, weights: tff.learning.models.ModelWeights,
+               resumed_after: int) -> dict:
+        """The end of the run: personalization, the final evaluation's lines, and the outputs' finish
+        (model, summary.json, curves); returns the summary."""
+        personalized = self.personalize(weights)
+        for split, metrics in (last.eval or {}).items():
+            # The pooled test set is the server's, not the clients' data: no "not covered" note for it.
+            self.echo(format_centralized(metrics) if split == "centralized"
+                      else format_eval(split, metrics) + self.mode.not_covered)
+        reached = targets.summarize(MetricsLog(self.run_dir).records(), self.accuracy_targets)
+        if reached["evaluation"] is not None and reached["targets"]:
+            self.echo(format_targets(reached))
+        summary = self.about | {
+            "resumed_after_round": resumed_after if self.resume else None,
+            "train": last_train,
+            "eval": last.eval,
+            "rounds_to_target": reached,
+            "personalization": personalized,
+            "aggregation": self.mode.summary(),
+            "total_seconds": time.perf_counter() - self.created,
+        }
+        self.outputs.finish(FinalResult(summary, weights, lambda: self.keras_model(weights)))
+        if last.eval and "train" in last.eval and "test" in last.eval:
+            self.echo(format_final(summary, self.mode.not_covered, self.run_dir))
+        return summary
+
+
+def model_weights(process, state) -> tff.learning.models.ModelWeights:
+    """The global model's weights in `state`, as `process.get_model_weights` gives them.
+
+    TFF's FedAvg state already holds them, in Python, once `next` returns; reading them there saves a
+    call to the worker every round. Other processes' states go through `get_model_weights`.
+    """
+    weights = getattr(state, "global_model_weights", None)
+    if isinstance(weights, tff.learning.models.ModelWeights):
+        return weights
+    return process.get_model_weights(state)
+
+
+# --- Building it ----------------------------------------------------------------------------------
+
+def build(config: Config, run_dir: Path, echo: Callable[[str], None] = print, resume: bool = False,
+          dataset: FederatedDataset | None = None) -> Experiment:
+    """Builds and checks everything `config` describes, into `run_dir` (which must exist); `dataset` replaces
+    the configured source (the benchmark's generated populations). With `resume`, the run continues after
+    the newest intact checkpoint in `run_dir`."""
+    created = time.perf_counter()
+    run_dir = Path(run_dir)
+    mode = registry.AGGREGATIONS.get(config.aggregation)(config)
+    algorithm = registry.ALGORITHMS.get(config.algorithm)(config)
+    tf.keras.utils.set_random_seed(config.seed)
+    dataset = dataset or load_dataset(config.data, config.seed)
+    check_population(config, dataset)
+    write_config(run_dir, config)
+    echo(f"data: {dataset.name}, {len(dataset.train.client_ids)} clients, "
+         f"{config.clients_per_round} per round, model: {config.model}")
+    model_fn = build_model_fn(config.model, dataset.num_classes)
+    preprocessing = preprocessing_settings(config.preprocess)
+    eval_ids = evaluation_clients(config.eval_clients, dataset.train.client_ids)
+    stack = contextlib.ExitStack()
+    with contextlib.ExitStack() as on_failure:
+        on_failure.enter_context(stack)
+        workers = stack.enter_context(runtime.local_runtime(
+            log_path=run_dir / "worker.log", num_workers=config.num_workers, addresses=config.workers,
+            timeout=config.worker_timeout_seconds))
+        builder = process_builder(config, model_fn, algorithm, dataset.train)
+        training = mode.build(builder)
+        for line in (algorithm.describe(), mode.header()):
+            if line:
+                echo(line)
+        checkpoints = Checkpoints(run_dir, keep=config.checkpoints_kept)
+        experiment = Experiment(
+            run_dir=run_dir, rounds=config.rounds, dataset=dataset, mode=mode, training=training,
+            participation=Participation(config, dataset.train.client_ids,
+                                        mode.secret_sample_rate(len(dataset.train.client_ids))),
+            evaluations=evaluations(config, model_fn, dataset, eval_ids, preprocessing.one_epoch()),
+            outputs=run_outputs(run_dir, checkpoints, weight_names(create_model(config.model, dataset.num_classes)),
+                                config.histogram_every, config.checkpoint_every, config.rounds,
+                                (run_dir / CONFIG_FILE).read_text()),
+            checkpoints=checkpoints, workers=workers, worker_retries=config.worker_retries,
+            initial_weights=initial_weights(config.model, dataset.num_classes, config.seed),
+            keras_model=lambda weights: to_keras(weights, config.model, dataset.num_classes),
+            personalize=personalizer(config, model_fn, dataset, eval_ids, echo),
+            about=about(config, dataset, eval_ids), accuracy_targets=config.accuracy_targets,
+            echo=echo, resume=resume, stack=stack, created=created)
+        on_failure.pop_all()
+    return experiment
+
+
+def process_builder(config: Config, model_fn, algorithm, client_data) -> ProcessBuilder:
+    """The configured algorithm on the configured client input, for the aggregation mode to build from."""
+    return ProcessBuilder(model_fn, algorithm, config.client_optimizer, config.server_optimizer, client_data,
+                          preprocessing_settings(config.preprocess), prepared=config.client_input == "prepared",
+                          size_classes=config.client_selection != "fixed")
+
+
+def preprocessing_settings(settings: PreprocessConfig) -> Preprocessing:
+    return Preprocessing(settings.epochs, settings.batch_size, settings.shuffle_buffer, settings.prefetch_buffer,
+                         settings.shuffle_seed, per_round=settings.shuffle == "per_round")
+
+
+def prepared_clients(config: Config, client_data: tff.simulation.datasets.ClientData) -> PreparedClients:
+    """The prepared client inputs `config` trains on (what `client_input: prepared` feeds the process)."""
+    return PreparedClients(client_data, preprocessing_settings(config.preprocess),
+                           size_classes=config.client_selection != "fixed")
+
+
+def check_population(config: Config, dataset: FederatedDataset) -> None:
+    available = len(dataset.train.client_ids)
+    if config.clients_per_round > available:
+        raise ConfigError(f"clients_per_round: {config.clients_per_round} is more than the "
+                          f"{available} clients of the {dataset.name} data")
+
+
+def write_config(run_dir: Path, config: Config) -> None:
+    resolved = to_dict(config)
+    resolved["versions"] = installed_versions()
+    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
+
+
+def evaluation_clients(count: int, client_ids: Sequence[str]) -> list[str]:
+    """The first `count` clients (all when 0); with fixed selection these include the article's training
+    clients."""
+    ids = list(client_ids)
+    return ids if count == 0 else ids[:count]
+
+
+def evaluations(config: Config, model_fn, dataset: FederatedDataset, eval_ids: list[str],
+                settings: Preprocessing) -> Evaluations:
+    data = {split: make_federated_data(client_data, eval_ids, epochs=settings.epochs,
+                                       batch_size=settings.batch_size, shuffle_buffer=settings.shuffle_buffer,
+                                       prefetch_buffer=settings.prefetch_buffer, seed=settings.shuffle_seed)
+            for split, client_data in (("train", dataset.train), ("test", dataset.test))}
+    centralized = (None if config.centralized_eval_every is None
+                   else CentralizedEvaluator(config.model, dataset.num_classes, *pooled_test_set(dataset)))
+    return Evaluations(FederatedEvaluator(model_fn), data, config.eval_every, config.rounds, centralized,
+                       config.centralized_eval_every)
+
+
+def personalizer(config: Config, model_fn, dataset: FederatedDataset, eval_ids: list[str],
+                 echo: Callable[[str], None]) -> Callable[[tff.learning.models.ModelWeights], dict | None]:
+    settings = config.personalization
+
+    def personalize(weights: tff.learning.models.ModelWeights) -> dict | None:
+        if not settings.enabled:
+            return None
+        clients = eval_ids[:settings.clients or None]
+        result = PersonalizationEvaluator(model_fn, settings)(weights, dataset.train, dataset.test, clients)
+        echo(format_personalization(result))
+        return result
+
+    return personalize
+
+
+def about(config: Config, dataset: FederatedDataset, eval_ids: list[str]) -> dict:
+    return {"dataset": dataset.name, "num_clients": len(dataset.train.client_ids),
+            "clients_per_round": config.clients_per_round, "evaluation_clients": len(eval_ids),
+            "rounds": config.rounds, "model": config.model, "algorithm": config.algorithm}

@@ -279,11 +279,10 @@ def build_prepared_fed_avg(model_fn: Callable[[], tff.learning.models.VariableMo
         return tff.learning.models.ModelWeights.from_model(model_fn())
 
     weights_type = initial_model_weights_fn.type_signature.result
-    if weighted:
-        aggregator = (model_aggregator or tff.aggregators.MeanFactory()).create(
-            weights_type.trainable, tff.TensorType(np.float32))
-    else:
-        aggregator = (model_aggregator or tff.aggregators.UnweightedMeanFactory()).create(weights_type.trainable)
+    factory = model_aggregator or (tff.aggregators.MeanFactory() if weighted else tff.aggregators.UnweightedMeanFactory())
+    if not weighted:  # as `build_unweighted_fed_avg` does: the uniform client weights are then ignored
+        factory = tff.aggregators.as_weighted_aggregator(factory)
+    aggregator = factory.create(weights_type.trainable, tff.TensorType(np.float32))
     return tff.learning.templates.compose_learning_process(
         initial_model_weights_fn,
         tff.learning.templates.build_broadcast_process(weights_type),

@@ -1,4 +1,4 @@
-"""The four aggregation modes (fedmnist.privacy.aggregation) through the round loop, on the offline
+"""The aggregation modes (fedmnist.aggregation, fedmnist.privacy) through the round loop, on the offline
 digits data: what each reports per round and in the summary, and the configs it refuses."""
 
 import math
@@ -26,6 +26,8 @@ def run(tmp_path_factory, name: str, *overrides: str) -> tuple[dict, list[dict],
 
 MODES = {
     "plain": (),
+    "dp-deterministic": ("aggregation=dp", "dp.noise_multiplier=0", "dp.public_sample=true"),
+    "compressed-unquantized": ("aggregation=compressed", "compression.threshold=100000"),
     "secure": ("aggregation=secure", "secure.dropout=0.2"),
     "secure-exact": ("aggregation=secure",),
     "dp": ("aggregation=dp", "dp.noise_multiplier=0.3"),
@@ -58,7 +60,22 @@ def test_secure_training_matches_plain_within_the_quantization_error(runs):
     # learning rate 1, so after ROUNDS rounds the models differ by about ROUNDS half-steps at most.
     for secure, plain in zip(final_weights(secure_dir), final_weights(plain_dir)):
         assert np.max(np.abs(secure - plain)) <= ROUNDS * step
-    assert plain_summary["aggregation"]["mode"] == "plain"
+    # The float32 mean uploads every weight and the example weight, 4 bytes each.
+    weights = sum(w.size for w in final_weights(plain_dir))
+    assert plain_summary["aggregation"]["upload_bytes_per_client"] == 4 * (weights + 1)
+
+
+@pytest.mark.parametrize("mode", ["compressed-unquantized", "secure-exact", "dp-deterministic"])
+def test_every_mode_trains_the_same_on_prepared_tensors_and_the_articles_datasets(runs, tmp_path_factory, mode):
+    # `client_input` is honoured by every mode (the default, prepared, above; the article's pipelines here).
+    # Each mode drawing nothing at random: dp without noise and with the public sample, compressed with no
+    # tensor large enough to quantize (its quantization rounds stochastically), secure without dropouts.
+    _, prepared, _, _ = runs(mode)
+    _, datasets, _, _ = run(tmp_path_factory, f"{mode}-datasets", *MODES[mode], "client_input=datasets")
+    assert [r["clients"] for r in prepared] == [r["clients"] for r in datasets]
+    for a, b in zip(prepared, datasets, strict=True):
+        for key in ("loss", "sparse_categorical_accuracy", "num_examples"):
+            assert a["train"][key] == pytest.approx(b["train"][key], abs=1e-5), (mode, a["round"], key)
 
 
 def test_secure_rounds_report_dropouts_and_protocol_bytes(runs):

@@ -9,7 +9,7 @@ from helpers import Background
 from nbrun import execute_notebook, machine_paths_in, outputs_text
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "realistic_clients.ipynb"
-RUNS = ["iid", "dirichlet", "shards", "dirichlet, realistic availability", "dirichlet, FedAdam"]
+RUNS = ["iid", "dirichlet", "shards", "dirichlet, realistic availability", "dirichlet, FedAdam", "dirichlet, FedProx"]
 
 
 # The kernel runs in the background from the start of the session (nbrun stops it, and checks that

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 from scipy import special
@@ -38,12 +38,19 @@ from scipy import special
 from fedmnist.errors import ConfigError
 from fedmnist.privacy import secagg
 
-if TYPE_CHECKING:
-    from fedmnist.privacy.secure_dp import SecureDpConfig
-
 MAX_SCALE_FACTOR = 1e6  # TFF's distributed_dp.MAX_SCALE_FACTOR: larger scales overflow and do not help
 L2_LEEWAY = 1e-5  # TFF's leeway on the inflated norm bound, for float32 rounding in its computation
 ROTATION_SEED = 2021  # mixed with the run's seed and the round: the rotation's signs are public
+
+
+class DdpSettings(Protocol):
+    """What the parameters are computed from: the `secure_dp:` section (fedmnist/privacy/secure_dp.py)."""
+
+    mechanism: str
+    noise_multiplier: float
+    clip: float
+    bits: int
+    modclip_prob: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +112,7 @@ def inflated_l2_bound(clip: float, scale: float, padded_dim: int) -> float:
     return (inflated + L2_LEEWAY) * scale
 
 
-def ddp_parameters(settings: SecureDpConfig, clients_per_round: int, threshold: int, dim: int) -> DdpParameters:
+def ddp_parameters(settings: DdpSettings, clients_per_round: int, threshold: int, dim: int) -> DdpParameters:
     """The round's parameters for a model of `dim` weights; ConfigError (one line) when the bits leave too
     coarse a rounding (`check_scale`)."""
     padded = 2 ** math.ceil(math.log2(max(dim, 1)))
@@ -121,7 +128,7 @@ def ddp_parameters(settings: SecureDpConfig, clients_per_round: int, threshold: 
                          clients_per_round, threshold, dim, padded, k_stddevs, scale, local, l2, l1)
 
 
-def check_scale(scale: float, settings: SecureDpConfig, clients_per_round: int, padded_dim: int) -> None:
+def check_scale(scale: float, settings: DdpSettings, clients_per_round: int, padded_dim: int) -> None:
     """TFF's condition, scale > 1 (it only warns), and a rounding step no coarser than a clipped update's
     typical rotated coordinate, clip / sqrt(d): else rounding would swamp the updates."""
     step, coordinate = 1.0 / scale, settings.clip / math.sqrt(padded_dim)

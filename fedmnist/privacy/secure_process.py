@@ -33,7 +33,7 @@ from __future__ import annotations
 import collections
 import os
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 import tensorflow as tf
@@ -43,8 +43,14 @@ from fedmnist.privacy import secagg
 from fedmnist.privacy.distributed_dp import DdpParameters, DistributedDpEncoder
 from fedmnist.process import ProcessBuilder
 
-if TYPE_CHECKING:
-    from fedmnist.privacy.secure import SecureConfig
+
+class SecureConfig(Protocol):
+    """The protocol's settings this module reads: the `secure:` section (fedmnist/privacy/secure.py)."""
+
+    dropout: float
+    dropout_after_input: float
+    bits: int
+    clip: float
 
 
 class UpdateEncoder(Protocol):

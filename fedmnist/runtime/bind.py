@@ -20,7 +20,6 @@ from pathlib import Path
 
 SOURCE = Path(__file__).with_name("loopback_bind.c")
 ADDRESS_VARIABLE = "FEDMNIST_BIND_ADDRESS"
-ALL_INTERFACES = ("0.0.0.0", "::")
 _COMPILE_TIMEOUT_SECONDS = 60
 
 

@@ -24,7 +24,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from fedmnist.data.preprocessing import Preprocessing, batch_format_fn
+from fedmnist.data.preprocessing import Preprocessing, batch_format_fn, check_examples
+from fedmnist.errors import DataUnavailableError, PlanTooLargeError
 
 # A client's prepared data: all its examples (as `batch_format_fn` shapes a batch) and the order of
 # the article's shuffled, repeated stream as indices into them.
@@ -65,6 +66,18 @@ def shuffle_order(num_examples: int, epochs: int, shuffle_buffer: int, seed: int
         return np.zeros([0], np.int32)
     stream = tf.data.Dataset.range(num_examples).repeat(epochs).shuffle(shuffle_buffer, seed=seed)
     return stream.batch(total).get_single_element().numpy().astype(np.int32)
+
+
+def check_order_fits(num_examples: int, epochs: int) -> None:
+    """PlanTooLargeError when one client's training order (`shuffle_order` builds it as int64, then int32)
+    would not fit in this machine's memory."""
+    import psutil
+
+    needed, memory = 12 * num_examples * epochs, psutil.virtual_memory().total
+    if needed > memory:
+        raise PlanTooLargeError(f"preprocess.epochs: {epochs:,} epochs of a client's {num_examples:,} examples need "
+                                f"{needed / 1e9:,.3g} GB for the client's training order, more than this machine's "
+                                f"{memory / 1e9:.3g} GB; lower preprocess.epochs")
 
 
 def padded_rows(num_examples: int) -> int:
@@ -115,8 +128,11 @@ class PreparedClients:
     """
 
     def __init__(self, client_data: tff.simulation.datasets.ClientData, settings: Preprocessing,
-                 max_bytes: int = DEFAULT_CACHE_BYTES, size_classes: bool = True):
+                 max_bytes: int = DEFAULT_CACHE_BYTES, size_classes: bool = True, num_classes: int | None = None,
+                 origin: str = "the client data"):
+        """`num_classes` and `origin` check each client's examples as they are prepared (`check_examples`)."""
         self.client_data = client_data
+        self.num_classes, self.origin = num_classes, origin
         self.settings = settings
         self.epochs, self.shuffle_buffer = settings.epochs, settings.shuffle_buffer
         self.size_classes = size_classes
@@ -128,8 +144,15 @@ class PreparedClients:
         if client_id in self._cache:
             self._cache.move_to_end(client_id)
             return self._cache[client_id]
-        x, y, num_examples = prepare_examples(self.client_data.create_tf_dataset_for_client(client_id),
-                                              self.size_classes)
+        where = f"client {client_id} of {self.origin}"
+        try:
+            x, y, num_examples = prepare_examples(self.client_data.create_tf_dataset_for_client(client_id),
+                                                  self.size_classes)
+        except (tf.errors.OpError, UnicodeDecodeError, ValueError) as error:
+            reason = str(getattr(error, "message", error)).splitlines()[0][:200]
+            raise DataUnavailableError(f"{where}: its examples cannot be read ({reason})") from error
+        if self.num_classes is not None:
+            check_examples(x[:num_examples], y[:num_examples], self.num_classes, where)
         order_bytes = 4 * num_examples * self.epochs
         client = _PreparedClient(tf.constant(x), tf.constant(y), num_examples, x.nbytes + y.nbytes + order_bytes)
         self._cache[client_id] = client
@@ -144,6 +167,7 @@ class PreparedClients:
         client = self._client(client_id)
         seed = self.settings.seed(round_num, client_id)
         if client.seed != seed:
+            check_order_fits(client.num_examples, self.epochs)
             order = shuffle_order(client.num_examples, self.epochs, self.shuffle_buffer, seed)
             client.dataset = as_dataset(OrderedDict(x=client.x, y=client.y, order=order))
             client.seed = seed

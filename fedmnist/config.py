@@ -49,7 +49,7 @@ class PreprocessConfig:
     batch_size: int = setting(20, minimum=0)
     shuffle_buffer: int = setting(100, minimum=1)
     prefetch_buffer: int = setting(10, minimum=1)
-    shuffle_seed: int = setting(1, minimum=0)
+    shuffle_seed: int = setting(1, minimum=0, maximum=2**63 - 1)  # tf.data's int64 seed
     # per_round: a client's order changes every round, derived from (shuffle_seed, round, client);
     # fixed: one order per client for the whole run, as the article's rebuilt, seeded pipeline.
     shuffle: Literal["per_round", "fixed"] = "per_round"
@@ -91,7 +91,7 @@ class CoreConfig:
     """The settings every run has; `Config` adds the sections that registered components declare."""
 
     name: str = "tutorial"
-    seed: int = setting(0, minimum=0)
+    seed: int = setting(0, minimum=0, maximum=2**32 - 1)  # numpy's and TensorFlow's seed range
     rounds: int = setting(10, minimum=1)
     clients_per_round: int = setting(10, minimum=1)
     client_selection: Literal["fixed", "uniform"] = "fixed"
@@ -197,7 +197,7 @@ def _check_range(key: str, value: Any, bounds: dict) -> None:
     for name, holds, words in checks:
         bound = bounds.get(name)
         if bound is not None and not holds(bound):
-            raise ConfigError(f"{key}: must be {words} {bound:g}, got {value!r}")
+            raise ConfigError(f"{key}: must be {words} {bound if isinstance(bound, int) else format(bound, 'g')}, got {value!r}")
 
 
 def _unknown_key(key: str, prefix: str, known: list[str]) -> ConfigError:

@@ -25,6 +25,12 @@ class ConfigError(FedmnistError, ValueError):
     exit_code = 2
 
 
+class PlanTooLargeError(FedmnistError, ValueError):
+    """The configured sizes would need more memory than the machine has; the message names what to lower."""
+
+    exit_code = 2
+
+
 class DataUnavailableError(FedmnistError, RuntimeError):
     """The requested dataset cannot be loaded here."""
 
@@ -33,8 +39,15 @@ class CheckpointError(FedmnistError, RuntimeError):
     """No usable checkpoint, or one that cannot be written."""
 
 
+class DamagedFileError(FedmnistError, RuntimeError):
+    """A file of a run directory is damaged beyond what a resume can repair by itself."""
+
+
 class TrainingDivergedError(FedmnistError, RuntimeError):
-    """The training loss or the global weights became NaN or infinite."""
+    """The training loss, the global weights or the evaluation loss became NaN or infinite, or no client
+    contributed a finite update. `saved_round` is the last good round whose state is checkpointed."""
+
+    saved_round = 0
 
 
 class WorkerFailedError(FedmnistError, RuntimeError):

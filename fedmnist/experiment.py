@@ -34,8 +34,9 @@ from fedmnist.outputs import targets
 from fedmnist.outputs.checkpoint import Checkpoints
 from fedmnist.outputs.console import format_centralized, format_eval, format_final, format_personalization, format_targets
 from fedmnist.outputs.metrics_log import MetricsLog
+from fedmnist.outputs import run_directory
 from fedmnist.outputs.records import RoundRecord
-from fedmnist.outputs.sink import FinalResult, RunOutputs, run_outputs
+from fedmnist.outputs.sink import SUMMARY_FILE, FinalResult, RunOutputs, run_outputs
 from fedmnist.outputs.tensorboard import weight_names
 from fedmnist.client_tensors import PreparedClients
 from fedmnist.process import ProcessBuilder
@@ -85,7 +86,8 @@ class Experiment:
         if not self.resume:
             return state, 0
         saved, done = self.checkpoints.load_latest(state, warn=self.echo)
-        self.outputs.drop_after(done)
+        self.outputs.drop_after(done, self.echo)
+        self.mode.resume([r.aggregation for r in MetricsLog(self.run_dir).records() if r.aggregation])
         self.echo(f"resuming after round {done}")
         return (state if saved is None else saved), done
 
@@ -105,6 +107,17 @@ class Experiment:
         if round_num > 0 and round_num not in self.checkpoints.rounds():
             self.checkpoints.save(state, round_num)
         return round_num
+
+    def unfinished_end(self) -> tuple[RoundRecord, dict | None]:
+        """When every round is done but the end of the run was interrupted (no summary.json): the last
+        round's record and the last training metrics, from metrics.jsonl, to finish it again from."""
+        records = MetricsLog(self.run_dir).records()
+        if (self.run_dir / SUMMARY_FILE).exists() or not records or records[-1].round != self.rounds:
+            raise ConfigError(f"the run already has all {self.rounds} rounds; "
+                              f"pass --rounds with a larger number to continue it")
+        self.echo(f"all {self.rounds} rounds are done; finishing the run")
+        last_train = next((r.train for r in reversed(records) if r.train), None)
+        return records[-1], last_train
 
     def finish(self, last: RoundRecord, last_train: dict | None, weights: tff.learning.models.ModelWeights,
                resumed_after: int) -> dict:
@@ -156,22 +169,23 @@ def build(config: Config, run_dir: Path, echo: Callable[[str], None] = print, re
     run_dir = Path(run_dir)
     mode = registry.AGGREGATIONS.get(config.aggregation)(config)
     algorithm = registry.ALGORITHMS.get(config.algorithm)(config)
-    tf.keras.utils.set_random_seed(config.seed)
-    dataset = dataset or load_dataset(config.data, config.seed)
-    check_population(config, dataset)
-    write_config(run_dir, config)
-    echo(f"data: {dataset.name}, {len(dataset.train.client_ids)} clients, "
-         f"{config.clients_per_round} per round, model: {config.model}")
-    model_fn = build_model_fn(config.model, dataset.num_classes)
-    preprocessing = preprocessing_settings(config.preprocess)
-    eval_ids = evaluation_clients(config.eval_clients, dataset.train.client_ids)
     stack = contextlib.ExitStack()
     with contextlib.ExitStack() as on_failure:
         on_failure.enter_context(stack)
+        stack.enter_context(run_directory.locked(run_dir))
+        tf.keras.utils.set_random_seed(config.seed)
+        dataset = dataset or load_dataset(config.data, config.seed)
+        check_population(config, dataset)
+        write_config(run_dir, config)
+        echo(f"data: {dataset.name}, {len(dataset.train.client_ids)} clients, "
+             f"{config.clients_per_round} per round, model: {config.model}")
+        model_fn = build_model_fn(config.model, dataset.num_classes)
+        preprocessing = preprocessing_settings(config.preprocess)
+        eval_ids = evaluation_clients(config.eval_clients, dataset.train.client_ids)
         workers = stack.enter_context(runtime.local_runtime(
             log_path=run_dir / "worker.log", num_workers=config.num_workers, addresses=config.workers,
             timeout=config.worker_timeout_seconds))
-        builder = process_builder(config, model_fn, algorithm, dataset.train)
+        builder = process_builder(config, model_fn, algorithm, dataset.train, dataset.num_classes, dataset.origin)
         training = mode.build(builder)
         for line in (algorithm.describe(), mode.header()):
             if line:
@@ -195,11 +209,13 @@ def build(config: Config, run_dir: Path, echo: Callable[[str], None] = print, re
     return experiment
 
 
-def process_builder(config: Config, model_fn, algorithm, client_data) -> ProcessBuilder:
-    """The configured algorithm on the configured client input, for the aggregation mode to build from."""
+def process_builder(config: Config, model_fn, algorithm, client_data, num_classes: int | None = None,
+                    origin: str = "the client data") -> ProcessBuilder:
+    """The configured algorithm on the configured client input, for the aggregation mode to build from;
+    with `num_classes`, prepared clients' examples are checked against it as they are read."""
     return ProcessBuilder(model_fn, algorithm, config.client_optimizer, config.server_optimizer, client_data,
                           preprocessing_settings(config.preprocess), prepared=config.client_input == "prepared",
-                          size_classes=config.client_selection != "fixed")
+                          size_classes=config.client_selection != "fixed", num_classes=num_classes, origin=origin)
 
 
 def preprocessing_settings(settings: PreprocessConfig) -> Preprocessing:

@@ -20,12 +20,16 @@ from tqdm import tqdm
 from fedmnist import experiment as experiment_lib
 from fedmnist import runtime
 from fedmnist.clients.participation import RoundPlan
-from fedmnist.errors import ConfigError, Interrupted, TrainingDivergedError, WorkerFailedError
+from fedmnist.errors import Interrupted, TrainingDivergedError, WorkerFailedError
 from fedmnist.experiment import Experiment
-from fedmnist.outputs.checkpoint import DIRECTORY as CHECKPOINTS
 from fedmnist.outputs.console import format_round, format_skipped
 from fedmnist.outputs.records import RoundRecord
 from fedmnist.values import to_python
+
+
+# Global weights beyond this have diverged although finite: their squares (norms, clipping, w.x) overflow
+# float32, so every later round computes with infinities.
+LARGEST_SAFE_WEIGHT = float(np.sqrt(np.finfo(np.float32).max))
 
 
 @dataclasses.dataclass
@@ -56,16 +60,15 @@ def run(experiment: Experiment, hooks: Hooks | None = None) -> dict:
         try:
             record, state, weights = recovering(experiment, round_num,
                                                 lambda: play_round(experiment, state, weights, round_num))
-        except WorkerFailedError as error:
+        except (WorkerFailedError, TrainingDivergedError) as error:
             error.saved_round = experiment.save_for_stop(state, round_num - 1)
             raise
         record.seconds = time.perf_counter() - round_started
         last_train = record.train or last_train
         experiment.outputs.release(record, state, weights)
         hooks.round_done(record)
-    if record is None:
-        raise ConfigError(f"the run already has all {experiment.rounds} rounds; "
-                          f"pass --rounds with a larger number to continue it")
+    if record is None:  # resumed after the last round: only the end of the run is left, if that
+        record, last_train = experiment.unfinished_end()
     return experiment.finish(record, last_train, weights, done)
 
 
@@ -114,6 +117,10 @@ def play_round(experiment: Experiment, state, weights: tff.learning.models.Model
     else:
         state, weights = train_round(experiment, state, plan, record)
     record.eval = experiment.evaluations(round_num, weights)
+    for split, metrics in (record.eval or {}).items():
+        if not np.isfinite(float(metrics.get("loss", 0.0))):
+            raise TrainingDivergedError(f"the global model diverged at round {round_num}: its evaluation loss on "
+                                        f"{split} data is {metrics['loss']}; lower the learning rates")
     record.learning_rate = experiment.learning_rates(state)
     return record, state, weights
 
@@ -126,10 +133,15 @@ def train_round(experiment: Experiment, state, plan: RoundPlan, record: RoundRec
     result = training.process.next(state, training.client_inputs(plan.completed, plan.round_num))
     record.train = to_python(result.metrics["client_work"]["train"])
     weights = experiment.weights_of(result.state)
-    if not (np.isfinite(float(record.train.get("loss", 0.0))) and all(np.isfinite(a).all() for a in weights.trainable)):
-        raise TrainingDivergedError(
-            f"training diverged at round {plan.round_num} (loss {record.train['loss']}); the last good state "
-            f"is kept in {CHECKPOINTS}/; lower the learning rates")
+    if record.train.get("num_examples", 1) == 0:
+        # TFF's client work sends a non-finite update as zeros with weight 0 and no metrics.
+        raise TrainingDivergedError(f"training diverged at round {plan.round_num}: no client's update was finite "
+                                    f"(all {len(plan.completed)} were NaN or infinite); lower the learning rates")
+    largest = max((float(np.max(np.abs(a))) for a in weights.trainable if np.size(a)), default=0.0)
+    if not np.isfinite(float(record.train.get("loss", 0.0))) or not largest <= LARGEST_SAFE_WEIGHT:
+        raise TrainingDivergedError(f"training diverged at round {plan.round_num} (training loss "
+                                    f"{record.train.get('loss')}, largest global weight {largest:.3g}); "
+                                    f"lower the learning rates")
     record.aggregation = mode.round(plan.round_num, result.metrics)
     experiment.echo(format_round(plan.round_num, record.train) + mode.not_covered)
     if line := mode.line(plan.round_num, record.aggregation):

@@ -61,6 +61,8 @@ class ProcessBuilder:
     preprocessing: Preprocessing
     prepared: bool = True
     size_classes: bool = True
+    num_classes: int | None = None  # with `origin`: prepared clients' examples are checked (labels, pixels)
+    origin: str = "the client data"
 
     def __post_init__(self):
         self.update_shapes = update_shapes(self.model_fn)
@@ -95,7 +97,8 @@ class ProcessBuilder:
     def client_inputs(self) -> Callable[[list[str], int], list]:
         """A round's client ids and number -> the process's client input."""
         if self.prepared:
-            return PreparedClients(self.client_data, self.preprocessing, size_classes=self.size_classes)
+            return PreparedClients(self.client_data, self.preprocessing, size_classes=self.size_classes,
+                                   num_classes=self.num_classes, origin=self.origin)
         return lambda client_ids, round_num: make_round_data(self.client_data, client_ids, round_num,
                                                              self.preprocessing)
 

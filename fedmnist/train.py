@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import shutil
+import shlex
 import signal
 import sys
 import threading
@@ -22,7 +22,8 @@ from pathlib import Path
 from fedmnist import config as config_lib
 from fedmnist import registry
 from fedmnist.cli import ArgumentParser
-from fedmnist.errors import FedmnistError, Interrupted, UsageError, WorkerFailedError
+from fedmnist.errors import FedmnistError, Interrupted, TrainingDivergedError, UsageError, WorkerFailedError
+from fedmnist.outputs import run_directory
 
 RUNS_ROOT = Path("runs")
 STALL_POLL_SECONDS = 0.5
@@ -58,12 +59,8 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
     return [f"{key}={value}" for key, value in named.items() if value is not None] + args.set
 
 
-def looks_like_run(path: Path) -> bool:
-    return any((path / name).exists() for name in ("config.yaml", "metrics.jsonl", "summary.json"))
-
-
-def prepare_run_dir(requested: Path | None, name: str, overwrite: bool) -> Path:
-    """A new, empty run directory; an existing one is replaced only with --overwrite."""
+def make_run_dir(requested: Path | None, name: str) -> tuple[Path, bool]:
+    """The run directory, created if missing, and whether this command created it."""
     if requested is None:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         base = RUNS_ROOT / f"{name}-{stamp}"
@@ -71,24 +68,32 @@ def prepare_run_dir(requested: Path | None, name: str, overwrite: bool) -> Path:
             candidate = Path(f"{base}{suffix}")
             try:
                 candidate.mkdir(parents=True)
-                return candidate
+                return candidate, True
             except FileExistsError:
                 continue
         raise UsageError(f"too many runs named {base}; pass --run-dir")
     if requested.exists() and not requested.is_dir():
         raise UsageError(f"--run-dir {requested} is a file, not a directory")
-    if requested.exists() and any(requested.iterdir()):
-        if not overwrite:
-            raise UsageError(f"run directory {requested} already exists; choose another --run-dir "
-                             f"or pass --overwrite to replace it")
-        if not looks_like_run(requested):
-            raise UsageError(f"--overwrite refused: {requested} does not look like a fedmnist run directory")
-        shutil.rmtree(requested)
+    existed = requested.exists()
     try:
         requested.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UsageError(f"cannot create run directory {requested}: {error.strerror}") from None
-    return requested
+    return requested, not existed
+
+
+def check_new_run_dir(run_dir: Path, overwrite: bool) -> bool:
+    """Whether `run_dir` holds something (its lock aside) that a new run must clear; an existing run in it
+    is replaced only with --overwrite, and only when it looks like a fedmnist run. Checked before the lock
+    is taken, so a refused command leaves the directory as it was."""
+    if not any(entry.name != run_directory.LOCK_FILE for entry in run_dir.iterdir()):
+        return False
+    if not overwrite:
+        raise UsageError(f"run directory {run_dir} already exists; choose another --run-dir "
+                         f"or pass --overwrite to replace it")
+    if not run_directory.looks_like_run(run_dir):
+        raise UsageError(f"--overwrite refused: {run_dir} does not look like a fedmnist run directory")
+    return True
 
 
 def load_run_config(run_dir: Path, rounds: int | None) -> config_lib.Config:
@@ -117,13 +122,17 @@ def check_resume_args(args: argparse.Namespace) -> None:
                          f"with it (only --rounds can)")
 
 
+# Ctrl-C, `kill`, and the terminal closing (SIGHUP) all stop the run the same way.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 class StopRequest:
-    """First SIGINT/SIGTERM: stop after the current round. Second: stop now. Stalled workers: stop now,
+    """First SIGINT/SIGTERM/SIGHUP: stop after the current round. Second: stop now. Stalled workers: stop now,
     also when they stall after the first signal (the round it waits for would never end)."""
 
     def __init__(self):
         self.requested = False
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in STOP_SIGNALS:
             signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame) -> None:
@@ -152,6 +161,7 @@ class StopRequest:
     def restore_defaults() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def _workers_stalled() -> bool:
@@ -163,32 +173,27 @@ def _workers_stalled() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = run_dir = None
+    created = False
     try:
         args = build_parser().parse_args(argv)
+        if not args.debug:
+            # TensorFlow's C++ start-up lines (cuDNN/cuFFT/cuBLAS factories on a CPU-only machine) would
+            # break the one-line promise of stderr, whatever the caller exported; --debug shows them.
+            os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
         if args.resume:
             check_resume_args(args)
-            config, run_dir = load_run_config(args.resume, args.rounds), args.resume
+            run_dir = args.resume
+            config = load_run_config(run_dir, args.rounds)
         else:
             config = config_lib.load(args.config, overrides_from_args(args))
-            run_dir = prepare_run_dir(args.run_dir, config.name, args.overwrite)
-        stop = StopRequest()
-        from fedmnist import loop  # TensorFlow starts here, after the config is known to be good.
-
-        print(f"run directory: {run_dir}")
-        server = None
-        if args.tensorboard:
-            from fedmnist.outputs import dashboard
-
-            server = dashboard.TensorBoardServer(run_dir, port=dashboard.pick_port())
-            print(f"TensorBoard: {server.url}", flush=True)
-        try:
-            loop.train(config, run_dir, progress=not args.quiet, resume=bool(args.resume), stop_requested=stop)
-            if server is not None:
-                stop.restore_defaults()  # training is over: Ctrl-C now just stops TensorBoard
-                dashboard.serve_until_interrupted(server.wait_ready())
-        finally:
-            if server is not None:
-                server.stop()
+            run_dir, created = make_run_dir(args.run_dir, config.name)
+            replace = check_new_run_dir(run_dir, args.overwrite)
+        with run_directory.locked(run_dir):
+            if not args.resume:
+                if replace:
+                    run_directory.clear(run_dir)
+                created = True  # what is in it now is this command's
+            train_and_serve(args, config, run_dir)
         return 0
     except KeyboardInterrupt as error:
         return _interrupted(str(error) or "interrupted during a round", run_dir)
@@ -196,7 +201,11 @@ def main(argv: list[str] | None = None) -> int:
         return _interrupted(str(error), run_dir)
     except WorkerFailedError as error:
         saved = f"the state after round {error.saved_round} is saved" if error.saved_round else "no round completed"
-        return _fail(f"{error}; {saved}; resume with: python -m fedmnist.train --resume {run_dir}", 1, args, error)
+        return _fail(f"{error}; {saved}{resume_hint(run_dir)}", 1, args, error)
+    except TrainingDivergedError as error:
+        saved = (f"the state after round {error.saved_round}, the last good one, is saved in {run_dir}"
+                 if error.saved_round else "no round completed")
+        return _fail(f"{error}; {saved}", 1, args, error)
     except FedmnistError as error:
         return _fail(error, error.exit_code, args)
     except OSError as error:
@@ -204,11 +213,62 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"cannot write{where}: {error.strerror or error}", 1, args, error)
     except Exception as error:  # noqa: BLE001 - the CLI's last line of defence: one line, exit 1.
         return _fail(error, 1, args)
+    finally:
+        if created and run_dir is not None and not run_directory.has_rounds(run_dir):
+            remove_unstarted(run_dir)
+
+
+def train_and_serve(args: argparse.Namespace, config: config_lib.Config, run_dir: Path) -> None:
+    """The run, with TensorBoard serving it while it trains and afterwards when asked (--tensorboard)."""
+    stop = StopRequest()
+    print(f"run directory: {run_dir}", flush=True)
+    from fedmnist import loop  # TensorFlow starts here, after the config is known to be good.
+
+    server = None
+    if args.tensorboard:
+        from fedmnist.outputs import dashboard
+
+        server = dashboard.TensorBoardServer(run_dir, port=dashboard.pick_port())
+        print(f"TensorBoard: {server.url}", flush=True)
+    try:
+        loop.train(config, run_dir, progress=not args.quiet, resume=bool(args.resume), stop_requested=stop)
+        if server is not None:
+            stop.restore_defaults()  # training is over: Ctrl-C now just stops TensorBoard
+            dashboard.serve_until_interrupted(server.wait_ready())
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def remove_unstarted(run_dir: Path) -> None:
+    """A run that failed before its first round leaves nothing behind: its directory goes (or, when the
+    directory was there before, what this command put in it)."""
+    try:
+        run_directory.clear(run_dir)
+        (run_dir / run_directory.LOCK_FILE).unlink(missing_ok=True)
+        run_dir.rmdir()
+    except OSError:
+        pass
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that resumes `run_dir`, as the user can paste it where they stand: through uv when this
+    command runs under `uv run`, through the `fedmnist` script when that is what they typed."""
+    target = shlex.quote(str(run_dir))
+    if Path(sys.argv[0]).name == "fedmnist":
+        return f"fedmnist train --resume {target}"
+    prefix = "uv run " if os.environ.get("UV") else ""
+    return f"{prefix}python -m fedmnist.train --resume {target}"
+
+
+def resume_hint(run_dir: Path | None) -> str:
+    if run_dir is None or not run_directory.has_rounds(run_dir):
+        return ""
+    return f"; resume with: {resume_command(run_dir)}"
 
 
 def _interrupted(what: str, run_dir: Path | None) -> int:
-    hint = f"; resume with: python -m fedmnist.train --resume {run_dir}" if run_dir else ""
-    print(f"{what}{hint}", file=sys.stderr)
+    print(f"{what}{resume_hint(run_dir)}", file=sys.stderr)
     return 130
 
 

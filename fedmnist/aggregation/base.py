@@ -90,6 +90,11 @@ class AggregationMode:
     def figures(self, round_num: int, metrics: Mapping) -> dict:
         return {"upload_bytes_per_client": self.float_bytes}
 
+    def resume(self, rows: list[dict]) -> None:
+        """The aggregation figures of the rounds a resumed run has already logged, so that the summary
+        covers every round, not only this process's."""
+        self.rows = [dict(row) for row in rows]
+
     def line(self, round_num: int, row: Mapping) -> str | None:
         """The console line for a round, when there is news."""
         return None

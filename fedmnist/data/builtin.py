@@ -43,6 +43,21 @@ class Synthetic(DataSource):
     max_clients = sys.maxsize
 
     @classmethod
+    def check(cls, config) -> None:
+        import psutil
+
+        from fedmnist.errors import PlanTooLargeError
+
+        super().check(config)
+        data = config.data
+        # Generated in memory: float64 noise and pixels, then a float32 copy per client.
+        needed, memory = 20 * 784 * data.num_clients * data.examples_per_client, psutil.virtual_memory().total
+        if needed > memory:
+            raise PlanTooLargeError(f"data.examples_per_client: {data.num_clients:,} clients x "
+                                    f"{data.examples_per_client:,} synthetic examples need about {needed / 1e9:,.3g} GB, "
+                                    f"more than this machine's {memory / 1e9:.3g} GB; lower it or data.num_clients")
+
+    @classmethod
     def load(cls, data: DataConfig, seed: int) -> FederatedDataset:
         from fedmnist.data.sources import load_synthetic
 

@@ -17,6 +17,7 @@ dealt IID. Federated evaluation reads them; centralized evaluation uses the whol
 
 from __future__ import annotations
 
+import dataclasses
 import zipfile
 from pathlib import Path
 
@@ -64,6 +65,9 @@ def read_npz(path: Path) -> tuple[Split, Split]:
         if x.ndim != 3 or x.shape[1:] != (28, 28) or y.shape != (len(x),) or len(x) < 2:
             raise DataUnavailableError(f"{MNIST_FILE} in the MNIST cache is unreadable: x_{name} {x.shape} "
                                        f"and y_{name} {y.shape} are not 28x28 images with one label each")
+        if not np.issubdtype(x.dtype, np.integer) and not (np.isfinite(x).all() and 0 <= x.min() and x.max() <= 255):
+            raise DataUnavailableError(f"{MNIST_FILE} in the MNIST cache is unreadable: x_{name} holds pixel values "
+                                       f"that are not finite or outside 0..255")
         if y.min() < 0 or y.max() > 9:
             raise DataUnavailableError(f"{MNIST_FILE} in the MNIST cache is unreadable: y_{name} holds "
                                        f"labels outside 0..9")
@@ -119,7 +123,8 @@ def federate(train: Split, test: Split, num_clients: int = 100, method: str = "i
 def load_mnist(num_clients: int = 100, method: str = "iid", seed: int = 0, alpha: float = 0.5,
                cache_dir: str | Path | None = None, allow_download: bool = True) -> FederatedDataset:
     train, test = load_arrays(cache_dir, allow_download)
-    return federate(train, test, num_clients, method, seed, alpha)
+    dataset = federate(train, test, num_clients, method, seed, alpha)
+    return dataclasses.replace(dataset, origin=str(mnist_cache_dir(str(cache_dir) if cache_dir else None) / MNIST_FILE))
 
 
 def digits_as_mnist(test_size: int = 297, seed: int = 0) -> tuple[Split, Split]:

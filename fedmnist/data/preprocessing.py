@@ -104,6 +104,18 @@ def make_round_data(client_data: tff.simulation.datasets.ClientData, client_ids:
             for x in client_ids]
 
 
+def check_examples(x: np.ndarray, y: np.ndarray, num_classes: int, where: str) -> None:
+    """DataUnavailableError, naming `where` (a client and its file), when a client's examples (as
+    `batch_format_fn` shapes them) have pixels that are not finite or outside [0, 1], or labels outside
+    0..num_classes - 1: training on them would fail in the worker or learn from garbage."""
+    from fedmnist.errors import DataUnavailableError
+
+    if len(x) and not (np.isfinite(x).all() and x.min() >= 0.0 and x.max() <= 1.0):
+        raise DataUnavailableError(f"{where}: pixel values that are not finite or outside [0, 1]")
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        raise DataUnavailableError(f"{where}: labels outside 0..{num_classes - 1} (found {y.min()}..{y.max()})")
+
+
 def input_spec() -> collections.OrderedDict:
     """The element spec of a preprocessed dataset, as `from_keras_model` wants it."""
     return collections.OrderedDict(

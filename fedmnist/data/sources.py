@@ -177,7 +177,7 @@ def load_emnist(only_digits: bool = True, cache_dir: str | Path | None = None,
         raise DataUnavailableError(f"{EMNIST_FILE} in the EMNIST cache is unreadable: {error}") from error
     if not train.client_ids:
         raise DataUnavailableError(f"{EMNIST_FILE} in the EMNIST cache holds no clients for this split")
-    return FederatedDataset("emnist", train, test, 10 if only_digits else 62)
+    return FederatedDataset("emnist", train, test, 10 if only_digits else 62, origin=str(cache / EMNIST_FILE))
 
 
 def cap(dataset: FederatedDataset, max_clients: int = 0, max_examples: int = 0) -> FederatedDataset:

@@ -23,6 +23,7 @@ class FederatedDataset:
     # The source's own pooled test set (pixels, labels), e.g. MNIST's 10,000 test images; without one,
     # centralized evaluation pools the clients' test data (`sources.pooled_test_set`).
     central_test: tuple[np.ndarray, np.ndarray] | None = None
+    origin: str = "the generated data"  # where the examples come from, for error messages (a file, a source)
 
 
 class DataSource:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,14 @@ class Checkpoints:
         self.root = Path(run_dir) / DIRECTORY
         self.manager = tff.program.FileProgramStateManager(
             root_dir=str(self.root), prefix=PREFIX, keep_total=keep, keep_first=False)
+        self.remove_partial()
+
+    def remove_partial(self) -> None:
+        """Removes what an interrupted save left: TFF writes each checkpoint into `round_N_tempXXXX` and
+        renames it when whole, so such a directory is never a checkpoint."""
+        if self.root.is_dir():
+            for partial in self.root.glob(f"{PREFIX}*_temp*"):
+                shutil.rmtree(partial, ignore_errors=True)
 
     def rounds(self) -> list[int]:
         return _run(self.manager.get_versions()) or []
@@ -64,6 +73,7 @@ class Checkpoints:
             with _quiet_tensorflow_logger():  # SavedModel logs "Assets written to: <path>" at INFO
                 _run(self.manager.save(state, round_num))
         except (tf.errors.OpError, OSError) as error:
+            self.remove_partial()
             reason = getattr(error, "strerror", None) or str(getattr(error, "message", error)).split("; ")[-1]
             raise CheckpointError(f"cannot save checkpoint {PREFIX}{round_num} in {self.root}: {reason}; "
                                   f"free disk space, then resume the run") from error

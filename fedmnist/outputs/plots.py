@@ -8,6 +8,7 @@ notebooks (where a returned Figure shows itself inline).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -94,7 +95,9 @@ def write_curves(run_dir: str | Path, title: str | None = None) -> Path:
     run_dir = Path(run_dir)
     records = read_records(run_dir)
     path = run_dir / CURVES_FILE
-    plot_curves(records, run_dir.resolve().name if title is None else title).savefig(path)
+    partial = run_dir / f".partial-{CURVES_FILE}"  # renamed when whole: an interrupted save leaves no cut figure
+    plot_curves(records, run_dir.resolve().name if title is None else title).savefig(partial, format="png")
+    os.replace(partial, path)
     return path
 
 

@@ -2,7 +2,8 @@
 end, the model, `summary.json` and the curves.
 
 Each destination is a small release manager in the manner of `tff.program`'s (`RunOutput`): `release`
-once per round, `drop_after(r)` when a run resumes after round r (what was written for later rounds goes),
+once per round, `drop_after(r, warn)` when a run resumes after round r (what was written for later rounds
+goes, and so does a record a crash cut short: `warn` says so),
 `finish` once the rounds are done, `close` last. The loop hands its results to `RunOutputs` and knows
 nothing of files. A new output is one class here (or in a module of its own) and one line in
 `run_outputs`.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,7 +47,7 @@ class RunOutput:
     def release(self, record: RoundRecord, state: Any, weights: tff.learning.models.ModelWeights) -> None:
         pass
 
-    def drop_after(self, round_num: int) -> None:
+    def drop_after(self, round_num: int, warn: Callable[[str], None]) -> None:
         pass
 
     def finish(self, result: FinalResult) -> None:
@@ -64,8 +66,8 @@ class MetricsRelease(RunOutput):
     def release(self, record: RoundRecord, state: Any, weights: tff.learning.models.ModelWeights) -> None:
         self.log.append(record)
 
-    def drop_after(self, round_num: int) -> None:
-        self.log.drop_after(round_num)
+    def drop_after(self, round_num: int, warn: Callable[[str], None]) -> None:
+        self.log.drop_after(round_num, warn)
 
 
 class TensorBoardRelease(RunOutput):
@@ -92,8 +94,8 @@ class TensorBoardRelease(RunOutput):
         if due(self.histogram_every, record.round, self.last_round):
             board.write_histograms(record.round, weight_arrays(self.weight_names, weights))
 
-    def drop_after(self, round_num: int) -> None:
-        drop_events_after(self.run_dir, round_num)
+    def drop_after(self, round_num: int, warn: Callable[[str], None]) -> None:
+        drop_events_after(self.run_dir, round_num, warn)
         self.config_text = None  # written when the run began
 
     def close(self) -> None:
@@ -119,7 +121,9 @@ class ModelFile(RunOutput):
         self.path = run_dir / MODEL_FILE
 
     def finish(self, result: FinalResult) -> None:
-        result.keras_model().save(self.path)
+        partial = self.path.with_name(f".partial-{self.path.name}")  # renamed when whole
+        result.keras_model().save(partial)
+        os.replace(partial, self.path)
 
 
 class SummaryFile(RunOutput):
@@ -162,9 +166,9 @@ class RunOutputs(RunOutput):
         for output in self.outputs:
             output.release(record, state, weights)
 
-    def drop_after(self, round_num: int) -> None:
+    def drop_after(self, round_num: int, warn: Callable[[str], None]) -> None:
         for output in self.outputs:
-            output.drop_after(round_num)
+            output.drop_after(round_num, warn)
 
     def finish(self, result: FinalResult) -> None:
         for output in self.outputs:
@@ -183,6 +187,6 @@ def run_outputs(run_dir: Path, checkpoints: Checkpoints, weight_names: list[str]
         TensorBoardRelease(run_dir, weight_names, histogram_every, last_round, config_text),
         CheckpointRelease(checkpoints, checkpoint_every, last_round),
         ModelFile(run_dir),
-        SummaryFile(run_dir),
         CurvesFigure(run_dir),
+        SummaryFile(run_dir),  # last: a run with a summary has finished (a resume re-does an unfinished end)
     ])

@@ -8,7 +8,7 @@ Scalars under `train/...`, `eval/train/...`, `eval/test/...`, `participation/...
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,17 +48,36 @@ class TensorBoardLog:
         self.writer.close()
 
 
-def drop_events_after(run_dir: Path, round_num: int) -> None:
-    """Removes TensorBoard events of steps after `round_num` from the run's event files."""
+def drop_events_after(run_dir: Path, round_num: int, warn: Callable[[str], None] = lambda line: None) -> None:
+    """Removes TensorBoard events of steps after `round_num` from the run's event files, and a last record
+    cut short (a crash or a full disk during a flush): `warn` says so. Each file is rewritten beside itself
+    and renamed over it once whole."""
     for path in sorted(Path(run_dir).glob("events.out.tfevents.*")):
-        records = list(tf.data.TFRecordDataset(str(path)).as_numpy_iterator())
+        records, torn = read_records(path)
         kept = [r for r in records if event_pb2.Event.FromString(r).step <= round_num]
-        if len(kept) != len(records):
-            temporary = path.with_name(path.name + ".tmp")
-            with tf.io.TFRecordWriter(str(temporary)) as writer:
-                for record in kept:
-                    writer.write(record)
-            os.replace(temporary, path)
+        if torn:
+            warn(f"warning: {path.name}: its last record was cut short, as by a crash while writing it; dropped")
+        if len(kept) != len(records) or torn:
+            temporary = path.with_name(f".{path.name}.tmp")
+            try:
+                with tf.io.TFRecordWriter(str(temporary)) as writer:
+                    for record in kept:
+                        writer.write(record)
+                os.replace(temporary, path)
+            except BaseException:
+                temporary.unlink(missing_ok=True)
+                raise
+
+
+def read_records(path: Path) -> tuple[list[bytes], bool]:
+    """The whole records of a TFRecord file, and whether it ends in a cut one."""
+    records = []
+    try:
+        for record in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
+            records.append(record)
+    except tf.errors.DataLossError:
+        return records, True
+    return records, False
 
 
 def weight_names(keras_model: tf.keras.Model) -> list[str]:

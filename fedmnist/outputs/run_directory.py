@@ -1,0 +1,74 @@
+"""A run directory in use is locked: one command at a time trains, resumes or overwrites it.
+
+The lock is `fcntl.flock` on `RUN_DIR/.lock`, held by the process for as long as it uses the directory: the
+kernel drops it when the process ends however it ends (a kill -9 included), so no lock is ever stale.
+The file holds the holder's process id, for the message the next command prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from fedmnist.errors import UsageError
+
+LOCK_FILE = ".lock"
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json")
+_held: dict[Path, int] = {}  # directories this process holds, and how many times
+
+
+def looks_like_run(path: Path) -> bool:
+    return any((path / name).exists() for name in RUN_FILES)
+
+
+@contextlib.contextmanager
+def locked(run_dir: Path) -> Iterator[None]:
+    """Holds `run_dir`'s lock (again, if this process holds it already); a UsageError naming the process
+    that holds it otherwise."""
+    key = Path(run_dir).resolve()
+    if key in _held:
+        _held[key] += 1
+        try:
+            yield
+        finally:
+            _held[key] -= 1
+        return
+    fd = os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+            raise UsageError(f"run directory {run_dir} is in use by process {holder}; wait for it to end "
+                             f"or stop it, then try again") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        _held[key] = 1
+        try:
+            yield
+        finally:
+            del _held[key]
+    finally:
+        os.close(fd)
+
+
+def clear(run_dir: Path) -> None:
+    """Removes everything in `run_dir` but its lock (the caller holds it)."""
+    import shutil
+
+    for entry in Path(run_dir).iterdir():
+        if entry.name == LOCK_FILE:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def has_rounds(run_dir: Path) -> bool:
+    """Whether any round of the run was logged."""
+    metrics = Path(run_dir) / "metrics.jsonl"
+    return metrics.is_file() and metrics.stat().st_size > 0

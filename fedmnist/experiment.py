@@ -29,7 +29,7 @@ from fedmnist.data.sources import load_dataset, pooled_test_set
 from fedmnist.data.types import FederatedDataset
 from fedmnist.errors import ConfigError
 from fedmnist.evaluation import CentralizedEvaluator, Evaluations, FederatedEvaluator
-from fedmnist.model import build_model_fn, create_model, initial_weights, to_keras
+from fedmnist.model import build_model_fn, check_model, create_model, initial_weights, to_keras
 from fedmnist.outputs import targets
 from fedmnist.outputs.checkpoint import Checkpoints
 from fedmnist.outputs.console import format_centralized, format_eval, format_final, format_personalization, format_targets
@@ -179,6 +179,7 @@ def build(config: Config, run_dir: Path, echo: Callable[[str], None] = print, re
         write_config(run_dir, config)
         echo(f"data: {dataset.name}, {len(dataset.train.client_ids)} clients, "
              f"{config.clients_per_round} per round, model: {config.model}")
+        check_model(config.model, dataset.num_classes)
         model_fn = build_model_fn(config.model, dataset.num_classes)
         preprocessing = preprocessing_settings(config.preprocess)
         eval_ids = evaluation_clients(config.eval_clients, dataset.train.client_ids)

@@ -8,9 +8,11 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from fedmnist.config import BUILT_IN_MODELS
 from fedmnist.data.preprocessing import input_spec
+from fedmnist.errors import ConfigError
 
-MODELS = ("linear", "cnn", "2nn")
+MODELS = BUILT_IN_MODELS
 
 
 def create_keras_model(num_classes: int = 10) -> tf.keras.Model:
@@ -50,10 +52,56 @@ def create_2nn_model(num_classes: int = 10) -> tf.keras.Model:
 
 
 def create_model(name: str = "linear", num_classes: int = 10) -> tf.keras.Model:
+    """A built-in model by name, or the user's own: `"package.module:function"`, a function that takes
+    `num_classes` and returns an uncompiled Keras model for 784 inputs (`check_model` checks it)."""
     builders = {"linear": create_keras_model, "cnn": create_cnn_model, "2nn": create_2nn_model}
-    if name not in builders:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
-    return builders[name](num_classes)
+    if name in builders:
+        return builders[name](num_classes)
+    return user_model_function(name)(num_classes)
+
+
+def user_model_function(name: str) -> Callable[[int], tf.keras.Model]:
+    """The function `module:function` names; ConfigError when it cannot be had."""
+    import importlib
+
+    module_name, _, function_name = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # noqa: BLE001 - the user's module: any failure to import it is theirs
+        raise ConfigError(f"model: importing {module_name!r} failed: {type(error).__name__}: {error}") from error
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise ConfigError(f"model: {module_name!r} has no function {function_name!r}")
+    return function
+
+
+def check_model(name: str, num_classes: int) -> None:
+    """ConfigError, in one line, unless model `name` builds an uncompiled Keras model that maps 784 inputs to
+    `num_classes` class probabilities (the loss is sparse categorical cross-entropy on probabilities)."""
+    if name in MODELS:
+        return
+    try:
+        model = create_model(name, num_classes)
+    except ConfigError:
+        raise
+    except Exception as error:  # noqa: BLE001 - the user's function: any failure is theirs
+        raise ConfigError(f"model: {name}({num_classes}) failed: {type(error).__name__}: {error}") from error
+    if not isinstance(model, tf.keras.Model):
+        raise ConfigError(f"model: {name}({num_classes}) returned {type(model).__name__}, not a Keras model")
+    if getattr(model, "compiled_loss", None) is not None or model.optimizer is not None:
+        raise ConfigError(f"model: {name}({num_classes}) returned a compiled model; return it uncompiled "
+                          f"(fedmnist adds the loss and metrics)")
+    inputs, outputs = tuple(model.input_shape), tuple(model.output_shape)
+    if inputs != (None, 784):
+        raise ConfigError(f"model: {name} takes inputs of shape {inputs}, not (None, 784) (the flattened 28x28 "
+                          f"images, as batch_format_fn makes them)")
+    if outputs != (None, num_classes):
+        raise ConfigError(f"model: {name} gives outputs of shape {outputs}, not (None, {num_classes}) for the "
+                          f"{num_classes} classes of this data")
+    probabilities = model(np.random.default_rng(0).uniform(0, 1, (4, 784)).astype(np.float32)).numpy()
+    if not (np.all(probabilities >= 0) and np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)):
+        raise ConfigError(f"model: {name}'s outputs are not class probabilities; end it with a softmax "
+                          f"(the loss is sparse categorical cross-entropy on probabilities)")
 
 
 def build_model_fn(name: str = "linear", num_classes: int = 10) -> Callable[[], tff.learning.models.VariableModel]:

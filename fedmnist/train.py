@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clients-per-round", type=int, help="clients that train in each round")
     parser.add_argument("--dataset", help=f"one of: {', '.join(registry.SOURCES.names())}")
     parser.add_argument("--algorithm", help=f"one of: {', '.join(registry.ALGORITHMS.names())}")
-    parser.add_argument("--model", help="linear, cnn or 2nn")
+    parser.add_argument("--model", help="linear, cnn, 2nn, or your own Keras model as module:function")
     parser.add_argument("--seed", type=int, help="seed for data splits, sampling and initial weights")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key, e.g. --set client_optimizer.learning_rate=0.1")

@@ -235,3 +235,20 @@ def test_secure_summary_counts_the_dropouts_of_every_round_across_a_resume(tmp_p
     assert [r["round"] for r in rows] == [1, 2, 3, 4]
     assert sum(r["aggregation"]["dropped"] for r in rows[:2]) > 0  # the first process's rounds had dropouts
     assert summary["dropped_clients"] == sum(r["aggregation"]["dropped"] for r in rows)
+
+
+def test_an_emnist_example_that_is_not_a_tf_example_is_one_line_naming_client_and_file(tmp_path):
+    import sqlite3
+
+    rng = np.random.default_rng(1)
+    clients = {f"f{i:04d}_{i:02d}": (rng.uniform(0, 1, (5, 28, 28)).astype(np.float32), rng.integers(0, 10, 5))
+               for i in range(3)}
+    path = tmp_path / "emnist_all.sqlite"
+    write_emnist_sqlite(path, {"digits_only_train": clients, "digits_only_test": clients})
+    with sqlite3.connect(path) as connection:  # one example's bytes overwritten, as a damaged copy would have
+        connection.execute("UPDATE examples SET serialized_example_proto = ? WHERE rowid = "
+                           "(SELECT rowid FROM examples WHERE client_id = 'f0001_01' LIMIT 1)", (b"\xff\xfe garbage",))
+    done = train_main("--dataset", "emnist", "--set", f"data.cache_dir={path.parent}", "--clients-per-round", "3",
+                      "--run-dir", str(tmp_path / "run"), "--quiet")
+    assert done.returncode == 1
+    assert one_line(done.stderr).startswith(f"error: client f0001_01 of {path}: its examples cannot be read (")

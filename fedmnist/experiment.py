@@ -39,6 +39,7 @@ from fedmnist.outputs.records import RoundRecord
 from fedmnist.outputs.sink import SUMMARY_FILE, FinalResult, RunOutputs, run_outputs
 from fedmnist.outputs.tensorboard import weight_names
 from fedmnist.client_tensors import PreparedClients
+from fedmnist.privacy.ledger import ReleaseLedger
 from fedmnist.process import ProcessBuilder
 
 CONFIG_FILE = "config.yaml"
@@ -187,6 +188,7 @@ def build(config: Config, run_dir: Path, echo: Callable[[str], None] = print, re
             log_path=run_dir / "worker.log", num_workers=config.num_workers, addresses=config.workers,
             timeout=config.worker_timeout_seconds))
         builder = process_builder(config, model_fn, algorithm, dataset.train, dataset.num_classes, dataset.origin)
+        mode.keep_releases(ReleaseLedger(run_dir))
         training = mode.build(builder)
         for line in (algorithm.describe(), mode.header()):
             if line:

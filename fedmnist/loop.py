@@ -64,6 +64,7 @@ def run(experiment: Experiment, hooks: Hooks | None = None) -> dict:
             error.saved_round = experiment.save_for_stop(state, round_num - 1)
             raise
         record.seconds = time.perf_counter() - round_started
+        record = experiment.mode.released(record)
         last_train = record.train or last_train
         experiment.outputs.release(record, state, weights)
         hooks.round_done(record)
@@ -133,7 +134,7 @@ def train_round(experiment: Experiment, state, plan: RoundPlan, record: RoundRec
     result = training.process.next(state, training.client_inputs(plan.completed, plan.round_num))
     record.train = to_python(result.metrics["client_work"]["train"])
     weights = experiment.weights_of(result.state)
-    if record.train.get("num_examples", 1) == 0:
+    if plan.completed and record.train.get("num_examples", 1) == 0:
         # TFF's client work sends a non-finite update as zeros with weight 0 and no metrics.
         raise TrainingDivergedError(f"training diverged at round {plan.round_num}: no client's update was finite "
                                     f"(all {len(plan.completed)} were NaN or infinite); lower the learning rates")
@@ -143,7 +144,7 @@ def train_round(experiment: Experiment, state, plan: RoundPlan, record: RoundRec
                                     f"{record.train.get('loss')}, largest global weight {largest:.3g}); "
                                     f"lower the learning rates")
     record.aggregation = mode.round(plan.round_num, result.metrics)
-    experiment.echo(format_round(plan.round_num, record.train) + mode.not_covered)
+    experiment.echo(format_round(plan.round_num, mode.released(record).train) + mode.not_covered)
     if line := mode.line(plan.round_num, record.aggregation):
         experiment.echo(line)
     return result.state, weights

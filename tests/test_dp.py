@@ -116,3 +116,15 @@ def test_a_dp_run_spends_the_accounted_epsilon_and_never_names_its_clients(tmp_p
     for path in Path(tmp_path).rglob("*"):
         if path.is_file() and path.suffix != ".png":
             assert not re.search(rb"client_\d\d", path.read_bytes()), path.relative_to(tmp_path)
+    # Nor its size: no per-round figure that counts the participants' data or time (federated evaluation,
+    # on the fixed evaluation clients, keeps its counts).
+    from helpers import metrics_rows, scalars
+
+    rows = metrics_rows(tmp_path)
+    assert rows and all(set(r["train"]) == {"loss", "sparse_categorical_accuracy"} and "seconds" not in r
+                        and set(r["participation"]) == {"sampling"} for r in rows)
+    tags = set(scalars(tmp_path))
+    assert not {t for t in tags if t.startswith(("train/", "time/")) and t not in ("train/loss",
+                                                                               "train/sparse_categorical_accuracy")}
+    assert set(summary["train"]) == {"loss", "sparse_categorical_accuracy"}
+    assert not any(re.search(r"num_examples|num_batches|skipped", line) for line in lines if line.startswith("round"))

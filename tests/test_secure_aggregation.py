@@ -85,26 +85,62 @@ def test_the_cli_refuses_them_in_one_line_with_exit_code_2(tmp_path, monkeypatch
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
 
 
-@pytest.mark.unit
-@pytest.mark.parametrize("threshold, clients, warned", [(2, 4, True), (5, 10, True), (6, 10, False),
-                                                        (2, 3, False), (4, 6, False)])
-def test_a_threshold_at_or_below_half_of_the_clients_is_warned(threshold, clients, warned):
-    warning = secagg.threshold_warning(threshold, clients)
-    assert (warning is not None) == warned
-    if warned:
-        assert "\n" not in warning and "two disjoint groups" in warning
+def split_attack(clients: int, threshold: int, target: int = 3) -> np.ndarray:
+    """A curious server's attack on a threshold of at most half the clients: it tells one group of `threshold`
+    clients that everyone survived (they send shares of the target's self-mask seed b) and a disjoint group
+    that the target dropped (they send shares of its masking key s). Each honest client answers once, yet
+    the server holds both secrets, and so the target's input. Returns what the server recovers."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+    rng = np.random.default_rng(0)
+    parties = {u: secagg.Client(u, threshold, BITS) for u in range(1, clients + 1)}
+    roster = {u: c.advertise_keys() for u, c in parties.items()}
+    shares = {u: c.share_keys(roster) for u, c in parties.items()}
+    for v, c in parties.items():
+        c.receive_shares({u: shares[u][v] for u in parties if u != v})
+    inputs = {u: rng.integers(0, 2**BITS, 16, dtype=np.uint64) for u in parties}
+    masked = {u: c.masked_input(inputs[u]) for u, c in parties.items()}
+    everyone = set(parties)
+    group_a = [target] + sorted(everyone - {target})[:threshold - 1]  # the target answers too, as a survivor
+    group_b = sorted(everyone - set(group_a))[:threshold]
+    told_alive = {v: parties[v].unmasking_response(everyone, set()) for v in group_a}
+    told_dropped = {v: parties[v].unmasking_response(everyone - {target}, {target}) for v in group_b}
+    seed = shamir.combine({v: shamir.share_from_bytes(r.self_mask_shares[target]) for v, r in told_alive.items()},
+                          threshold)
+    key = X25519PrivateKey.from_private_bytes(shamir.combine(
+        {v: shamir.share_from_bytes(r.key_shares[target]) for v, r in told_dropped.items()}, threshold))
+    recovered = secagg.unpack(masked[target], 16, BITS) - secagg.prg(seed, 16, BITS)
+    for v in everyone - {target}:
+        pairwise = secagg.prg(secagg._kdf(key.exchange(X25519PublicKey.from_public_bytes(roster[v].masking)),
+                                          b"mask"), 16, BITS)
+        recovered = recovered - pairwise if secagg._sign(target, v) > 0 else recovered + pairwise
+    np.testing.assert_array_equal(recovered & secagg.modulus_mask(BITS), inputs[target])
+    return recovered
 
 
 @pytest.mark.unit
-def test_the_run_header_prints_the_threshold_warning():
-    from fedmnist.privacy.secure import Secure
+@pytest.mark.parametrize("clients, threshold", [(10, 5), (4, 2)])
+def test_the_split_attack_recovers_one_clients_input_when_the_threshold_is_at_most_half(clients, threshold):
+    split_attack(clients, threshold)  # the protocol alone cannot stop it: the config must refuse such thresholds
 
-    low = config_lib.load(None, ["aggregation=secure", "secure.threshold=5"])
-    lines = Secure(low).header().splitlines()
-    assert len(lines) == 2 and lines[0].startswith("secure aggregation: threshold 5 of 10")
-    assert lines[1].startswith("warning: ") and "at most half of the 10 clients" in lines[1]
-    majority = config_lib.load(None, ["aggregation=secure"])
-    assert len(Secure(majority).header().splitlines()) == 1
+
+@pytest.mark.unit
+def test_the_split_attack_fails_above_half():
+    with pytest.raises(ValueError):  # two disjoint groups of 6 do not exist among 10: too few shares of one secret
+        split_attack(10, 6)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("mode", ["secure", "secure_dp"])
+@pytest.mark.parametrize("threshold, clients", [(5, 10), (2, 4), (3, 6)])
+def test_a_threshold_at_or_below_half_of_the_clients_is_refused(mode, threshold, clients):
+    with pytest.raises(config_lib.ConfigError) as refused:
+        config_lib.load(None, [f"aggregation={mode}", f"secure.threshold={threshold}", f"clients_per_round={clients}"])
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"secure.threshold: {threshold} is at most half of the "
+                                                       f"{clients} clients per round")
+    config_lib.load(None, [f"aggregation={mode}", f"secure.threshold={clients // 2 + 1}",
+                           f"clients_per_round={clients}"])  # a majority is accepted
 
 
 # --- 3. One unmasking answer per client ----------------------------------------------------------

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from fedmnist.config import Config
+    from fedmnist.outputs.records import RoundRecord
+    from fedmnist.privacy.ledger import ReleaseLedger
     from fedmnist.process import ProcessBuilder
 
 COVERS = ("the model updates only: the train metrics, participation and federated evaluation, computed on "
@@ -55,6 +57,11 @@ class AggregationMode:
         self.config = config
         self.rows: list[dict] = []
         self.num_params = 0
+        self.ledger: ReleaseLedger | None = None
+
+    def keep_releases(self, ledger: ReleaseLedger) -> None:
+        """Where the run counts noised releases (private modes count each before computing it)."""
+        self.ledger = ledger
 
     @classmethod
     def check(cls, config: Config) -> None:
@@ -89,6 +96,12 @@ class AggregationMode:
 
     def figures(self, round_num: int, metrics: Mapping) -> dict:
         return {"upload_bytes_per_client": self.float_bytes}
+
+    def released(self, record: RoundRecord) -> RoundRecord:
+        """What of a round's record may leave the server (metrics.jsonl, TensorBoard, the console): all of
+        it, unless the mode's guarantee rests on something the record would reveal. Idempotent: the loop
+        applies it before the round's line and again once the round's time is in."""
+        return record
 
     def resume(self, rows: list[dict]) -> None:
         """The aggregation figures of the rounds a resumed run has already logged, so that the summary

@@ -48,7 +48,7 @@ class RoundPlan:
 
     def report(self) -> dict:
         if self.secret:
-            return {"sampling": "poisson (secret)", "skipped": self.skipped}
+            return {"sampling": "poisson (secret)"}
         return {"available": self.available, "selected": len(self.selected),
                 "completed": len(self.completed), "dropped": len(self.selected) - len(self.completed),
                 "clock_hours": self.clock_hours, "skipped": self.skipped}
@@ -103,5 +103,8 @@ class Participation:
         selected = self.select(round_num, available)
         drops = np.random.default_rng([self.seed, 13, round_num]).random(len(selected)) < self.cfg.dropout
         completed = [cid for cid, dropped in zip(selected, drops) if not dropped]
+        secret = self.secret_rate is not None
+        # A secret sample is never skipped: an empty one still releases the mechanism's noise, as the
+        # accounting assumes, and a skip would tell who took part (none).
         return RoundPlan(round_num, self.clock_hours(round_num), len(available), selected, completed,
-                         skipped=len(completed) < self.cfg.min_clients, secret=self.secret_rate is not None)
+                         skipped=not secret and len(completed) < self.cfg.min_clients, secret=secret)

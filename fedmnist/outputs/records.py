@@ -34,7 +34,7 @@ class RoundRecord:
     aggregation: dict | None = None
     eval: dict[str, dict] | None = None
     learning_rate: dict | None = None
-    seconds: float = 0.0
+    seconds: float | None = None  # None: not released (it would tell a secret sample's size)
     events: list[dict] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> dict:
@@ -64,7 +64,7 @@ class RoundRecord:
         scalars = {name: value for name, value in sections.items() if value}
         if self.events:
             scalars["runtime"] = {"worker_restarts": sum(e.get("event") == "worker_restarted" for e in self.events)}
-        return scalars | {"time": {"round_seconds": self.seconds}}
+        return scalars | ({} if self.seconds is None else {"time": {"round_seconds": self.seconds}})
 
 
 def accuracy_key(metrics: Mapping) -> str:

@@ -13,6 +13,7 @@ from fedmnist.errors import ConfigError
 from fedmnist.schema import setting
 
 if TYPE_CHECKING:
+    from fedmnist.outputs.records import RoundRecord
     from fedmnist.process import ProcessBuilder
 
 
@@ -24,6 +25,17 @@ class DPConfig:
     # false: secret Poisson sampling (q = clients_per_round / num_clients), no client ids logged;
     # true: the seeded sample with ids logged, accounted with q = 1 (a public sample amplifies nothing)
     public_sample: bool = False
+
+
+def replayed(round_num: int, row: Mapping) -> str:
+    """A note when more noised releases than rounds were made (rounds played again after a resume or a
+    worker restart): epsilon counts them all."""
+    extra = row["releases"] - round_num
+    return f"; {row['releases']} releases, {extra} of them rounds played again" if extra > 0 else ""
+
+
+# Train metrics that count the round's participants' data.
+SAMPLE_SIZE_METRICS = ("num_examples", "num_batches")
 
 
 class CentralDp(AggregationMode):
@@ -53,6 +65,17 @@ class CentralDp(AggregationMode):
             return None
         return min(1.0, self.config.clients_per_round / num_clients)
 
+    def released(self, record: RoundRecord) -> RoundRecord:
+        """With the secret sample, no per-round figure that counts the sample: amplification by sampling
+        assumes nobody learns who, or how many, took part. The train metrics lose their example and batch
+        counts and the round its duration; the totals of the run are kept."""
+        if self.config.dp.public_sample:
+            return record
+        if record.train:
+            record.train = {k: v for k, v in record.train.items() if k not in SAMPLE_SIZE_METRICS}
+        record.seconds = None
+        return record
+
     def build_training(self, builder: ProcessBuilder) -> Training:
         import tensorflow_federated as tff
 
@@ -64,10 +87,15 @@ class CentralDp(AggregationMode):
         # No zeroing: its norm estimate is not private and would spend budget nobody accounts for.
         aggregator = tff.learning.dp_aggregator(self.config.dp.noise_multiplier, self.config.clients_per_round,
                                                 zeroing=False)
-        return Training(builder.learning_process(aggregator, weighted=False), builder.client_inputs())
+        # TFF adds the noise inside `next`: the release is counted before every call (`begin_round`).
+        return Training(builder.learning_process(aggregator, weighted=False), builder.client_inputs(),
+                        begin_round=self.ledger.record)
+
+    def releases(self) -> int:
+        return self.ledger.count()
 
     def epsilon(self, rounds: int) -> float:
-        """The privacy spent by `rounds` rounds (skipped ones included, conservatively)."""
+        """The privacy spent by `rounds` noised releases (rounds played again included)."""
         from fedmnist.privacy.accounting import dp_epsilon
 
         return dp_epsilon(self.config.dp.noise_multiplier, self.sampling, rounds, self.delta)
@@ -80,16 +108,17 @@ class CentralDp(AggregationMode):
     def figures(self, round_num: int, metrics: Mapping) -> dict:
         from fedmnist.values import to_python
 
-        return {"epsilon": self.epsilon(round_num), "delta": self.delta, "sampling": self.sampling.kind,
+        return {"epsilon": self.epsilon(self.releases()), "releases": self.releases(), "delta": self.delta,
+                "sampling": self.sampling.kind,
                 "sampling_rate": self.sampling.rate, "upload_bytes_per_client": self.float_bytes,
                 "clip": to_python(metrics["aggregator"]["dp_query_metrics"]["clip"])}
 
     def line(self, round_num: int, row: Mapping) -> str:
         return (f"round {round_num:2d}, privacy spent: epsilon {row['epsilon']:.3f} at delta {row['delta']:.3g} "
-                f"({self.sampling.describe()}; adaptive clip norm {row['clip']:.3g})")
+                f"({self.sampling.describe()}; adaptive clip norm {row['clip']:.3g}){replayed(round_num, row)}")
 
     def summary(self) -> dict:
         return super().summary() | {
-            "epsilon": self.epsilon(self.config.rounds), "delta": self.delta,
+            "epsilon": self.epsilon(self.releases()), "releases": self.releases(), "delta": self.delta,
             "noise_multiplier": self.config.dp.noise_multiplier, "sampling": self.sampling.kind,
             "sampling_rate": self.sampling.rate, "covers": COVERS}

@@ -201,9 +201,13 @@ class DistributedDpEncoder:
         self.bits, self.length = params.bits, params.padded_dim
         self.float32_bytes = 4 * params.dim  # what TFF's unweighted float32 mean would send
         self._signs = rotation_signs(seed, 0, params.padded_dim)
+        # The simulation's own bookkeeping, not the server's: the round's inputs summed before the modulus, so
+        # that it can report how many coordinates of the sum wrapped around (which the server cannot see).
+        self._unreduced: np.ndarray | None = None
 
     def begin_round(self, round_num: int) -> None:
         self._signs = rotation_signs(self.seed, round_num, self.params.padded_dim)
+        self._unreduced = None
 
     def quantize(self, update: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Clipped, rotated, scaled and randomly rounded: integers of L2 norm at most `l2_sensitivity`."""
@@ -229,12 +233,17 @@ class DistributedDpEncoder:
         """The client's input to the secure sum: quantized update plus noise, modulo 2^bits."""
         del weight  # uniform weighting
         noised = self.quantize(update, rng) + self.noise(rng)
+        self._unreduced = noised if self._unreduced is None else self._unreduced + noised
         return noised.view(np.uint64) & secagg.modulus_mask(self.bits)
 
     def decode(self, total: np.ndarray, senders: int) -> tuple[np.ndarray, dict]:
         """The mean update from the unmasked sum modulo 2^bits of `senders` clients' inputs."""
-        signed = secagg.to_signed(total, self.bits).astype(np.float64) / self.params.scale
+        signed_sum = secagg.to_signed(total, self.bits)
+        wrapped = int(np.count_nonzero(signed_sum != self._unreduced)) if self._unreduced is not None else 0
+        self._unreduced = None
+        signed = signed_sum.astype(np.float64) / self.params.scale
         mean = (self._signs * hadamard(signed))[:self.params.dim] / self.params.clients_per_round
         return mean, {"senders": senders, "quantization_step": 1.0 / self.params.scale,
-                      "noise_stddev": math.sqrt(senders) * self.params.local_stddev}
+                      "noise_stddev": math.sqrt(senders) * self.params.local_stddev,
+                      "wrapped_coordinates": wrapped}
 

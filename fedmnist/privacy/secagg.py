@@ -19,8 +19,9 @@ version are left out). Each client u holds a vector x_u of integers modulo 2^k a
 
 Clients may drop before sending y (their pairwise masks are removed with their reconstructed s key)
 or after sending it but before unmasking (their y stays in the sum; their b is rebuilt from others'
-shares). The threshold t must be at least 2 (with t = 1 a single share is the secret) and should be
-more than half the clients: otherwise two disjoint groups of t can each unmask a sum.
+shares). The threshold t must be at least 2 (with t = 1 a single share is the secret) and more than half the
+clients: otherwise the server can tell one group of t "u survived" and a disjoint group "u dropped" and,
+each client answering once, collect both of u's secrets (`fedmnist.privacy.secure` refuses such thresholds).
 
 The server's whole part is `server_aggregate(view)`: `ServerView` holds every message the server
 received in a round, nothing else, so tests can inspect exactly what it learns. `run_protocol`
@@ -72,15 +73,6 @@ def check_bits(bits: int) -> None:
     """ValueError unless 2 <= bits <= 64: a signed value needs a sign bit and at least one more."""
     if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not 2 <= bits <= MAX_BITS:
         raise ValueError(f"bits must be an integer from 2 to {MAX_BITS}, got {bits!r}")
-
-
-def threshold_warning(threshold: int, num_clients: int) -> str | None:
-    """A warning when t <= K/2: two disjoint groups of t clients could then each unmask a sum, so a
-    server that tells each group a different survivor list can learn more than the round's sum."""
-    if 2 * threshold > num_clients:
-        return None
-    return (f"warning: secure aggregation threshold {threshold} is at most half of the {num_clients} clients "
-            f"per round: two disjoint groups of {threshold} can each unmask a sum; use more than {num_clients // 2}")
 
 
 def modulus_mask(bits: int) -> np.uint64:

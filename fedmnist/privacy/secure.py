@@ -59,6 +59,12 @@ class Masked(AggregationMode):
         if secure_threshold(config) > config.clients_per_round:
             raise ConfigError(f"secure.threshold: {secure.threshold} is more than the "
                               f"{config.clients_per_round} clients per round")
+        if 2 * secure_threshold(config) <= config.clients_per_round:
+            # Two disjoint groups of t clients then exist: a server that tells one "u survived" and the other
+            # "u dropped" gets both of u's secrets and unmasks u's input alone (tests/test_secure_aggregation.py).
+            raise ConfigError(f"secure.threshold: {secure.threshold} is at most half of the {config.clients_per_round} "
+                              f"clients per round, which lets the server unmask one client's update; use more than "
+                              f"{config.clients_per_round // 2} (null = a majority)")
 
     @property
     def threshold(self) -> int:
@@ -69,25 +75,21 @@ class Masked(AggregationMode):
         return (f"threshold {self.threshold} of {self.config.clients_per_round}, dropout {secure.dropout:g} "
                 f"(after input {secure.dropout_after_input:g})")
 
-    def warnings(self) -> list[str]:
-        warning = secagg.threshold_warning(self.threshold, self.config.clients_per_round)
-        return [warning] if warning else []
-
     def figures(self, round_num: int, metrics: Mapping) -> dict:
         row = to_python(metrics["aggregator"]["secure"])
         row["upload_bytes_per_client"] = row.get("bytes_per_client", float("nan"))
         return row
 
-    def spent(self, row: Mapping) -> str:
+    def spent(self, round_num: int, row: Mapping) -> str:
         """What the round's line says of the privacy spent (nothing without a DP guarantee)."""
         return ""
 
     def line(self, round_num: int, row: Mapping) -> str:
         if row["failed"]:
-            return f"round {round_num:2d}, {row['error']}{self.spent(row)}"
+            return f"round {round_num:2d}, {row['error']}{self.spent(round_num, row)}"
         return (f"round {round_num:2d}, secure sum of {row['clients'] - row['dropped']} of {row['clients']} "
                 f"clients ({row['dropped']} dropped), {row['bytes_per_client']:,.0f} bytes sent per client "
-                f"({row['extra_bytes_per_client']:+,.0f} over float32){self.spent(row)}")
+                f"({row['extra_bytes_per_client']:+,.0f} over float32){self.spent(round_num, row)}")
 
     def summary(self) -> dict:
         return super().summary() | {"failed_rounds": sum(r["failed"] for r in self.rows),
@@ -122,7 +124,7 @@ class Secure(Masked):
     def header(self) -> str:
         secure = self.config.secure
         line = f"secure aggregation: {self.roster()}, {secure.bits}-bit inputs, clip {secure.clip:g}"
-        return "\n".join([line, *self.warnings()])
+        return line
 
 
 def check_secure_precision(secure: SecureConfig, clients_per_round: int, max_weight: int, fix: str,

@@ -10,6 +10,7 @@ from typing import Literal, Optional, TYPE_CHECKING
 
 from fedmnist.aggregation.base import COVERS, Training
 from fedmnist.errors import ConfigError
+from fedmnist.privacy.central_dp import replayed
 from fedmnist.privacy.secure import Masked
 from fedmnist.schema import setting
 
@@ -31,7 +32,9 @@ class SecureDpConfig:
     # The secure sum is modulo 2^bits. At most 32: values are handled in float64 and int64, and a larger
     # modulus would let the noise outgrow numpy's Poisson sampler.
     bits: int = setting(16, minimum=2, maximum=32)    # the protocol masks in at least 2 bits
-    modclip_prob: float = setting(1e-4, above=0, below=1)  # target chance of the sum wrapping (sizes the scale)
+    # The target probability that one coordinate of the sum wraps around (sizes the scale, as TFF's); with
+    # thousands of coordinates some wrap in many rounds: each round reports `wrapped_coordinates`.
+    modclip_prob: float = setting(1e-4, above=0, below=1)
     delta: Optional[float] = setting(None, above=0, below=1)  # null = 0.01 / num_clients
 
 
@@ -74,10 +77,15 @@ class SecureDp(Masked):
     def build_training(self, builder: ProcessBuilder) -> Training:
         from fedmnist.privacy.secure_process import SecureDpFedAvg
 
-        process = SecureDpFedAvg(builder, self.config.secure, self.ddp, self.config.seed)
+        process = SecureDpFedAvg(builder, self.config.secure, self.ddp, self.config.seed,
+                                 before_unmask=self.ledger.record)
         return Training(process, builder.client_inputs(), process.begin_round)
 
+    def releases(self) -> int:
+        return self.ledger.count()
+
     def epsilon(self, rounds: int) -> float:
+        """The privacy spent by `rounds` unmasked noised sums (rounds played again included)."""
         from fedmnist.privacy.distributed_accounting import ddp_epsilon
 
         return ddp_epsilon(self.ddp, rounds, self.delta)
@@ -89,16 +97,18 @@ class SecureDp(Masked):
                 f"clip {p.clip:g}, local noise stddev {p.local_stddev:.3g} per client (any {p.threshold} survivors "
                 f"add the central noise), {p.bits}-bit sum, scale {p.scale:.4g}, {p.padded_dim} rotated coordinates, "
                 f"{self.roster()}, {SECURE_DP_SAMPLING}, delta {self.delta:.3g}")
-        return "\n".join([line, *self.warnings(), *([self.delta_warning] if self.delta_warning else [])])
+        return "\n".join([line, *([self.delta_warning] if self.delta_warning else [])])
 
     def figures(self, round_num: int, metrics: Mapping) -> dict:
-        return super().figures(round_num, metrics) | {"epsilon": self.epsilon(round_num), "delta": self.delta,
+        return super().figures(round_num, metrics) | {"epsilon": self.epsilon(self.releases()),
+                                                      "releases": self.releases(), "delta": self.delta,
                                                       "sampling": SECURE_DP_SAMPLING}
 
-    def spent(self, row: Mapping) -> str:
-        return f"; privacy spent: epsilon {row['epsilon']:.3f} at delta {row['delta']:.3g}"
+    def spent(self, round_num: int, row: Mapping) -> str:
+        return f"; privacy spent: epsilon {row['epsilon']:.3f} at delta {row['delta']:.3g}" + replayed(round_num, row)
 
     def summary(self) -> dict:
         return super().summary() | self.ddp.summary() | {
-            "epsilon": self.epsilon(self.config.rounds), "delta": self.delta, "sampling": SECURE_DP_SAMPLING,
+            "epsilon": self.epsilon(self.releases()), "releases": self.releases(), "delta": self.delta,
+            "sampling": SECURE_DP_SAMPLING,
             "sampling_rate": 1.0, "covers": COVERS}

@@ -95,9 +95,13 @@ class MaskedFedAvg:
     clients mask and how the server reads the unmasked sum."""
 
     def __init__(self, builder: ProcessBuilder, settings: SecureConfig, threshold: int, clients_per_round: int,
-                 encoder: UpdateEncoder, seed: int = 0, entropy: Callable[[int], bytes] = os.urandom):
+                 encoder: UpdateEncoder, seed: int = 0, entropy: Callable[[int], bytes] = os.urandom,
+                 before_unmask: Callable[[int], object] = lambda round_num: None):
         """`builder`: the algorithm on the client input; `settings`: the protocol's simulated dropouts;
-        `encoder.bits` is its modulus."""
+        `encoder.bits` is its modulus; `before_unmask(round)` is called before each run of the protocol
+        (distributed DP counts its releases there)."""
+        self.before_unmask = before_unmask
+        self.round_num = 0
         secagg.check_bits(encoder.bits)
         self.settings, self.threshold, self.entropy, self.encoder = settings, threshold, entropy, encoder
         self.clients_per_round = clients_per_round
@@ -150,6 +154,7 @@ class MaskedFedAvg:
         drops the same clients."""
         self._dropouts = np.random.default_rng([self.seed, 2017, round_num])
         self.encoder.begin_round(round_num)
+        self.round_num = round_num
 
     def next(self, state, client_data: Sequence[tf.data.Dataset]) -> tff.learning.templates.LearningProcessOutput:
         client_data = list(client_data)
@@ -164,6 +169,7 @@ class MaskedFedAvg:
         updates, weights, client_metrics = self._train(state, [client_data[u - 1] for u in online],
                                                        len(client_data))
         inputs = self._inputs(numbers, online, updates, weights)
+        self.before_unmask(self.round_num)
         try:
             total, self.last_view = secagg.run_protocol(inputs, self.threshold, self.encoder.bits, dropped,
                                                         self.entropy, dropped_after_input=late)
@@ -237,13 +243,14 @@ class SecureDpFedAvg(MaskedFedAvg):
     """Unweighted FedAvg with distributed DP under secure aggregation (`aggregation: secure_dp`)."""
 
     def __init__(self, builder: ProcessBuilder, settings: SecureConfig, params: DdpParameters, seed: int = 0,
-                 entropy: Callable[[int], bytes] = os.urandom):
+                 entropy: Callable[[int], bytes] = os.urandom,
+                 before_unmask: Callable[[int], object] = lambda round_num: None):
         """`params`: `distributed_dp.ddp_parameters` for this model; `settings`: the dropouts."""
         if params.dim != builder.num_params:
             raise ValueError(f"the parameters are for {params.dim} weights, the model has {builder.num_params}")
         self.params = params
         super().__init__(builder, settings, params.threshold, params.clients_per_round,
-                         DistributedDpEncoder(params, seed), seed, entropy)
+                         DistributedDpEncoder(params, seed), seed, entropy, before_unmask)
 
 
 def _flatten(update) -> np.ndarray:

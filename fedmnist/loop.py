@@ -63,8 +63,8 @@ def run(experiment: Experiment, hooks: Hooks | None = None) -> dict:
         except (WorkerFailedError, TrainingDivergedError) as error:
             error.saved_round = experiment.save_for_stop(state, round_num - 1)
             raise
-        record.seconds = time.perf_counter() - round_started
-        record = experiment.mode.released(record)
+        if experiment.mode.round_time_public:
+            record.seconds = time.perf_counter() - round_started
         last_train = record.train or last_train
         experiment.outputs.release(record, state, weights)
         hooks.round_done(record)
@@ -144,7 +144,8 @@ def train_round(experiment: Experiment, state, plan: RoundPlan, record: RoundRec
                                     f"{record.train.get('loss')}, largest global weight {largest:.3g}); "
                                     f"lower the learning rates")
     record.aggregation = mode.round(plan.round_num, result.metrics)
-    experiment.echo(format_round(plan.round_num, mode.released(record).train) + mode.not_covered)
+    record.train = mode.released_train(record.train)
+    experiment.echo(format_round(plan.round_num, record.train) + mode.not_covered)
     if line := mode.line(plan.round_num, record.aggregation):
         experiment.echo(line)
     return result.state, weights

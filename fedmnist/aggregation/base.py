@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from fedmnist.config import Config
-    from fedmnist.outputs.records import RoundRecord
     from fedmnist.privacy.ledger import ReleaseLedger
     from fedmnist.process import ProcessBuilder
 
@@ -97,11 +96,14 @@ class AggregationMode:
     def figures(self, round_num: int, metrics: Mapping) -> dict:
         return {"upload_bytes_per_client": self.float_bytes}
 
-    def released(self, record: RoundRecord) -> RoundRecord:
-        """What of a round's record may leave the server (metrics.jsonl, TensorBoard, the console): all of
-        it, unless the mode's guarantee rests on something the record would reveal. Idempotent: the loop
-        applies it before the round's line and again once the round's time is in."""
-        return record
+    # Whether a round's duration may be released (metrics.jsonl, TensorBoard): not when it would tell how
+    # many clients a secret sample held.
+    round_time_public: ClassVar[bool] = True
+
+    def released_train(self, train: dict) -> dict:
+        """What of a round's local-training metrics may leave the server (metrics.jsonl, TensorBoard, the
+        console): all of them, unless the mode's guarantee rests on something they would reveal."""
+        return train
 
     def resume(self, rows: list[dict]) -> None:
         """The aggregation figures of the rounds a resumed run has already logged, so that the summary

@@ -13,7 +13,6 @@ from fedmnist.errors import ConfigError
 from fedmnist.schema import setting
 
 if TYPE_CHECKING:
-    from fedmnist.outputs.records import RoundRecord
     from fedmnist.process import ProcessBuilder
 
 
@@ -65,16 +64,17 @@ class CentralDp(AggregationMode):
             return None
         return min(1.0, self.config.clients_per_round / num_clients)
 
-    def released(self, record: RoundRecord) -> RoundRecord:
-        """With the secret sample, no per-round figure that counts the sample: amplification by sampling
-        assumes nobody learns who, or how many, took part. The train metrics lose their example and batch
-        counts and the round its duration; the totals of the run are kept."""
+    def released_train(self, train: dict) -> dict:
+        """With the secret sample, no figure that counts the round's sample: amplification by sampling
+        assumes nobody learns who, or how many, took part. The example and batch counts go (and the round's
+        duration, `round_time_public`); the run's totals are kept."""
         if self.config.dp.public_sample:
-            return record
-        if record.train:
-            record.train = {k: v for k, v in record.train.items() if k not in SAMPLE_SIZE_METRICS}
-        record.seconds = None
-        return record
+            return train
+        return {key: value for key, value in train.items() if key not in SAMPLE_SIZE_METRICS}
+
+    @property
+    def round_time_public(self) -> bool:
+        return self.config.dp.public_sample
 
     def build_training(self, builder: ProcessBuilder) -> Training:
         import tensorflow_federated as tff

@@ -232,9 +232,9 @@ def train_and_serve(args: argparse.Namespace, config: config_lib.Config, run_dir
         print(f"TensorBoard: {server.url}", flush=True)
     try:
         loop.train(config, run_dir, progress=not args.quiet, resume=bool(args.resume), stop_requested=stop)
-        if server is not None:
-            stop.restore_defaults()  # training is over: Ctrl-C now just stops TensorBoard
-            dashboard.serve_until_interrupted(server.wait_ready())
+        stop.restore_defaults()  # training is over: Ctrl-C now just stops TensorBoard
+        if server is not None and not stop():  # a Ctrl-C while the run was finishing means: done, do not serve
+            dashboard.serve_until_interrupted(server.wait_ready(), echo=lambda line: print(line, flush=True))
     finally:
         if server is not None:
             server.stop()

@@ -116,36 +116,43 @@ def test_the_resume_commands_finish_then_extend_a_run(workspace):
     assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 50
 
 
-def serve_until(command: list[str], cwd: Path, ready: str) -> str:
-    """Starts a command that serves until interrupted, waits for a stdout or stderr line containing `ready`,
-    then sends SIGINT (Ctrl-C) and returns everything it printed."""
+def serve_until(command: list[str], cwd: Path, ready) -> str:
+    """Starts a command that serves until interrupted, waits until `ready(output so far)` holds, then sends
+    SIGINT (Ctrl-C), as a terminal does, and returns everything the command printed."""
+    import threading
+
     process = subprocess.Popen(command, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
-    try:
-        def seen() -> bool:
-            line = process.stdout.readline()
-            lines.append(line)
-            return ready in line or process.poll() is not None
 
-        wait_for(seen, f"{' '.join(command)}: {ready!r}", progress=tree_progress(process.pid), stall=300, poll=0)
-        assert any(ready in line for line in lines), "".join(lines)
+    def read() -> None:
+        for line in process.stdout:
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: ready("".join(lines)) or process.poll() is not None, " ".join(command),
+                 progress=tree_progress(process.pid), stall=300)
+        assert process.poll() is None, "".join(lines)
         process.send_signal(signal.SIGINT)
         wait_process(process, " ".join(command))
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
-    return "".join(lines) + process.stdout.read()
+        reader.join(timeout=60)
+    return "".join(lines)
 
 
 def test_the_tensorboard_commands_serve(workspace):
     command = f"{TRAIN} --tensorboard"
     output = serve_until([sys.executable, "-m", "fedmnist.train", *arguments(command), *HOW[command][1], "--quiet"],
-                         workspace, "final: ")
-    assert "TensorBoard: http://127.0.0.1:" in output
+                         workspace, lambda printed: "TensorBoard is serving the run at http://127.0.0.1:" in printed)
+    assert "run directory: runs/" in output and finished_runs(workspace)
     output = serve_until([sys.executable, "-m", "tensorboard.main", "--logdir", "runs"], workspace,
-                         "TensorBoard 2.14.1 at http://")
+                         lambda printed: re.search(r"TensorBoard \S+ at http://", printed))
+    assert "Press CTRL+C to quit" in output
 
 
 def test_the_report_command_reports_every_run(workspace):
@@ -174,7 +181,8 @@ def test_the_notebook_command_starts_jupyter_lab():
     # As printed, from the repository's root, plus what keeps a test's server to itself: no browser, a free
     # port on loopback.
     output = serve_until([uv, "run", "--with", "jupyterlab", "jupyter", "lab", "notebooks/", "--no-browser",
-                          "--ServerApp.port=0", "--ServerApp.ip=127.0.0.1"], ROOT, "is running at:")
+                          "--ServerApp.port=0", "--ServerApp.ip=127.0.0.1"], ROOT,
+                         lambda printed: "is running at:" in printed and "http://127.0.0.1:" in printed)
     assert "http://127.0.0.1:" in output
 
 

@@ -47,7 +47,7 @@ CASES = [
     (["--set", "data.dirichlet_alpha=0"], "data.dirichlet_alpha: must be greater than 0"),
     (["--set", "rounds=1.5"], "rounds: expected an integer, got 1.5"),
     (["--set", "eval_every=-1"], "eval_every: must be at least 0"),
-    (["--model", "resnet"], "model: 'resnet' is not one of 'linear', 'cnn'"),
+    (["--model", "resnet"], "model: 'resnet' is not linear, cnn, 2nn or module:function"),
     (["--dataset", "imagenet"], "data.dataset: 'imagenet' is not one of"),
     (["--set", "rounds"], "expected key=value"),
     (["--config", "missing.yaml"], "config file missing.yaml does not exist"),

@@ -50,7 +50,7 @@ def test_overrides_reach_nested_keys_and_parse_yaml_values():
     (["client_optimizer.learning_rate=0"], "client_optimizer.learning_rate: must be greater than 0"),
     (["client_optimizer.learning_rate=.nan"], "expected a finite number"),
     (["client_optimizer.learning_rate=fast"], "client_optimizer.learning_rate: expected a number, got 'fast'"),
-    (["model=resnet"], "model: 'resnet' is not one of 'linear', 'cnn'"),
+    (["model=resnet"], "model: 'resnet' is not linear, cnn, 2nn or module:function"),
     (["data.dirichlet_alpha=-1"], "data.dirichlet_alpha: must be greater than 0"),
     (["data.dataset=digits", "clients_per_round=30"], "clients_per_round: 30 is more than the 20 clients"),
     (["data=3"], "data: expected a mapping"),

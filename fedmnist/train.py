@@ -82,6 +82,15 @@ def make_run_dir(requested: Path | None, name: str) -> tuple[Path, bool]:
     return requested, not existed
 
 
+def prepare_run_dir(requested: Path | None, name: str, overwrite: bool) -> Path:
+    """A new, empty run directory, for notebooks and scripts that write a run themselves (the command also
+    locks it while it trains): an existing run in it is replaced only with `overwrite`."""
+    run_dir, _ = make_run_dir(requested, name)
+    if check_new_run_dir(run_dir, overwrite):
+        run_directory.clear(run_dir)
+    return run_dir
+
+
 def check_new_run_dir(run_dir: Path, overwrite: bool) -> bool:
     """Whether `run_dir` holds something (its lock aside) that a new run must clear; an existing run in it
     is replaced only with --overwrite, and only when it looks like a fedmnist run. Checked before the lock

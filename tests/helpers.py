@@ -23,6 +23,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+# A printed resume command starts with `uv run ` when the command ran under uv (as the suite does under
+# `uv run pytest`): it must work as printed where it was run.
+THROUGH_UV = "uv run " if os.environ.get("UV") else ""
 
 LOOPBACK_IPS = {"127.0.0.1", "::ffff:127.0.0.1"}  # the second: 127.0.0.1 on a dual-stack socket
 WILDCARD_IPS = {"0.0.0.0", "::"}

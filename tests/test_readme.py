@@ -10,6 +10,7 @@ front is what `.ci/run` itself runs); the others as subprocesses. Commands that 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -180,8 +181,9 @@ def test_the_notebook_command_starts_jupyter_lab():
         pytest.skip("uv is not on this test's PATH (run the suite with `uv run pytest`)")
     # As printed, from the repository's root, plus what keeps a test's server to itself: no browser, a free
     # port on loopback.
+    as_root = ["--allow-root"] if os.geteuid() == 0 else []  # CI runs as root, which Jupyter refuses unasked
     output = serve_until([uv, "run", "--with", "jupyterlab", "jupyter", "lab", "notebooks/", "--no-browser",
-                          "--ServerApp.port=0", "--ServerApp.ip=127.0.0.1"], ROOT,
+                          "--ServerApp.port=0", "--ServerApp.ip=127.0.0.1", *as_root], ROOT,
                          lambda printed: "is running at:" in printed and "http://127.0.0.1:" in printed)
     assert "http://127.0.0.1:" in output
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from helpers import (ROOT, Background, final_weights, metrics_rows, process_alive, quiet_train, scalars, start_cli, train_main,
+from helpers import (ROOT, THROUGH_UV, Background, final_weights, metrics_rows, process_alive, quiet_train, scalars, start_cli, train_main,
                      tree_progress, wait_for, wait_gone, wait_process, worker_pid)
 
 ROUNDS = 6
@@ -125,7 +125,7 @@ def test_interrupt_keeps_state_and_says_how_to_resume(reference, interrupted_run
     stopped = interrupted_run
     run_dir, err = stopped.run_dir, stopped.stderr
     assert stopped.returncode == 130
-    assert f"resume with: python -m fedmnist.train --resume {run_dir}" in err.strip().splitlines()[-1]
+    assert f"resume with: {THROUGH_UV}python -m fedmnist.train --resume {run_dir}" in err.strip().splitlines()[-1]
     assert "Traceback" not in err
     assert stopped.worker_alive_before_stop and not process_alive(stopped.worker)
     saved = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("round_*"))

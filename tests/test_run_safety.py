@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import (ROOT, metrics_rows, run_cli, start_cli, train_main, tree_progress, wait_for,
+from helpers import (ROOT, THROUGH_UV, metrics_rows, run_cli, start_cli, train_main, tree_progress, wait_for,
                      wait_process, write_emnist_sqlite)
 
 FAST = ["--dataset", "digits", "--quiet", "--set", "histogram_every=0"]
@@ -157,8 +157,7 @@ def test_sighup_stops_like_sigterm_with_a_checkpoint_and_a_resume_hint(tmp_path)
     assert code == 130, err
     assert "SIGHUP: stopping after the current round" in err
     saved = rounds_of(run_dir)[-1]
-    through_uv = "uv run " if os.environ.get("UV") else ""  # the hint is a command that works where it runs
-    assert f"interrupted after round {saved}; resume with: {through_uv}python -m fedmnist.train --resume {run_dir}" in err
+    assert f"interrupted after round {saved}; resume with: {THROUGH_UV}python -m fedmnist.train --resume {run_dir}" in err
     assert (run_dir / "checkpoints" / f"round_{saved}").is_dir()
 
 

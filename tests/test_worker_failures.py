@@ -25,7 +25,7 @@ import pytest
 from fedmnist import config as config_lib
 from fedmnist import loop, runtime
 from fedmnist.outputs.metrics_log import MetricsLog
-from helpers import (ROOT, Background, final_weights, process_alive, scalars, start_cli, train_main, tree_progress,
+from helpers import (ROOT, THROUGH_UV, Background, final_weights, process_alive, scalars, start_cli, train_main, tree_progress,
                      wait_for, wait_gone, wait_process)
 
 ROUNDS = 6
@@ -245,7 +245,7 @@ def test_killed_again_after_every_restart_the_cli_stops_with_one_line_and_resume
     assert len(error_lines) == 1 and "Traceback" not in err, err
     assert error_lines[0].startswith("error: worker 1 at 127.0.0.1:")
     assert re.search(r"died \(signal 9\) during round [23], after 1 restart \(worker_retries\)", error_lines[0])
-    assert f"resume with: python -m fedmnist.train --resume {run_dir}" in error_lines[0]
+    assert f"resume with: {THROUGH_UV}python -m fedmnist.train --resume {run_dir}" in error_lines[0]
     assert re.search(r"the state after round [12] is saved", error_lines[0])
     assert (run_dir / "checkpoints" / "round_1").is_dir()
     wait_gone(killed_twice.workers, "the CLI's workers")
@@ -265,7 +265,7 @@ def test_a_stopped_worker_is_lost_after_the_timeout_and_not_left_behind(timed_ou
 def test_ctrl_c_while_the_worker_is_stuck_exits_at_once_with_the_resume_hint(interrupted):
     assert interrupted.returncode == 130, interrupted.stderr
     assert "the round cannot finish, its worker does not answer" in interrupted.stderr
-    assert f"resume with: python -m fedmnist.train --resume {interrupted.run_dir}" in interrupted.stderr
+    assert f"resume with: {THROUGH_UV}python -m fedmnist.train --resume {interrupted.run_dir}" in interrupted.stderr
 
 
 def test_an_unreachable_workers_entry_fails_within_the_deadline_with_one_line(tmp_path):

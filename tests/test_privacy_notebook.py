@@ -37,7 +37,9 @@ def test_notebook_trains_all_five_modes_and_prints_the_table(executed):
     for mode, (test_acc, train_acc, epsilon, upload, seconds) in rows.items():
         assert 0.0 <= float(test_acc) <= 1.0 and 0.0 <= float(train_acc) <= 1.0
         assert (epsilon != "-") == (mode in ("dp", "secure_dp"))
-        assert int(upload.replace(",", "")) > 0 and float(seconds) > 0
+        assert int(upload.replace(",", "")) > 0
+        # dp's secret sample releases no round time (it would tell the sample's size): its cell says nan.
+        assert float(seconds) > 0 if mode != "dp" else seconds == "nan"
     uploads = {mode: int(row[3].replace(",", "")) for mode, row in rows.items()}
     assert uploads["compressed"] < uploads["plain"] < uploads["secure"]
     assert uploads["secure_dp"] < uploads["plain"]  # 16-bit coordinates, with the protocol's messages

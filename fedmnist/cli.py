@@ -1,17 +1,61 @@
-"""What every fedmnist command shares: one-line usage errors (exit 2) instead of argparse's two."""
+"""What every fedmnist command shares: one-line usage errors (exit 2) instead of argparse's two, with a
+"did you mean" for a mistyped option, and usage lines that name the command as the user typed it."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
+from collections.abc import Iterator
 
 from fedmnist.errors import UsageError
 
+_UNRECOGNIZED = "unrecognized arguments: "
+_program: str | None = None  # "fedmnist train" while the `fedmnist` command runs `train`
+
 
 class ArgumentParser(argparse.ArgumentParser):
-    """Raises `UsageError` instead of printing the usage block and exiting."""
+    """Raises `UsageError` instead of printing the usage block and exiting. Its `prog` is the command as the
+    user typed it: `python -m fedmnist.train`, or `fedmnist train` when the `fedmnist` command runs it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if _program is not None:
+            self.prog = _program
 
     def error(self, message: str) -> None:
-        raise UsageError(f"{message} (see --help)")
+        raise UsageError(f"{message}{self._did_you_mean(message)} (see --help)")
+
+    def _did_you_mean(self, message: str) -> str:
+        """` (did you mean --clients-per-round?)` for `--clients_per_round` or another near miss."""
+        if not message.startswith(_UNRECOGNIZED):
+            return ""
+        options = sorted(option for option in self._option_string_actions if option.startswith("--"))
+        hints = {}
+        for word in message[len(_UNRECOGNIZED):].split():
+            name = word.split("=", 1)[0]
+            if not name.startswith("--"):
+                continue
+            spelled = "--" + name[2:].replace("_", "-").lower()
+            close = ([spelled] if spelled in options
+                     else difflib.get_close_matches(spelled, options, n=1, cutoff=0.75))
+            if close:
+                hints[name] = close[0]
+        if len(hints) == 1:
+            return f" (did you mean {next(iter(hints.values()))}?)"
+        return (" (did you mean " + ", ".join(f"{right} for {wrong}" for wrong, right in hints.items()) + "?)"
+                if hints else "")
+
+
+@contextlib.contextmanager
+def program(name: str) -> Iterator[None]:
+    """Parsers made inside name their command `name` (e.g. "fedmnist train") in usage and help."""
+    global _program
+    saved, _program = _program, name
+    try:
+        yield
+    finally:
+        _program = saved
 
 
 COMMANDS = {
@@ -41,9 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     name, args = argv[0], argv[1:]
     module = importlib.import_module(COMMANDS[name][0])
-    if name == "describe":
-        args = ["describe", *args]
-    code = module.main(args)
+    with program(f"fedmnist {name}"):
+        code = module.main(args)
     if name == "train":
         module.exit_now(code)
     return code

@@ -40,9 +40,10 @@ DEFAULT_CACHE_BYTES = 256 * 2**20
 # half the last power of two (..., 32, 48, 64, 96, 128, 192, ...), so at most 50% more rows. How many
 # classes per doubling is a trade of bytes against memory growth, measured in docs/performance.md.
 SIZE_CLASSES_PER_DOUBLING = 2
+READ_BATCH = 4096  # examples read from a client's dataset at a time
 
 
-@tf.function(input_signature=[PREPARED_SPEC])
+@tf.function(input_signature=[PREPARED_SPEC], autograph=False)
 def as_dataset(prepared: OrderedDict) -> tf.data.Dataset:
     """A one-element dataset of a client's prepared tensors, typed `PREPARED_SPEC` whatever its size.
 
@@ -92,8 +93,13 @@ def prepare_examples(dataset: tf.data.Dataset, size_classes: bool = True) -> tup
 
     The examples fill the first rows, then zeros up to `padded_rows` if `size_classes`.
     """
-    # Moderate batches: one batch of 2**31 - 1 stalls on TFF's SQL-backed EMNIST datasets.
-    batches = [batch_format_fn(batch) for batch in dataset.batch(4096)]
+    count = int(dataset.cardinality())
+    if 0 <= count <= READ_BATCH:
+        # Known and small (in-memory sources): one batch, read without an iterator, ten times faster.
+        batches = [batch_format_fn(dataset.batch(count).get_single_element())] if count else []
+    else:
+        # Moderate batches: one batch of 2**31 - 1 stalls on TFF's SQL-backed EMNIST datasets.
+        batches = [batch_format_fn(batch) for batch in dataset.batch(READ_BATCH)]
     num_examples = sum(len(b["y"]) for b in batches)
     rows = padded_rows(num_examples) if size_classes else num_examples
     x, y = np.zeros([rows, 784], np.float32), np.zeros([rows, 1], np.int32)
@@ -191,18 +197,24 @@ def train_on_prepared(model: tff.learning.models.VariableModel, optimizer: tff.l
     `weighted`) and the unfinalized metrics.
 
     With `proximal_strength` mu > 0 each step's gradient gets mu (w - initial_weights) added, the gradient
-    of FedProx's proximal term (mu / 2) ||w - initial_weights||^2."""
+    of FedProx's proximal term (mu / 2) ||w - initial_weights||^2.
+
+    Written with TensorFlow's own control flow (`tf.while_loop`, `tf.cond`), so it is traced as it is,
+    without AutoGraph (`build_prepared_client_work` traces it with AutoGraph off): AutoGraph rewrote this
+    function, and through it every function it calls (TFF's optimizer, checks and structure helpers), at
+    every build, for the same graph (docs/performance.md, "Start-up")."""
     weights = tff.learning.models.ModelWeights.from_model(model)
     tf.nest.map_structure(lambda v, t: v.assign(t), weights, initial_weights)
     trainable = tuple(tf.nest.flatten(weights.trainable))
     optimizer_state = optimizer.set_hparams(
         optimizer.initialize(tuple(tf.TensorSpec(v.shape, v.dtype) for v in trainable)), hparams)
     order = prepared["order"]
-    num_examples = tf.zeros([], tf.int64)
     # `order` visits each of the client's examples once per epoch, so it indexes all of them:
     # its largest index + 1 is the client's size (the rows of `x` may be padded).
-    step = batch_size if batch_size else tf.maximum(tf.reduce_max(order) + 1, 1)
-    for start in tf.range(0, tf.size(order), step):
+    step = tf.constant(batch_size) if batch_size else tf.maximum(tf.reduce_max(order) + 1, 1)
+    steps_end = tf.size(order)
+
+    def sgd_step(start, num_examples, optimizer_state):
         indices = order[start:start + step]
         batch = OrderedDict(x=tf.gather(prepared["x"], indices), y=tf.gather(prepared["y"], indices))
         with tf.GradientTape() as tape:
@@ -215,16 +227,23 @@ def train_on_prepared(model: tff.learning.models.VariableModel, optimizer: tff.l
             optimizer_state, tuple(tf.nest.flatten(weights.trainable)), tuple(tf.nest.flatten(gradients)))
         tf.nest.map_structure(lambda v, t: v.assign(t), weights.trainable,
                               tf.nest.pack_sequence_as(weights.trainable, updated))
-        num_examples += tf.cast(output.num_examples, tf.int64)
+        return start + step, num_examples + tf.cast(output.num_examples, tf.int64), optimizer_state
+
+    _, num_examples, _ = tf.while_loop(lambda start, num_examples, optimizer_state: start < steps_end, sgd_step,
+                                       (tf.constant(0), tf.zeros([], tf.int64), optimizer_state))
     update = tf.nest.map_structure(tf.subtract, initial_weights.trainable, weights.trainable)
     # As TFF's client work: a non-finite update is sent as zeros, with weight 0 and no metrics.
     finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tf.nest.flatten(update)])
-    if finite:
+
+    def sent():
         weight = tf.cast(num_examples, tf.float32) if weighted else tf.constant(1.0, tf.float32)
-    else:
-        update = tf.nest.map_structure(tf.zeros_like, update)
+        return update, weight
+
+    def dropped():
         model.reset_metrics()
-        weight = tf.constant(0.0, tf.float32)
+        return tf.nest.map_structure(tf.zeros_like, update), tf.constant(0.0, tf.float32)
+
+    update, weight = tf.cond(finite, sent, dropped)
     return (tff.learning.templates.ClientResult(update=update, update_weight=weight),
             model.report_local_unfinalized_metrics())
 
@@ -257,7 +276,8 @@ def build_prepared_client_work(model_fn: Callable[[], tff.learning.models.Variab
         model = model_fn()
         prepared = prepared_sequence.get_single_element()
 
-        @tf.function
+        # AutoGraph off: the loop is TensorFlow's own (`train_on_prepared`).
+        @tf.function(autograph=False)
         def train():
             return train_on_prepared(model, optimizer, hparams, initial_weights, prepared, batch_size, weighted,
                                      proximal_strength)

@@ -203,8 +203,36 @@ def _check_range(key: str, value: Any, bounds: dict) -> None:
 
 
 def _unknown_key(key: str, prefix: str, known: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(key, known, n=1)
-    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known keys: {', '.join(known)})"
+    """The error for `prefix + key`, where `known` are the keys beside it, with a "did you mean" that also
+    searches every section: `learning_rate` -> 'client_optimizer.learning_rate' (and the other sections that
+    have one), `data.rounds` -> 'rounds', `roundz` -> 'rounds'."""
+
+    def dotted(cls: type, path: str = "") -> list[str]:
+        hints = typing.get_type_hints(cls)
+        keys = []
+        for field in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[field.name]):
+                keys += dotted(hints[field.name], f"{path}{field.name}.")
+            else:
+                keys.append(f"{path}{field.name}")
+        return keys
+
+    everywhere = [k for k in dotted(Config) if not k.startswith(prefix) or "." in k[len(prefix):]]
+    leaf = {k: k.rsplit(".", 1)[-1] for k in everywhere}
+    suggestions = [k for k in everywhere if leaf[k] == key]  # the same setting in another section
+    if not suggestions:
+        suggestions = [prefix + close for close in difflib.get_close_matches(key, known, n=1)]
+    if not suggestions:
+        near = difflib.get_close_matches(key, sorted(set(leaf.values())), n=1)
+        suggestions = [k for k in everywhere if near and leaf[k] == near[0]]
+    if not suggestions and key:
+        suggestions = [prefix + k for k in known if k.startswith(key)][:1]  # `noise` -> noise_multiplier
+    if suggestions:
+        quoted = [f"'{k}'" for k in suggestions]
+        choices = quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
+        hint = f" (did you mean {choices}?)"
+    else:
+        hint = f" (known keys: {', '.join(known)})"
     return ConfigError(f"unknown key '{prefix}{key}'{hint}")
 
 
@@ -232,6 +260,11 @@ def check_address(key: str, address: str) -> None:
 
 def check_consistency(config: Config) -> None:
     """Rules that involve more than one key: the core ones here, then each chosen component's own."""
+    # A run's directory is runs/<name>-<time>: a name with a separator would put it elsewhere (issue 27).
+    if not config.name or not config.name.isprintable() or any(c in config.name for c in "/\\") \
+            or config.name in (".", ".."):
+        raise ConfigError(f"name: {config.name!r} is not a run name (printable, without / or \\); "
+                          "to put a run elsewhere than runs/, pass --run-dir")
     for i, address in enumerate(config.workers):
         check_address(f"workers[{i}]", address)
     if config.workers and config.num_workers != 1:

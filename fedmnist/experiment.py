@@ -35,7 +35,7 @@ from fedmnist.outputs.checkpoint import Checkpoints
 from fedmnist.outputs.console import format_centralized, format_eval, format_final, format_personalization, format_targets
 from fedmnist.outputs.metrics_log import MetricsLog
 from fedmnist.outputs import run_directory
-from fedmnist.outputs.records import RoundRecord
+from fedmnist.outputs.records import LOCAL_TRAINING, MEASUREMENTS, RoundRecord, measurement
 from fedmnist.outputs.sink import SUMMARY_FILE, FinalResult, RunOutputs, run_outputs
 from fedmnist.outputs.tensorboard import weight_names
 from fedmnist.client_tensors import PreparedClients
@@ -129,18 +129,19 @@ class Experiment:
             # The pooled test set is the server's, not the clients' data: no "not covered" note for it.
             self.echo(format_centralized(metrics) if split == "centralized"
                       else format_eval(split, metrics) + self.mode.not_covered)
-        reached = targets.summarize(MetricsLog(self.run_dir).records(), self.accuracy_targets)
-        if reached["evaluation"] is not None and reached["targets"]:
-            self.echo(format_targets(reached))
-        summary = self.about | {
-            "resumed_after_round": resumed_after if self.resume else None,
-            "train": last_train,
-            "eval": last.eval,
-            "rounds_to_target": reached,
-            "personalization": personalized,
-            "aggregation": self.mode.summary(),
-            "total_seconds": time.perf_counter() - self.created,
-        }
+        summary = self.about | {"resumed_after_round": resumed_after if self.resume else None,
+                                 LOCAL_TRAINING.key: last_train}
+        # The final evaluations, each under its name (metrics.jsonl keeps them under `eval`).
+        summary |= {measured.key: last.eval[measured.path[1]] for measured in MEASUREMENTS
+                    if measured.path[0] == "eval" and measured.path[1] in (last.eval or {})}
+        if self.accuracy_targets:  # only when the config sets targets (McMahan et al.'s Table 2)
+            reached = targets.summarize(MetricsLog(self.run_dir).records(), self.accuracy_targets)
+            if reached["evaluation"] is not None:
+                self.echo(format_targets(reached))
+                reached["evaluation"] = measurement(reached["evaluation"]).key
+            summary["rounds_to_target"] = reached
+        summary |= {"personalization": personalized, "aggregation": self.mode.summary(),
+                    "total_seconds": time.perf_counter() - self.created}
         self.outputs.finish(FinalResult(summary, weights, lambda: self.keras_model(weights)))
         if last.eval and "train" in last.eval and "test" in last.eval:
             self.echo(format_final(summary, self.mode.not_covered, self.run_dir))
@@ -184,6 +185,8 @@ def build(config: Config, run_dir: Path, echo: Callable[[str], None] = print, re
         model_fn = build_model_fn(config.model, dataset.num_classes)
         preprocessing = preprocessing_settings(config.preprocess)
         eval_ids = evaluation_clients(config.eval_clients, dataset.train.client_ids)
+        # A local worker boots (about a second, in its own process) while the process is traced: it is ready
+        # before round 1 (docs/performance.md, "Start-up").
         workers = stack.enter_context(runtime.local_runtime(
             log_path=run_dir / "worker.log", num_workers=config.num_workers, addresses=config.workers,
             timeout=config.worker_timeout_seconds))
@@ -194,11 +197,14 @@ def build(config: Config, run_dir: Path, echo: Callable[[str], None] = print, re
             if line:
                 echo(line)
         checkpoints = Checkpoints(run_dir, keep=config.checkpoints_kept)
+        # The federated evaluation is built when first needed, overlapping the round before (fedmnist/evaluation.py).
+        run_evaluations = evaluations(config, model_fn, dataset, eval_ids, preprocessing.one_epoch())
+        stack.callback(run_evaluations.close)
         experiment = Experiment(
             run_dir=run_dir, rounds=config.rounds, dataset=dataset, mode=mode, training=training,
             participation=Participation(config, dataset.train.client_ids,
                                         mode.secret_sample_rate(len(dataset.train.client_ids))),
-            evaluations=evaluations(config, model_fn, dataset, eval_ids, preprocessing.one_epoch()),
+            evaluations=run_evaluations,
             outputs=run_outputs(run_dir, checkpoints, weight_names(create_model(config.model, dataset.num_classes)),
                                 config.histogram_every, config.checkpoint_every, config.rounds,
                                 (run_dir / CONFIG_FILE).read_text()),
@@ -254,13 +260,17 @@ def evaluation_clients(count: int, client_ids: Sequence[str]) -> list[str]:
 
 def evaluations(config: Config, model_fn, dataset: FederatedDataset, eval_ids: list[str],
                 settings: Preprocessing) -> Evaluations:
-    data = {split: make_federated_data(client_data, eval_ids, epochs=settings.epochs,
-                                       batch_size=settings.batch_size, shuffle_buffer=settings.shuffle_buffer,
-                                       prefetch_buffer=settings.prefetch_buffer, seed=settings.shuffle_seed)
-            for split, client_data in (("train", dataset.train), ("test", dataset.test))}
+    """The run's evaluations. The federated one (process and client datasets) is built when first needed,
+    not here (`Evaluations`)."""
+    def federated_data() -> dict[str, list[tf.data.Dataset]]:
+        return {split: make_federated_data(client_data, eval_ids, epochs=settings.epochs,
+                                           batch_size=settings.batch_size, shuffle_buffer=settings.shuffle_buffer,
+                                           prefetch_buffer=settings.prefetch_buffer, seed=settings.shuffle_seed)
+                for split, client_data in (("train", dataset.train), ("test", dataset.test))}
+
     centralized = (None if config.centralized_eval_every is None
                    else CentralizedEvaluator(config.model, dataset.num_classes, *pooled_test_set(dataset)))
-    return Evaluations(FederatedEvaluator(model_fn), data, config.eval_every, config.rounds, centralized,
+    return Evaluations(FederatedEvaluator(model_fn, federated_data), config.eval_every, config.rounds, centralized,
                        config.centralized_eval_every)
 
 

@@ -3,7 +3,11 @@ package path measures `loop.train` on the population it is given."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
+
+import helpers
 
 from fedmnist import config as config_lib
 from fedmnist import data
@@ -68,3 +72,65 @@ def test_paper_round_workload_is_mcmahans_fedavg_cnn_round():
     prepared = prepared_clients(config, dataset.train).dataset(clients[0], 1)
     order = prepared.get_single_element()["order"].numpy()
     assert len(order) == 600 * 5 and sorted(set(order)) == list(range(600))   # 300 steps of 10
+
+
+MARKS = {"python": 0.05, "config": 0.3, "tensorflow": 4.3, "tff": 6.5, "fedmnist": 6.55, "data": 6.8, "build": 8.3,
+         "round 1": 9.3, "round 2": 9.5, "round 3": 10.5, "finish": 10.9, "stop": 11.0}
+
+
+@pytest.mark.unit
+def test_startup_phases_add_up_to_the_whole_run():
+    from fedmnist.bench.startup import PHASES, phases
+
+    p = phases({"marks": MARKS, "rounds": 3, "evaluation_seconds": 0.6}, seconds=11.1)
+    assert p["imports"] == pytest.approx(6.25) and p["tensorflow"] + p["tff"] == pytest.approx(6.2)
+    assert p["first round"] == pytest.approx(1.0) and p["rounds"] == pytest.approx(0.6)
+    assert p["evaluation"] == 0.6 and p["outputs"] == pytest.approx(0.4) and p["exit"] == pytest.approx(0.1)
+    assert p["tff_to_round_1"] == pytest.approx(2.8)
+    assert sum(p[name] for name in PHASES) == pytest.approx(p["total"]) == 11.1
+
+
+@pytest.mark.unit
+def test_startup_report_states_each_target_as_met_or_not():
+    from fedmnist.bench.startup import format_startup, phases, summarize
+
+    row = {"phases": phases({"marks": MARKS, "rounds": 3, "evaluation_seconds": 0.6}, seconds=11.1),
+           "final_eval": {}}
+    runs = {"package": [{"seconds": s, "cpu_seconds": 10.0, "peak_rss_gb": 0.8, "first_line_s": 0.3,
+                         "first_line": "run directory: x"} for s in (11.0, 12.0, 13.0)],
+            "bare": [{"seconds": s, "cpu_seconds": 12.0, "peak_rss_gb": 0.7} for s in (15.0, 15.0, 14.0)],
+            "phased": [row] * 3}
+    result = summarize(runs)
+    assert result["pair_ratios"] == pytest.approx([11 / 15, 12 / 15, 13 / 14]) and result["ratio"] == 12 / 15
+    text = "\n".join(format_startup(result))
+    assert "package / bare, paired: 0.80x" in text and "target <= 0.75x: NOT met" in text
+    assert "TFF imported -> end of round 1: 2.80 s (target <= 3 s: met)" in text
+    assert "first line of `python -m fedmnist.train`: 0.30 s" in text
+
+
+def test_time_process_times_each_line_as_it_is_printed():
+    from fedmnist.bench.whole_runs import time_process
+
+    script = "import time; print('first', flush=True); time.sleep(0.5); print('second', flush=True)"
+    run = time_process([sys.executable, "-c", script], lines=True)
+    (first, text), (second, _) = run["lines"]
+    assert text == "first" and second - first >= 0.5 > first and run["seconds"] >= second
+    assert run["stdout"] == "first\nsecond\n"
+
+
+def test_startup_run_marks_every_phase_of_a_run(tmp_path):
+    import json
+    import time
+
+    from fedmnist.bench.startup import PHASES, phases
+    from fedmnist.bench.whole_runs import time_process
+
+    launched = time.time()
+    run = time_process([sys.executable, "-m", "fedmnist.bench.startup_run", str(tmp_path / "run"),
+                        *helpers.SMALL, "rounds=2"], env={"FEDMNIST_BENCH_LAUNCHED": repr(launched)})
+    child = json.loads(run["stdout"].strip().splitlines()[-1])
+    assert list(child["marks"]) == ["python", "config", "tensorflow", "tff", "fedmnist", "data", "build",
+                                    "round 1", "round 2", "finish", "stop"]
+    p = phases(child, run["seconds"])
+    assert all(p[name] >= 0 for name in PHASES) and p["evaluation"] > 0
+    assert set(child["final_eval"]) == {"train", "test"}

@@ -77,3 +77,74 @@ def test_commands_check_their_arguments_before_tensorflow_loads(tmp_path):
     done = run_command([sys.executable, "-c", code], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+# --- What the user types: usage lines, "did you mean" -----------------------------------------------
+
+@pytest.mark.unit
+@pytest.mark.parametrize("command", ["train", "report", "describe", "worker"])
+def test_help_names_the_command_as_typed(capsys, command):
+    with pytest.raises(SystemExit) as exited:
+        cli.main([command, "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: fedmnist {command} ")
+    assert "python -m" not in out.split("\n\n")[0] and "{describe}" not in out
+
+
+@pytest.mark.unit
+def test_the_python_m_forms_keep_their_names(capsys):
+    from fedmnist import train
+    from fedmnist.data import population
+
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m fedmnist.train ")
+    with pytest.raises(SystemExit):
+        population.main(["describe", "--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m fedmnist.data describe ") and "{describe}" not in out
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("argv, hint", [
+    (["--clients_per_round", "5"], "(did you mean --clients-per-round?)"),
+    (["--run_dir", "x"], "(did you mean --run-dir?)"),
+    (["--tensorbord"], "(did you mean --tensorboard?)"),
+    (["--clients_per_round=5", "--run_dir", "x"],
+     "(did you mean --clients-per-round for --clients_per_round, --run-dir for --run_dir?)"),
+])
+def test_a_mistyped_option_gets_a_did_you_mean(capsys, argv, hint):
+    from fedmnist import train
+
+    assert train.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    [line] = captured.err.splitlines()
+    assert line.startswith("error: unrecognized arguments: ") and line.endswith(f" {hint} (see --help)")
+
+
+@pytest.mark.unit
+def test_an_unknown_option_without_a_near_one_gets_no_guess(capsys):
+    from fedmnist import train
+
+    assert train.main(["--bogus"]) == 2
+    assert capsys.readouterr().err.strip() == "error: unrecognized arguments: --bogus (see --help)"
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("assignment, hint", [
+    ("learning_rate=0.1", "(did you mean 'client_optimizer.learning_rate', 'server_optimizer.learning_rate' or "
+                          "'personalization.learning_rate'?)"),
+    ("epochs=2", "(did you mean 'preprocess.epochs' or 'personalization.epochs'?)"),
+    ("data.rounds=3", "(did you mean 'rounds'?)"),
+    ("noise_multiplier=1", "(did you mean 'dp.noise_multiplier' or 'secure_dp.noise_multiplier'?)"),
+    ("client_optimizer.learnig_rate=0.1", "(did you mean 'client_optimizer.learning_rate'?)"),
+    ("roundz=3", "(did you mean 'rounds'?)"),
+])
+def test_set_suggests_the_nested_key(capsys, assignment, hint):
+    from fedmnist import train
+
+    assert train.main(["--set", assignment]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line == f"error: unknown key '{assignment.split('=')[0]}' {hint}"

@@ -141,3 +141,49 @@ def test_round_shuffle_seeds_depend_on_seed_round_and_client_only():
     # A fixed value: a seed that changed between versions or processes (Python's salted hash()) would
     # change every run's shuffles and break resuming a run saved by another version.
     assert data.round_shuffle_seed(1, 2, "a") == 8434072511722816962
+
+
+@pytest.mark.unit
+def test_clients_read_in_one_batch_or_in_batches_give_the_same_examples():
+    # In-memory sources know their size and are read as one batch; others (EMNIST's SQL-backed datasets,
+    # unknown size) batch by batch: the same rows either way.
+    pixels = np.random.default_rng(2).uniform(size=(9, 28, 28)).astype(np.float32)
+    known = data.client_data_from_arrays({"c": (pixels, np.arange(9) % 10)}).create_tf_dataset_for_client("c")
+    unknown = known.filter(lambda example: True)
+    assert int(known.cardinality()) == 9 and int(unknown.cardinality()) < 0
+    for size_classes in (False, True):
+        one, batched = (client_tensors.prepare_examples(d, size_classes) for d in (known, unknown))
+        assert one[2] == batched[2] == 9
+        for a, b in zip(one[:2], batched[:2]):
+            np.testing.assert_array_equal(a, b)
+    empty = known.take(0)
+    x, y, n = client_tensors.prepare_examples(empty, size_classes=False)
+    assert n == 0 and x.shape == (0, 784) and y.shape == (0, 1)
+
+
+@pytest.mark.unit
+def test_the_client_work_is_traced_without_autograph():
+    # Its loop is TensorFlow's own control flow; AutoGraph rewrote it (and, through it, what it calls) at every
+    # build, for the same graph (docs/performance.md, "Start-up").
+    import tensorflow_federated as tff
+    from tensorflow.python.autograph.impl import api as autograph_api
+
+    from fedmnist.model import build_model_fn
+
+    converted = []
+    transform = autograph_api.PyToTF.transform
+
+    def recording(self, obj, user_context):
+        converted.append(getattr(obj, "__module__", None))
+        return transform(self, obj, user_context)
+
+    autograph_api.PyToTF.transform = recording
+    try:
+        for proximal_strength in (0.0, 0.1):
+            client_tensors.build_prepared_client_work(build_model_fn(), tff.learning.optimizers.build_sgdm(0.02),
+                                                      batch_size=20, proximal_strength=proximal_strength)
+    finally:
+        autograph_api.PyToTF.transform = transform
+    # TFF's own functions (its optimizer, model and metrics code) still are: the recording sees AutoGraph.
+    assert converted, "nothing converted at all: the recording no longer sees AutoGraph"
+    assert client_tensors.__name__ not in converted

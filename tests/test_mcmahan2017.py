@@ -362,16 +362,23 @@ def test_report_gives_rounds_to_target(tmp_path, capsys):
     table = out.split("rounds to reach each target test accuracy")[1].splitlines()
     fast_row = next(line for line in table if line.startswith("fast "))
     slow_row = next(line for line in table if line.startswith("slow "))
-    assert fast_row.split()[:3] == ["fast", "centralized", "0.9920"]
+    assert fast_row.split()[:4] == ["fast", "centralized", "evaluation", "0.9920"]
     # Best so far 0.95 (round 2) -> 0.975 (round 3) crosses 0.97 at 2.8; 0.985 (rounds 4 and 5) -> 0.992
     # (round 6) crosses 0.99 at 5 + 0.005 / 0.007.
-    assert fast_row.split()[3:] == ["2.8", "5.7"]
-    assert "not reached in 2 rounds" in slow_row and slow_row.split()[1] == "test"
+    assert fast_row.split()[4:] == ["2.8", "5.7"]
+    # slow's config sets no targets: it is measured against fast's, to compare them.
+    assert "not reached in 2 rounds" in slow_row and slow_row.split()[1:6] == ["evaluation", "on", "test", "data",
+                                                                              "0.9600"]
     assert (tmp_path / "report.png").stat().st_size > 0
     assert report.main([str(fast), "--target", "0.98", "--output", str(tmp_path / "other.png")]) == 0
     assert "rounds to 0.98" in capsys.readouterr().out
     assert report.main([str(fast), "--target", "1.5", "--output", str(tmp_path / "bad.png")]) == 2
     assert "--target 1.5" in capsys.readouterr().err
+    # No run sets targets (the tutorial's default): no rounds-to-target table, no "not reached".
+    assert report.main([str(slow), "--output", str(tmp_path / "plain.png")]) == 0
+    out = capsys.readouterr().out
+    assert "rounds to" not in out and "not reached" not in out
+    assert targets.describe(None, 1) == "not reached in 1 round"
 
 
 # --- 7. The configs -------------------------------------------------------------------------------

@@ -14,16 +14,18 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import os
+import re
+
 import matplotlib.image
 import numpy as np
 import portpicker
 import pytest
-
 from fedmnist import config
 from fedmnist.outputs import plots, report
 from fedmnist.outputs.records import ACCURACY
-from helpers import (Background, children, metrics_rows, quiet_train, run_cli, start_cli, tree_progress, wait_for, wait_gone,
-                     wait_process)
+from helpers import (Background, children, metrics_rows, python_command, quiet_train, run_cli, run_command, scalars,
+                     start_cli, tree_progress, wait_for, wait_gone, wait_process)
 
 ROUNDS = 3
 
@@ -64,6 +66,82 @@ def test_curve_series_are_the_logged_metrics(runs):
     assert loss == [row["train"]["loss"] for row in rows]
 
 
+# --- model.keras ----------------------------------------------------------------------------------
+
+def test_the_saved_model_loads_silently_and_evaluates(runs, tmp_path):
+    code = ("import sys, numpy as np, tensorflow as tf\n"
+            "model = tf.keras.models.load_model(sys.argv[1])\n"
+            "loss, accuracy = model.evaluate(np.ones((4, 784), np.float32), np.zeros(4), verbose=0)\n"
+            "print(model.predict(np.ones((2, 784), np.float32), verbose=0).shape, 0 <= accuracy <= 1)\n")
+    done = run_command([sys.executable, "-c", code, str(runs["slow"] / "model.keras")], cwd=tmp_path,
+                       env={"TF_CPP_MIN_LOG_LEVEL": "3"})  # TensorFlow's C++ start-up lines are not the file's
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "(2, 10) True"
+    assert done.stderr == ""  # no "Skipping variable loading for optimizer" warning
+
+
+# --- TensorBoard's custom-scalars layout ----------------------------------------------------------
+
+def layout_and_tags(run_dir: Path):
+    """The run's last custom-scalars layout (the one TensorBoard shows), the steps at which layouts were
+    written, and the run's scalar tags, read from its event files with TensorBoard's own reader."""
+    import tensorflow as tf
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+
+    accumulator = event_accumulator.EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    layouts = accumulator.Tensors(metadata.CONFIG_SUMMARY_TAG)
+    last = layout_pb2.Layout.FromString(tf.make_ndarray(layouts[-1].tensor_proto).item()) if layouts else None
+    return last, [event.step for event in layouts], set(scalars(run_dir))
+
+
+def charts_of(layout, tag: str) -> list[str]:
+    return [chart.title for category in layout.category for chart in category.chart
+            if any(re.match(pattern, tag) for pattern in chart.multiline.tag)]
+
+
+def test_the_run_writes_a_custom_scalars_layout_naming_its_tags(runs):
+    from fedmnist.outputs.tensorboard import LEARNING_CURVES
+
+    layout, steps, tags = layout_and_tags(runs["slow"])
+    assert layout is not None and steps == [1]  # every tag arrives in round 1 (evaluated every round)
+    assert {"loss/local_training", "accuracy/evaluation_on_test_data", "round/aggregation/upload_bytes_per_client",
+            "round/participation/selected", "round/seconds"} <= tags
+    assert {tag: len(charts_of(layout, tag)) for tag in tags} == {tag: 1 for tag in tags}  # each in one chart
+    for category in layout.category:  # and no chart without a tag of the run
+        for chart in category.chart:
+            assert any(re.match(pattern, tag) for tag in tags for pattern in chart.multiline.tag), chart.title
+    first, *below = layout.category
+    assert first.title == LEARNING_CURVES and not first.closed and all(category.closed for category in below)
+    assert {tag for tag in tags if charts_of(layout, tag) == ["accuracy per round"]} == {
+        "accuracy/local_training", "accuracy/evaluation_on_training_data", "accuracy/evaluation_on_test_data"}
+    assert [chart.title for chart in first.chart] == ["loss per round", "accuracy per round"]
+
+
+@pytest.mark.unit
+def test_the_layout_grows_with_new_tags_and_is_kept_across_a_resume(tmp_path):
+    from fedmnist.outputs.tensorboard import TensorBoardLog, drop_events_after, scalar_tags
+
+    board = TensorBoardLog(tmp_path)
+    board.write(1, {"loss/local_training": 1.0})
+    board.write(2, {"loss/local_training": 0.9})
+    board.write(3, {"loss/local_training": 0.8, "loss/evaluation_on_test_data": 0.7, "round/seconds": 1.0})
+    board.close()
+    layout, steps, _ = layout_and_tags(tmp_path)
+    assert steps == [1, 3] and charts_of(layout, "round/seconds") == ["round/seconds"]
+    drop_events_after(tmp_path, 2)  # a resume after round 2: round 3's events go, its layout with them
+    layout, steps, _ = layout_and_tags(tmp_path)
+    assert steps == [1] and charts_of(layout, "round/seconds") == []
+    board = TensorBoardLog(tmp_path, scalar_tags(tmp_path))
+    board.write(3, {"loss/local_training": 0.8})  # nothing new: the layout kept still names every tag
+    board.write(4, {"loss/local_training": 0.7, "round/seconds": 1.0})
+    board.close()
+    layout, steps, tags = layout_and_tags(tmp_path)
+    assert steps == [1, 4] and tags == {"loss/local_training", "round/seconds"}
+    assert [charts_of(layout, tag) for tag in sorted(tags)] == [["loss per round"], ["round/seconds"]]
+
+
 # --- python -m fedmnist.report --------------------------------------------------------------------
 
 def run_report(*args: str, capsys) -> tuple[int, str, str]:
@@ -78,15 +156,27 @@ def test_report_tables_final_metrics_and_overlays_curves(runs, tmp_path):
     output = tmp_path / "compare.png"
     result = run_cli(str(runs["slow"]), str(runs["fast"]), "--output", str(output), module="fedmnist.report",
                      cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0 and result.stderr == "", result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split()[:3] == ["run", "dataset", "model"]
+    # Two header lines: what is measured (one vocabulary), then the columns.
+    assert re.split(r"\s{2,}", lines[0].strip()) == ["local training", "evaluation on training data",
+                                                     "evaluation on test data"]
+    assert lines[1].split() == ["run", "dataset", "model", "rounds", "loss", "accuracy", "accuracy", "accuracy",
+                                "seconds"]
     for name, run_dir in runs.items():
         summary = json.loads((run_dir / "summary.json").read_text())
         row = next(line.split() for line in lines if line.startswith(name + " "))
         assert row[1:4] == ["synthetic", "linear", str(ROUNDS)]
-        assert row[6] == f"{summary['eval']['train']['sparse_categorical_accuracy']:.4f}"
-        assert row[7] == f"{summary['eval']['test']['sparse_categorical_accuracy']:.4f}"
+        assert row[4] == f"{summary['local_training']['loss']:.4f}"
+        assert row[6] == f"{summary['evaluation_on_training_data']['sparse_categorical_accuracy']:.4f}"
+        assert row[7] == f"{summary['evaluation_on_test_data']['sparse_categorical_accuracy']:.4f}"
+        assert row[8] == f"{summary['total_seconds']:.1f}"
+    # The two runs differ in one setting, which the report names with both values.
+    settings = lines[lines.index("settings that differ (config.yaml):") + 1:]
+    assert settings[0].split() == ["setting", "slow", "fast"]
+    assert settings[2].split() == ["client_optimizer.learning_rate", "0.02", "0.1"]
+    assert settings[3].startswith("accuracy curves: ")  # nothing else differs
+    assert "rounds to reach" not in result.stdout  # no accuracy_targets in these runs' configs
     image = matplotlib.image.imread(output)
     assert image.shape[:2] == (450, 1100)
     # Both runs' colours (matplotlib's C0 blue and C1 orange) are on the plot.
@@ -119,26 +209,107 @@ def test_report_reads_an_unfinished_run(runs, tmp_path):
     assert report.table_row("partial", facts)[3] == f"2/{ROUNDS}"
 
 
-def test_report_rejects_a_missing_run_dir_with_one_line_and_exit_2(runs, tmp_path, monkeypatch, capsys):
+def test_report_rejects_a_missing_run_dir_with_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    code, out, err = run_report(str(runs["slow"]), str(tmp_path / "nope"), capsys=capsys)
+    code, out, err = run_report(str(tmp_path / "nope"), capsys=capsys)
     assert code == 2 and out == ""
     assert err.strip().splitlines() == [f"error: {tmp_path / 'nope'}: no such run directory"]
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("make_bad", ["not_a_run", "corrupt", "empty", "no_round"])
-def test_report_rejects_a_bad_run_dir(runs, tmp_path, capsys, make_bad):
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    contents = {"corrupt": '{"round": 1, "train": {"loss": 1.0}}\n{"round": 2, "tra\n', "empty": "",
-                "no_round": '{"train": {"loss": 1.0}}\n'}
-    if make_bad in contents:
-        (bad / "metrics.jsonl").write_text(contents[make_bad])
-    assert report.main([str(runs["slow"]), str(bad), "--output", str(tmp_path / "out.png")]) == 2
+BAD_RUNS = {"not_a_run": None, "corrupt": '{"round": 1, "train": {"loss": 1.0}}\n{"round": 2, "tra\n',
+            "empty": "", "no_round": '{"train": {"loss": 1.0}}\n'}
+
+
+def make_bad_run(directory: Path, kind: str) -> Path:
+    directory.mkdir()
+    if BAD_RUNS[kind] is not None:
+        (directory / "metrics.jsonl").write_text(BAD_RUNS[kind])
+    return directory
+
+
+@pytest.mark.parametrize("kind", list(BAD_RUNS))
+def test_report_skips_a_bad_run_dir_with_a_note_and_reports_the_rest(runs, tmp_path, capsys, kind):
+    bad = make_bad_run(tmp_path / "bad", kind)
+    assert report.main([str(runs["slow"]), str(bad), "--output", str(tmp_path / "out.png")]) == 0
     captured = capsys.readouterr()
-    assert len(captured.err.strip().splitlines()) == 1 and str(bad) in captured.err
-    assert captured.out == "" and not (tmp_path / "out.png").exists()
+    assert len(captured.err.splitlines()) == 1 and captured.err.startswith(f"skipped {bad}: ")
+    assert [line.split()[0] for line in captured.out.splitlines() if line.startswith(("slow", "bad"))] == ["slow"]
+    assert (tmp_path / "out.png").stat().st_size > 0
+    # Alone, it is an error: one line, exit 2, no plot.
+    assert report.main([str(bad), "--output", str(tmp_path / "alone.png")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.splitlines() == [captured.err.strip()]
+    assert captured.err.startswith(f"error: {bad}: ") and not (tmp_path / "alone.png").exists()
+
+
+def test_report_on_a_glob_of_runs_reports_every_run_and_skips_the_rest(runs, tmp_path):
+    # `fedmnist report runs/*/` where runs/ also holds an empty directory, a run that has not logged a round
+    # and a directory of something else: as a user types it, through a shell glob.
+    root = tmp_path / "runs"
+    root.mkdir()
+    for name in runs:
+        os.symlink(runs[name], root / name)
+    (root / "empty").mkdir()
+    make_bad_run(root / "starting", "empty")
+    (root / "photos").mkdir()
+    (root / "photos" / "cat.png").write_bytes(b"\x89PNG")
+    done = run_command(["sh", "-c", f"{' '.join(python_command('fedmnist', 'report'))} runs/*/ --output out.png"],
+                       cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert sorted(done.stderr.splitlines()) == [
+        "skipped runs/empty: not a fedmnist run (metrics.jsonl is missing)",
+        "skipped runs/photos: not a fedmnist run (metrics.jsonl is missing)",
+        "skipped runs/starting: metrics.jsonl holds no rounds yet"]
+    reported = [line.split()[0] for line in done.stdout.splitlines() if line.startswith(("fast ", "slow "))]
+    assert reported == ["fast", "slow"]
+    assert (tmp_path / "out.png").stat().st_size > 0
+    # Nothing but non-runs: exit 2 and one error line after the notes.
+    done = run_command([*python_command("fedmnist", "report"), "runs/empty", "runs/photos"], cwd=tmp_path)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines()[-1] == "error: none of the 2 directories is a fedmnist run with rounds"
+
+
+def test_report_seconds_of_a_notebook_run_and_an_older_summary(runs, tmp_path):
+    # A notebook's run: metrics.jsonl with no seconds per round (older notebooks wrote 0.0), and no
+    # summary.json time: its time is unknown ("-"), not 0.0. A summary.json written before the keys
+    # were renamed (train, eval) is read as before.
+    notebook = tmp_path / "notebook"
+    notebook.mkdir()
+    rows = metrics_rows(runs["slow"])
+    (notebook / "metrics.jsonl").write_text("".join(json.dumps({**row, "seconds": 0.0}) + "\n" for row in rows))
+    old_summary = {"dataset": "synthetic", "model": "linear", "rounds": ROUNDS, "train": rows[-1]["train"],
+                   "eval": rows[-1]["eval"]}
+    (notebook / "summary.json").write_text(json.dumps(old_summary))
+    facts = report.run_facts(notebook)
+    assert facts["seconds"] is None and report.table_row("notebook", facts)[-1] == "-"
+    assert facts["finished"] and facts["dataset"] == "synthetic"
+    assert report.table_row("notebook", facts)[6:8] == report.table_row("slow", report.run_facts(runs["slow"]))[6:8]
+    # With its rounds' seconds (the notebook records them now), their sum; with a total, the total.
+    (notebook / "metrics.jsonl").write_text("".join(json.dumps({**row, "seconds": 0.5}) + "\n" for row in rows))
+    assert report.run_facts(notebook)["seconds"] == pytest.approx(0.5 * ROUNDS)
+    (notebook / "summary.json").write_text(json.dumps({**old_summary, "total_seconds": 12.25}))
+    assert report.table_row("notebook", report.run_facts(notebook))[-1] == "12.2"
+
+
+@pytest.mark.unit
+def test_report_names_the_settings_that_differ(tmp_path):
+    base = {"name": "tutorial", "rounds": 3, "accuracy_targets": [], "data": {"dataset": "digits", "num_clients": 20},
+            "client_optimizer": {"learning_rate": 0.02}, "versions": {"fedmnist": "0.1.0"}}
+    configs = {"a": base,
+               "b": {**base, "client_optimizer": {"learning_rate": 0.1}, "accuracy_targets": [0.97]},
+               "c": {**base, "data": {"dataset": "digits", "num_clients": 40}, "seed": 1}}
+    differ = report.differing_settings(configs)
+    assert differ == {"accuracy_targets": {"a": "[]", "b": "[0.97]", "c": "[]"},
+                      "client_optimizer.learning_rate": {"a": "0.02", "b": "0.1", "c": "0.02"},
+                      "data.num_clients": {"a": "20", "b": "20", "c": "40"},
+                      "seed": {"a": "-", "b": "-", "c": "1"}}
+    facts = {label: {"config": config} for label, config in configs.items()} | {"notebook": {"config": {}}}
+    text = report.format_settings(facts)
+    assert text.splitlines()[0] == "settings that differ (config.yaml):"
+    assert text.splitlines()[-1] == "no config.yaml (settings not compared): notebook"
+    same = report.format_settings({"a": {"config": base}, "b": {"config": dict(base)}})
+    assert same == "settings: the same in every run's config.yaml"
 
 
 # --- TensorBoard, served for real ----------------------------------------------------------------
@@ -179,20 +350,20 @@ def test_tensorboard_serves_the_runs_scalars_histograms_and_config(runs):
                  ignore=HTTP_ERRORS)
         tags = get_json(base, "data/plugin/scalars/tags")
         assert sorted(get_json(base, "data/runs")) == ["fast", "slow"]
-        expected = {"train/loss", "train/sparse_categorical_accuracy", "eval/train/loss",
-                    "eval/train/sparse_categorical_accuracy", "eval/test/loss",
-                    "eval/test/sparse_categorical_accuracy", "learning_rate/client",
-                    "learning_rate/server", "time/round_seconds"}
+        expected = {"loss/local_training", "accuracy/local_training", "loss/evaluation_on_training_data",
+                    "accuracy/evaluation_on_training_data", "loss/evaluation_on_test_data",
+                    "accuracy/evaluation_on_test_data", "round/learning_rate/client",
+                    "round/learning_rate/server", "round/seconds"}
         for name, run_dir in runs.items():
             assert expected <= set(tags[name])
             rows = [record.to_json() for record in plots.read_records(run_dir)]
-            for tag, path in (("train/loss", ("train", "loss")),
-                              ("eval/test/sparse_categorical_accuracy", ("eval", "test", "sparse_categorical_accuracy"))):
+            for tag, path in (("loss/local_training", ("train", "loss")),
+                              ("accuracy/evaluation_on_test_data", ("eval", "test", "sparse_categorical_accuracy"))):
                 points = get_json(base, "data/plugin/scalars/scalars", run=name, tag=tag)
                 assert [step for _, step, _ in points] == list(range(1, ROUNDS + 1))  # one value per round
                 logged = [float(np.float32(_dig(row, path))) for row in rows]
                 assert [value for _, _, value in points] == pytest.approx(logged, rel=1e-6)
-            rates = get_json(base, "data/plugin/scalars/scalars", run=name, tag="learning_rate/client")
+            rates = get_json(base, "data/plugin/scalars/scalars", run=name, tag="round/learning_rate/client")
             assert [value for _, _, value in rates] == pytest.approx([0.02 if name == "slow" else 0.1] * ROUNDS)
         histograms = get_json(base, "data/plugin/histograms/tags")["slow"]
         assert {"weights/0_dense/kernel", "weights/0_dense/bias"} <= set(histograms)
@@ -200,6 +371,16 @@ def test_tensorboard_serves_the_runs_scalars_histograms_and_config(runs):
         assert [step for _, step, _ in kernel] == [2, 3]  # every 2 rounds, and the last
         text = get_json(base, "data/plugin/text/text", run="slow", tag="config")
         assert "client_optimizer:" in text[0]["text"] and "learning_rate: 0.02" in text[0]["text"]
+        # The custom-scalars page: both runs' layouts merged into one, learning curves first (not twice).
+        layout = get_json(base, "data/plugin/custom_scalars/layout")
+        assert [c["title"] for c in layout["category"]][0] == "learning curves: local training and evaluation"
+        curves = layout["category"][0]["chart"]
+        assert [chart["multiline"]["tag"] for chart in curves] == [["^loss/"], ["^accuracy/"]]
+        lines = get_json(base, "data/plugin/custom_scalars/scalars", run="slow",
+                         tag=curves[1]["multiline"]["tag"][0])["tag_to_events"]
+        assert sorted(lines) == ["accuracy/evaluation_on_test_data", "accuracy/evaluation_on_training_data",
+                                 "accuracy/local_training"]
+        assert [len(points) for points in lines.values()] == [ROUNDS] * 3  # curves, not dots
     finally:
         server.kill()
         server.wait()
@@ -243,10 +424,13 @@ def train_with_tensorboard(directory: Path) -> Path:
         line_with("press Ctrl-C to stop it")
         server_pids = children(process.pid, b"tensorboard")
         assert server_pids
-        points = wait_for(serving(process, lambda: (p := get_json(url, "data/plugin/scalars/scalars", run=".",
-                                                                  tag="train/loss")) and len(p) == 2 and p),
+        assert wait_for(serving(process, lambda: get_json(url, "data/runs")), "TensorBoard listing the run",
+                        progress=progress, ignore=HTTP_ERRORS) == ["run"]  # named after its directory, not "."
+        points = wait_for(serving(process, lambda: (p := get_json(url, "data/plugin/scalars/scalars", run="run",
+                                                                  tag="loss/local_training")) and len(p) == 2 and p),
                           "TensorBoard serving both rounds", progress=progress, ignore=HTTP_ERRORS)
         assert [step for _, step, _ in points] == [1, 2]
+        assert f"learning curves, local training and evaluation together: {url}#custom_scalars" in "".join(seen)
         process.send_signal(signal.SIGINT)
         assert wait_process(process, "the command after Ctrl-C") == 0, "".join(seen)
         wait_gone(server_pids, "TensorBoard after the command stopped")  # stopped with it

@@ -29,6 +29,21 @@ def test_describe_tells_iid_from_shards(tmp_path, capsys):
 
 
 @pytest.mark.unit
+def test_describe_writes_its_png_under_runs_never_into_the_current_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    written = []
+    for _ in range(2):  # as `fedmnist describe` passes its arguments: no "describe"
+        assert population.main(["--dataset", "digits", "--set", "data.partition=shards"]) == 0
+        written.append(capsys.readouterr().out.splitlines()[-1].split("label histograms: ")[1])
+    assert [path.name for path in tmp_path.iterdir()] == ["runs"]
+    assert sorted(str(path.relative_to(tmp_path)) for path in (tmp_path / "runs").iterdir()) == sorted(written)
+    assert len(set(written)) == 2 and all(name.startswith("runs/population-digits-shards-") for name in written)
+    for bad, message in (("figure.jpg", "give a .png file name"), ("missing/figure.png", "does not exist")):
+        assert population.main(["--dataset", "digits", "--output", bad]) == 2
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.unit
 def test_describe_statistics_on_a_known_matrix():
     stats = population.describe(np.array([[5, 5, 0], [0, 0, 10]]))
     assert stats["clients"] == 2 and stats["examples_median"] == 10
@@ -64,4 +79,4 @@ def test_62_class_emnist_with_caps_trains_a_62_way_model(tmp_path):
     assert summary["dataset"] == "emnist" and summary["num_clients"] == 3
     keras_model = tf.keras.models.load_model(run_dir / "model.keras")
     assert keras_model.output_shape == (None, 62)
-    assert json.loads((run_dir / "summary.json").read_text())["eval"]["test"]["num_examples"] == 12
+    assert json.loads((run_dir / "summary.json").read_text())["evaluation_on_test_data"]["num_examples"] == 12

@@ -12,6 +12,8 @@ from pathlib import Path
 import fedmnist.bench
 from fedmnist import config as config_lib
 from fedmnist.bench.report import format_explore, format_workload
+from fedmnist.bench.startup import format_startup
+from fedmnist.bench.startup import measure as measure_startup
 from fedmnist.bench.whole_runs import core_scaling, whole_runs
 from fedmnist.bench.workloads import DEFAULT_WORKLOADS, PATH_OVERRIDES, WORKLOAD_SPECS, WORKLOADS, run_package
 
@@ -20,13 +22,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fedmnist.bench",
                                      description=fedmnist.bench.__doc__.split("\n\n")[0])
     parser.add_argument("--workload", action="append", choices=WORKLOADS,
-                        help="tutorial and cnn by default; scale and paper-round are opt-in (repeatable)")
+                        help="tutorial and cnn by default; scale, paper-round and startup are opt-in (repeatable)")
     parser.add_argument("--json", type=Path, help="write all figures to this JSON file")
     parser.add_argument("--paths", nargs="+", choices=tuple(PATH_OVERRIDES),
                         help="package variants to run (default: per workload)")
     parser.add_argument("--no-floor", action="store_true", help="skip the plain-TensorFlow floor")
     parser.add_argument("--whole-runs", type=int, default=2, metavar="N",
                         help="tutorial: time the whole default run and the bare script N times each (0 = skip)")
+    parser.add_argument("--pairs", type=int, default=3, metavar="N",
+                        help="startup: alternations of the default run, the bare script and the phased run "
+                             "after the warm-up (default 3)")
     parser.add_argument("--no-cores", action="store_true", help="cnn: skip the one-core vs all-cores runs")
     parser.add_argument("--no-float-noise", action="store_true",
                         help="skip the floor's second run from weights one ulp away (agreement tolerance 1e-6)")
@@ -81,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     results = {"load_average_at_start": os.getloadavg()[0], "cpus": len(os.sched_getaffinity(0))}
     print(f"machine: {results['cpus']} CPUs, load average {results['load_average_at_start']:.2f} at start", flush=True)
     for name in args.workload or (() if args.explore else DEFAULT_WORKLOADS):
+        if name == "startup":   # fresh processes only: nothing of TensorFlow loads here
+            results[name] = measure_startup(args.pairs, log, tuple(args.set))
+            print("\n".join(format_startup(results[name])), flush=True)
+            continue
         paths = tuple(args.paths or WORKLOAD_SPECS[name].paths)
         results[name] = run_workload(name, paths, not args.no_floor, args.whole_runs,
                                      not args.no_cores, log, tuple(args.set), not args.no_float_noise)

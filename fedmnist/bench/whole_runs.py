@@ -12,6 +12,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -22,20 +23,35 @@ from fedmnist.bench.memory import TreeMemory
 STOCK_WORKER_ENV = {"TF_NUM_INTRAOP_THREADS": "0"}
 
 
-def time_process(command: list[str], cpus: set[int] | None = None, env: dict[str, str] | None = None) -> dict:
+def time_process(command: list[str], cpus: set[int] | None = None, env: dict[str, str] | None = None,
+                 lines: bool = False) -> dict:
     """Wall time, CPU time (its own and its reaped children's, i.e. its TFF workers'), and peak tree
-    RSS of a fresh process. CPU seconds are less disturbed than wall time by other load on the machine."""
+    RSS of a fresh process. CPU seconds are less disturbed than wall time by other load on the machine.
+    With `lines`, also when each stdout line appeared (`lines`: (seconds since the start, line) pairs; the
+    process should not buffer its output, e.g. PYTHONUNBUFFERED=1)."""
+    timed_lines: list[tuple[float, str]] = []
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         started = time.perf_counter()
         # No preexec_fn: Python code between fork and exec can deadlock on a lock that one of this
         # process's threads (gRPC's, TreeMemory's) held at the fork. The affinity is set right after.
-        process = subprocess.Popen(command, stdout=out, stderr=err, text=True,
+        process = subprocess.Popen(command, stdout=subprocess.PIPE if lines else out, stderr=err, text=True,
                                    env=dict(os.environ) | (env or {}))
+        reader = None
+        if lines:
+            def read() -> None:
+                for line in process.stdout:
+                    timed_lines.append((time.perf_counter() - started, line.rstrip("\n")))
+                    out.write(line)
+
+            reader = threading.Thread(target=read, name="read stdout", daemon=True)
+            reader.start()
         if cpus is not None:
             os.sched_setaffinity(process.pid, cpus)
         with TreeMemory(process.pid) as memory:
             _, status, usage = os.wait4(process.pid, 0)
         seconds = time.perf_counter() - started
+        if reader is not None:
+            reader.join(timeout=10)  # the pipe closes when the process and anything it started are gone
         process.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
@@ -43,7 +59,7 @@ def time_process(command: list[str], cpus: set[int] | None = None, env: dict[str
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command[:4])}... failed ({process.returncode}): {stderr.strip()[-500:]}")
     return {"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime,
-            "peak_rss_gb": memory.peak / 1e9, "stdout": stdout}
+            "peak_rss_gb": memory.peak / 1e9, "stdout": stdout, "lines": timed_lines}
 
 
 def whole_runs(repeats: int) -> dict:

@@ -16,9 +16,11 @@ from fedmnist.outputs.metrics_log import MetricsLog
 if TYPE_CHECKING:
     from fedmnist.data.sources import FederatedDataset
 
-WORKLOADS = ("tutorial", "cnn", "scale", "paper-round")
+WORKLOADS = ("tutorial", "cnn", "scale", "paper-round", "startup")
 # `paper-round` is opt-in: each round trains 3,000 CNN steps, and the workload runs the package, the floor
 # and the floor's float32-noise run one after the other (its time: docs/performance.md, "paper-round").
+# `startup` is opt-in too: it times whole default runs in fresh processes (fedmnist/bench/startup.py), a few
+# minutes, and has no package paths or floor.
 DEFAULT_WORKLOADS = ("tutorial", "cnn")
 
 

@@ -1,14 +1,16 @@
-"""`python -m fedmnist.data describe`: what a federated population looks like.
+"""`fedmnist describe` (also `python -m fedmnist.data describe`): what a federated population looks like.
 
 Prints the number of clients, examples per client (min / median / max), and how skewed the clients'
 labels are: the mean total-variation distance between each client's label distribution and the
 whole population's (0 for identical mixes, 1 for disjoint labels), the mean number of distinct labels
 per client and the mean share of each client's most common label. Writes a PNG of per-client label
-histograms and of the examples-per-client distribution.
+histograms and of the examples-per-client distribution to `--output`, by default
+`runs/population-<dataset>-<partition>-<timestamp>.png` (beside the runs, never over an earlier one).
 """
 
 from __future__ import annotations
 
+import datetime
 import sys
 from pathlib import Path
 
@@ -78,25 +80,67 @@ def plot(counts: np.ndarray, path: Path, title: str, max_clients: int = 40) -> N
     plt.close(figure)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m fedmnist.data",
-                                     description="Describe the federated population a config selects.")
-    parser.add_argument("command", choices=["describe"])
+RUNS_ROOT = Path("runs")
+COMMAND = "describe"
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog=f"python -m fedmnist.data {COMMAND}",
+                            description="Describe the federated population a config selects: clients, examples "
+                                        "per client, label skew, and a PNG of per-client label histograms.")
     parser.add_argument("--config", help="YAML config file (default: the tutorial's)")
     parser.add_argument("--dataset", help="auto, emnist, digits, synthetic or mnist")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--output", type=Path, help="PNG path (default: population-<dataset>.png)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing PNG")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config key, e.g. --set data.partition=shards")
+    parser.add_argument("--output", type=Path, metavar="PNG",
+                        help="where to write the label histograms (default: "
+                             "runs/population-<dataset>-<partition>-<timestamp>.png)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    return parser
+
+
+def default_output(config) -> Path:
+    """`runs/population-digits-iid-20261127-101500.png`: beside the runs, a new file every time."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = f"population-{config.data.dataset}-{config.data.partition}-{stamp}"
+    for suffix in [""] + [f"-{i}" for i in range(2, 1000)]:
+        candidate = RUNS_ROOT / f"{base}{suffix}.png"
+        if not candidate.exists():
+            return candidate
+    raise UsageError("too many descriptions this second; pass --output")
+
+
+def output_path(requested: Path | None, overwrite: bool, config) -> Path:
+    if requested is None:
+        return default_output(config)
+    if requested.suffix.lower() != ".png":
+        raise UsageError(f"--output {requested}: give a .png file name")
+    if requested.is_dir():
+        raise UsageError(f"--output {requested} is a directory; give a file name")
+    if requested.exists() and not overwrite:
+        raise UsageError(f"--output {requested} exists; pass --overwrite or another --output")
+    if not requested.parent.is_dir():
+        raise UsageError(f"--output {requested}: directory {requested.parent} does not exist")
+    return requested
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`fedmnist describe ARGS`, or `python -m fedmnist.data describe ARGS` (argv from the command line)."""
+    from_module = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == [COMMAND]:
+        argv = argv[1:]
+    elif from_module and not set(argv[:1]) & {"-h", "--help"}:
+        print(f"error: expected the command: python -m fedmnist.data {COMMAND} [options] (see --help)",
+              file=sys.stderr)
+        return 2
     try:
-        args = parser.parse_args(argv)
+        args = build_parser().parse_args(argv)
         overrides = ([f"data.dataset={args.dataset}"] if args.dataset else []) + args.set
         config = config_lib.load(args.config, overrides)
+        output = output_path(args.output, args.overwrite, config)
     except (UsageError, config_lib.ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
-    output = args.output or Path(f"population-{config.data.dataset}.png")
-    if output.exists() and not args.overwrite:
-        print(f"error: {output} exists; pass --overwrite or another --output", file=sys.stderr)
         return 2
 
     from fedmnist.data.sources import DataUnavailableError, load_dataset
@@ -109,6 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     counts = label_counts(dataset.train, dataset.train.client_ids, dataset.num_classes)
     name = f"{dataset.name}, partition {config.data.partition}" if dataset.name != "emnist" else "emnist"
     print(format_description(name, describe(counts)))
-    plot(counts, output, name)
+    try:
+        if output.parent == RUNS_ROOT:
+            RUNS_ROOT.mkdir(exist_ok=True)
+        plot(counts, output, name)
+    except OSError as error:
+        print(f"error: cannot write {output}: {error.strerror or error}", file=sys.stderr)
+        return 1
     print(f"label histograms: {output}")
     return 0

@@ -14,13 +14,14 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from fedmnist.outputs.records import ACCURACY, METRICS_FILE, RoundRecord, accuracy_key
+from fedmnist.outputs.records import (ACCURACY, CENTRALIZED_EVALUATION, EVALUATION_ON_TEST_DATA,
+                                      EVALUATION_ON_TRAINING_DATA, LOCAL_TRAINING, METRICS_FILE, RoundRecord,
+                                      accuracy_key)
 
 CURVES_FILE = "curves.png"
-# (where the metrics live in a row, legend label, line style)
-_SERIES = ((("train",), "train (during local training)", "-"),
-           (("eval", "train"), "eval on train data", "--"),
-           (("eval", "test"), "eval on test data", ":"))
+# (what is measured, line style); the legend says its name
+_SERIES = ((LOCAL_TRAINING, "-"), (EVALUATION_ON_TRAINING_DATA, "--"), (EVALUATION_ON_TEST_DATA, ":"),
+           (CENTRALIZED_EVALUATION, "-."))
 
 
 class RunError(ValueError):
@@ -31,7 +32,7 @@ def read_records(run_dir: str | Path) -> list[RoundRecord]:
     """The rounds of a run's `metrics.jsonl`, checked enough to plot them."""
     path = Path(run_dir) / METRICS_FILE
     if not Path(run_dir).is_dir():
-        raise RunError(f"{run_dir}: no such run directory")
+        raise RunError(f"{run_dir}: " + ("not a directory" if Path(run_dir).exists() else "no such run directory"))
     try:
         lines = path.read_text().splitlines()
     except FileNotFoundError:
@@ -71,14 +72,15 @@ def series(records: Sequence[RoundRecord], path: Sequence[str], metric: str) -> 
 
 
 def plot_curves(records: Sequence[RoundRecord], title: str = "") -> Figure:
-    """Loss and accuracy per round: training metrics and federated evaluation, side by side."""
+    """Loss and accuracy per round: local training, federated evaluation on training and test data, and
+    centralized evaluation when the run has it, side by side."""
     figure = Figure(figsize=(10, 4), dpi=100, layout="constrained")
     loss_axes, accuracy_axes = figure.subplots(1, 2)
     for axes, metric, label in ((loss_axes, "loss", "loss"), (accuracy_axes, ACCURACY, "accuracy")):
-        for path, name, style in _SERIES:
-            rounds, values = series(records, path, metric)
+        for measured, style in _SERIES:
+            rounds, values = series(records, measured.path, metric)
             if rounds:
-                axes.plot(rounds, values, style, marker="o", markersize=4, label=name)
+                axes.plot(rounds, values, style, marker="o", markersize=4, label=measured.name)
         axes.set_xlabel("round")
         axes.set_ylabel(label)
         axes.grid(alpha=0.3)
@@ -102,18 +104,18 @@ def write_curves(run_dir: str | Path, title: str | None = None) -> Path:
 
 
 def plot_accuracy_overlay(runs: Mapping[str, Sequence[RoundRecord]]) -> Figure:
-    """The accuracy curves of several runs in one figure: training accuracy on the left,
-    federated evaluation on test data on the right, one colour per run."""
+    """The accuracy curves of several runs in one figure: local training on the left, evaluation on test
+    data on the right, one colour per run."""
     figure = Figure(figsize=(11, 4.5), dpi=100, layout="constrained")
     train_axes, test_axes = figure.subplots(1, 2, sharey=True)
     for index, (name, records) in enumerate(runs.items()):
         colour = f"C{index % 10}"
-        for axes, path in ((train_axes, ("train",)), (test_axes, ("eval", "test"))):
+        for axes, path in ((train_axes, LOCAL_TRAINING.path), (test_axes, EVALUATION_ON_TEST_DATA.path)):
             rounds, values = series(records, path, ACCURACY)
             if rounds:
                 axes.plot(rounds, values, "-", marker="o", markersize=4, color=colour, label=name)
-    train_axes.set_title("train accuracy (during local training)")
-    test_axes.set_title("federated evaluation on test data")
+    train_axes.set_title(f"accuracy in {LOCAL_TRAINING.name}")
+    test_axes.set_title(f"accuracy in {EVALUATION_ON_TEST_DATA.name}")
     for axes in (train_axes, test_axes):
         axes.set_xlabel("round")
         axes.grid(alpha=0.3)

@@ -15,6 +15,40 @@ METRICS_FILE = "metrics.jsonl"
 ACCURACY = "sparse_categorical_accuracy"
 
 
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    """One thing a run measures, named once for everywhere a person reads it: the console, summary.json,
+    `fedmnist report`, TensorBoard, curves.png and the notebooks. `path` is where its metrics live in a
+    `RoundRecord` (metrics.jsonl keeps its keys, `train` and `eval`, so older runs still resume and
+    report); `name` is what a person reads; `key` is its summary.json key and TensorBoard tag part."""
+
+    path: tuple[str, ...]
+    name: str
+    key: str
+
+
+LOCAL_TRAINING = Measurement(("train",), "local training", "local_training")
+EVALUATION_ON_TRAINING_DATA = Measurement(("eval", "train"), "evaluation on training data",
+                                          "evaluation_on_training_data")
+EVALUATION_ON_TEST_DATA = Measurement(("eval", "test"), "evaluation on test data", "evaluation_on_test_data")
+CENTRALIZED_EVALUATION = Measurement(("eval", "centralized"), "centralized evaluation", "centralized_evaluation")
+# Local training: the metrics TFF's `client_work/train` reports, computed by the clients while they train
+# in a round (the model changes as they go). Evaluation on training / test data: federated evaluation
+# (`build_fed_eval`) of the global model on the evaluation clients' training / test data. Centralized
+# evaluation: the server evaluates the global model on the pooled test set.
+MEASUREMENTS = (LOCAL_TRAINING, EVALUATION_ON_TRAINING_DATA, EVALUATION_ON_TEST_DATA, CENTRALIZED_EVALUATION)
+# TensorBoard: learning curves are `<metric>/<measurement key>` (`loss/local_training`,
+# `accuracy/evaluation_on_test_data`), so they come first in TensorBoard's alphabetical groups; everything
+# else about a round (participation, aggregation, learning rates, examples, seconds) is under `round/`.
+ROUND_GROUP = "round"
+COUNTS = ("num_examples", "num_batches")
+
+
+def measurement(split: str) -> Measurement:
+    """The measurement of an `eval` entry: "train", "test" or "centralized"."""
+    return next(m for m in MEASUREMENTS if m.path == ("eval", split))
+
+
 @dataclasses.dataclass
 class RoundRecord:
     """One round of a run, as one line of `metrics.jsonl`.
@@ -57,14 +91,24 @@ class RoundRecord:
             value = value.get(key) if isinstance(value, Mapping) else None
         return value if isinstance(value, Mapping) else None
 
-    def scalars(self) -> dict:
-        """The numbers TensorBoard shows for the round, nested by section."""
-        sections = {name: getattr(self, name)
-                    for name in ("train", "eval", "participation", "aggregation", "learning_rate")}
-        scalars = {name: value for name, value in sections.items() if value}
+    def scalars(self) -> dict[str, float]:
+        """The numbers TensorBoard shows for the round, by tag: learning curves as `<metric>/<measurement>`
+        (`accuracy` for the accuracy, whatever the model calls it), the rest under `round/`."""
+        tags: dict[str, float] = {}
+        for measured in MEASUREMENTS:
+            metrics = self.metrics(measured.path) or {}
+            for name, value in flatten(metrics).items():
+                if name in COUNTS:
+                    tags[f"{ROUND_GROUP}/{measured.key}/{name}"] = value
+                else:
+                    tags[f"{'accuracy' if name == accuracy_key(metrics) else name}/{measured.key}"] = value
+        for section in ("participation", "aggregation", "learning_rate"):
+            tags |= flatten(getattr(self, section) or {}, f"{ROUND_GROUP}/{section}/")
         if self.events:
-            scalars["runtime"] = {"worker_restarts": sum(e.get("event") == "worker_restarted" for e in self.events)}
-        return scalars | ({} if self.seconds is None else {"time": {"round_seconds": self.seconds}})
+            tags[f"{ROUND_GROUP}/worker_restarts"] = sum(e.get("event") == "worker_restarted" for e in self.events)
+        if self.seconds is not None:
+            tags[f"{ROUND_GROUP}/seconds"] = self.seconds
+        return tags
 
 
 def accuracy_key(metrics: Mapping) -> str:

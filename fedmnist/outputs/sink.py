@@ -24,7 +24,7 @@ import tensorflow_federated as tff
 from fedmnist.outputs.checkpoint import Checkpoints
 from fedmnist.outputs.metrics_log import MetricsLog, write_json
 from fedmnist.outputs.records import RoundRecord
-from fedmnist.outputs.tensorboard import TensorBoardLog, drop_events_after, weight_arrays
+from fedmnist.outputs.tensorboard import TensorBoardLog, drop_events_after, scalar_tags, weight_arrays
 from fedmnist.schedule import due
 
 SUMMARY_FILE = "summary.json"
@@ -71,19 +71,20 @@ class MetricsRelease(RunOutput):
 
 
 class TensorBoardRelease(RunOutput):
-    """The record's scalars every round; weight histograms every `histogram_every` rounds (0: never) and in
-    the last."""
+    """The record's scalars every round, and the custom-scalars layout when they bring new tags; weight
+    histograms every `histogram_every` rounds (0: never) and in the last."""
 
     def __init__(self, run_dir: Path, weight_names: list[str], histogram_every: int, last_round: int,
                  config_text: str | None):
         self.run_dir, self.weight_names = run_dir, weight_names
         self.histogram_every, self.last_round = histogram_every or None, last_round
         self.config_text = config_text
+        self.known_tags: set[str] = set()
         self.board: TensorBoardLog | None = None
 
     def _open(self) -> TensorBoardLog:
         if self.board is None:
-            self.board = TensorBoardLog(self.run_dir)
+            self.board = TensorBoardLog(self.run_dir, self.known_tags)
             if self.config_text is not None:
                 self.board.write_text("config", self.config_text)
         return self.board
@@ -97,6 +98,7 @@ class TensorBoardRelease(RunOutput):
     def drop_after(self, round_num: int, warn: Callable[[str], None]) -> None:
         drop_events_after(self.run_dir, round_num, warn)
         self.config_text = None  # written when the run began
+        self.known_tags = scalar_tags(self.run_dir)  # the layout kept covers them; new tags extend it
 
     def close(self) -> None:
         if self.board is not None:
@@ -115,14 +117,21 @@ class CheckpointRelease(RunOutput):
 
 
 class ModelFile(RunOutput):
-    """`model.keras`: the final global model."""
+    """`model.keras`: the final global model, compiled (loss and accuracy), so `load_model(path)` can
+    `predict` and `evaluate`. Its optimizer is Keras's default from `compile`, never used (federated
+    averaging trained the weights); its variables are created before saving, so the file holds them all and
+    loading it prints nothing (an unbuilt optimizer makes `load_model` warn "Skipping variable loading for
+    optimizer")."""
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / MODEL_FILE
 
     def finish(self, result: FinalResult) -> None:
         partial = self.path.with_name(f".partial-{self.path.name}")  # renamed when whole
-        result.keras_model().save(partial)
+        keras_model = result.keras_model()
+        if getattr(keras_model, "optimizer", None) is not None:
+            keras_model.optimizer.build(keras_model.trainable_variables)
+        keras_model.save(partial)
         os.replace(partial, self.path)
 
 

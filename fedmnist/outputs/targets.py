@@ -65,5 +65,10 @@ def summarize(records: Sequence[RoundRecord], targets: Sequence[float] = DEFAULT
 
 
 def describe(reached: float | None, rounds: int) -> str:
-    """`19.4` or `not reached in 50 rounds`."""
-    return f"{reached:.1f}" if reached is not None else f"not reached in {rounds} rounds"
+    """`19.4` or `not reached in 50 rounds` (`in 1 round`)."""
+    return f"{reached:.1f}" if reached is not None else f"not reached in {count_rounds(rounds)}"
+
+
+def count_rounds(rounds: int) -> str:
+    """`1 round`, `10 rounds`."""
+    return f"{rounds} round{'s' * (rounds != 1)}"

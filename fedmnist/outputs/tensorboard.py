@@ -1,14 +1,19 @@
-"""TensorBoard event files of a run: per-round scalars, weight histograms, the resolved config.
+"""TensorBoard event files of a run: per-round scalars, their layout, weight histograms, the resolved config.
 
-Scalars under `train/...`, `eval/train/...`, `eval/test/...`, `participation/...`, `aggregation/...`,
-`time/...`, `learning_rate/...`; histograms `weights/...`; the config as text. By hand:
-`uv run tensorboard --logdir runs` (all runs) or `--logdir runs/<run>`.
+Scalars (fedmnist/outputs/records.py names them): the learning curves as `<metric>/<measurement>`, e.g.
+`loss/local_training`, `accuracy/evaluation_on_test_data`, `accuracy/centralized_evaluation`, first in
+TensorBoard's alphabetical groups; the rest of each round under `round/...` (participation, aggregation,
+learning rates, examples, seconds). Histograms `weights/...`; the config as text. A custom-scalars layout
+(TensorBoard's CUSTOM SCALARS tab) draws local training and evaluation in one chart per metric, with the
+`round/...` charts in collapsed sections below. By hand: `uv run tensorboard --logdir runs` (every run,
+each named by its directory).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,18 +21,40 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 from tensorboard.compat.proto import event_pb2
+from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.plugins.custom_scalar import metadata as layout_metadata
 
-from fedmnist.outputs.records import flatten
+from fedmnist.outputs.records import MEASUREMENTS, ROUND_GROUP, flatten
+
+LEARNING_CURVES = "learning curves: local training and evaluation"
+# The `round/...` sections of the layout, in order: (the tag's part after `round/`, the section's title).
+ROUND_SECTIONS = (("participation", "participation: clients per round"),
+                  ("aggregation", "aggregation: what each client uploads"),
+                  ("examples", "examples and batches per round"),
+                  ("learning_rate", "learning rates"),
+                  ("time", "time and runtime"))
+_METRIC_ORDER = ("loss", "accuracy")
 
 
 class TensorBoardLog:
-    def __init__(self, run_dir: Path):
+    """A run's TensorBoard writer. Every time a round brings scalars not seen before (the first round,
+    the first evaluated round), the custom-scalars layout is written again at that step, naming every
+    scalar written so far; `known_tags` are those already in the run's files (a resumed run)."""
+
+    def __init__(self, run_dir: Path, known_tags: Iterable[str] = ()):
         self.writer = tf.summary.create_file_writer(str(run_dir))
+        self.tags = set(known_tags)
 
     def write(self, step: int, metrics: Mapping) -> None:
+        values = flatten(metrics)
         with self.writer.as_default():
-            for tag, value in flatten(metrics).items():
+            for tag, value in values.items():
                 tf.summary.scalar(tag, value, step=step)
+            if not values.keys() <= self.tags:
+                self.tags |= values.keys()
+                tf.summary.write(layout_metadata.CONFIG_SUMMARY_TAG,
+                                 tf.constant(layout(self.tags).SerializeToString()), step=step,
+                                 metadata=layout_metadata.create_summary_metadata().SerializeToString())
         self.writer.flush()
 
     def write_text(self, tag: str, text: str, step: int = 0) -> None:
@@ -46,6 +73,53 @@ class TensorBoardLog:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def layout(tags: Iterable[str]) -> layout_pb2.Layout:
+    """The custom-scalars layout of a run's scalar `tags`: first, open, one chart per metric (loss, accuracy,
+    then any other) drawing every measurement of it together; below, collapsed, one chart per `round/` tag
+    by section. A learning-curve chart matches its metric's group (`^loss/`), so runs with other
+    measurements share it when TensorBoard merges their layouts."""
+    tags = sorted(set(tags))
+    metrics = sorted({tag.split("/")[0] for tag in tags if "/" in tag and not tag.startswith(ROUND_GROUP + "/")},
+                     key=lambda m: (_METRIC_ORDER.index(m) if m in _METRIC_ORDER else len(_METRIC_ORDER), m))
+    curves = layout_pb2.Category(title=LEARNING_CURVES, closed=False)
+    for metric in metrics:
+        curves.chart.add(title=f"{metric} per round",
+                         multiline=layout_pb2.MultilineChartContent(tag=[f"^{re.escape(metric)}/"]))
+    categories = [curves] if metrics else []
+    by_section: dict[str, list[str]] = {}
+    for tag in tags:
+        if tag.startswith(ROUND_GROUP + "/"):
+            by_section.setdefault(_round_section(tag), []).append(tag)
+    for section, title in ROUND_SECTIONS:
+        if by_section.get(section):
+            category = layout_pb2.Category(title=title, closed=True)
+            for tag in by_section[section]:
+                category.chart.add(title=tag, multiline=layout_pb2.MultilineChartContent(tag=[f"^{re.escape(tag)}$"]))
+            categories.append(category)
+    return layout_pb2.Layout(category=categories)
+
+
+def _round_section(tag: str) -> str:
+    """`round/participation/selected` -> participation; a measurement's counts -> examples; the rest -> time."""
+    part = tag.split("/")[1] if tag.count("/") > 1 else ""
+    if part in ("participation", "aggregation", "learning_rate"):
+        return part
+    if part in {m.key for m in MEASUREMENTS}:
+        return "examples"
+    return "time"
+
+
+def scalar_tags(run_dir: Path) -> set[str]:
+    """The scalar tags in a run's event files (what a resumed run has already written)."""
+    tags = set()
+    for path in sorted(Path(run_dir).glob("events.out.tfevents.*")):
+        for record in read_records(path)[0]:
+            for value in event_pb2.Event.FromString(record).summary.value:
+                if value.metadata.plugin_data.plugin_name == "scalars":
+                    tags.add(value.tag)
+    return tags
 
 
 def drop_events_after(run_dir: Path, round_num: int, warn: Callable[[str], None] = lambda line: None) -> None:

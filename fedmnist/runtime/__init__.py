@@ -4,6 +4,10 @@
 - `local_runtime(...)`: a context manager giving a run its own workers (or remote ones) for its duration.
 - `start_local_runtime()`: the same for interactive sessions; `.close()` it when done.
 - `LocalWorker`, `loopback_worker`: one worker process; `python -m fedmnist.worker` serves one for others.
+- `TlsFiles`: the CA, certificate and key a run uses for workers started with `--tls` (`fedmnist.runtime.tls`).
+
+The workers a run starts serve its own user only, and remote workers can require mutual TLS:
+docs/security.md.
 
 Nothing runs at import, and TensorFlow loads only when one of these names is first used, so the
 command-line tools check their arguments first.
@@ -16,7 +20,8 @@ _EXPORTS = {
     "Runtime": "contexts", "active_runtime": "contexts", "WorkerLostError": "watch",
     "execution_context": "contexts", "multi_worker_context": "contexts", "executor_factory": "contexts",
     "LocalWorker": "workers", "RuntimeStartError": "workers", "loopback_worker": "workers",
-    "connect": "workers", "LOOPBACK": "workers",
+    "connect": "workers", "LOOPBACK": "workers", "private_directory": "workers",
+    "TlsFiles": "tls", "TlsError": "tls",
     "die_with_parent": "processes", "worker_children": "processes",
 }
 __all__ = sorted(_EXPORTS)

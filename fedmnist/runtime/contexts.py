@@ -10,6 +10,10 @@ With several workers (local ones the package starts, or `python -m fedmnist.work
 by address) each round's clients are split across them by TFF's mergeable-computation context
 (`tff.backends.native.create_mergeable_comp_execution_context`): every worker trains its share of
 the clients and pre-aggregates it, and the partial aggregates are merged.
+
+Workers named by address are reached with mutual TLS when the run has TLS files (`fedmnist.runtime.tls`,
+from the environment unless given), else in plain gRPC: then a loopback address must be served by this
+user (`watch.foreign_listeners`), and any other gets one warning line (docs/security.md).
 """
 
 from __future__ import annotations
@@ -17,12 +21,14 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import tensorflow_federated as tff
 
-from fedmnist.runtime.watch import WorkerWatch
+from fedmnist.runtime import bind, tls
+from fedmnist.runtime.watch import WorkerWatch, foreign_listeners, split_address
 from fedmnist.runtime.workers import (LocalWorker, RuntimeStartError, loopback_worker, release_large_buffers,
                                       wait_until_ready)
 
@@ -99,18 +105,29 @@ class Runtime(Sequence):
     """
 
     def __init__(self, log_path: Path | None = None, num_workers: int = 1, addresses: Sequence[str] = (),
-                 timeout: float = 20.0):
+                 timeout: float = 20.0, tls_files: tls.TlsFiles | None = None):
         self.log_path, self.num_workers, self.addresses, self.timeout = log_path, num_workers, list(addresses), timeout
+        self.credentials = tls_files.load() if tls_files is not None and self.addresses else None
         self.workers: list[LocalWorker] = []
         self.watches: list[WorkerWatch] = []
         self.restarts = 0
 
     def start(self) -> None:
         if self.addresses:
-            self.watches = [WorkerWatch(f"worker {number}", address, timeout=self.timeout)
+            self._check_addresses()
+            channel_credentials = self.credentials.channel() if self.credentials else None
+            self.watches = [WorkerWatch(f"worker {number}", address, timeout=self.timeout,
+                                        credentials=channel_credentials, startup=self.timeout)
                             for number, address in enumerate(self.addresses, start=1)]
             for watch in self.watches:
-                wait_until_ready(watch.stub, watch.address, timeout=self.timeout)
+                try:
+                    wait_until_ready(watch.stub, watch.address, timeout=self.timeout)
+                except RuntimeStartError:
+                    parts = split_address(watch.address)
+                    problem = self.credentials.handshake_problem(*parts) if self.credentials and parts else None
+                    if problem is None:
+                        raise
+                    raise RuntimeStartError(f"TFF worker at {watch.address}: {problem}") from None
             readies = []
         else:
             self.workers = [loopback_worker(log_path=self.log_path) for _ in range(self.num_workers)]
@@ -119,6 +136,22 @@ class Runtime(Sequence):
             readies = [_ready_once(watch, worker) for watch, worker in zip(self.watches, self.workers)]
         tff.framework.get_context_stack().set_default_context(
             multi_worker_context([watch.stub for watch in self.watches], readies))
+
+    def _check_addresses(self) -> None:
+        """Refuses a loopback address another user listens on; warns once about plain gRPC off loopback."""
+        for address in self.addresses:
+            foreign = foreign_listeners(address) if self.credentials is None else set()
+            if foreign:
+                raise RuntimeStartError(
+                    f"TFF worker at {address} is served by another user (uid {min(foreign)}): a worker receives "
+                    "the run's data and chooses what it gets back, so fedmnist uses only its own user's")
+        plain = [address for address in self.addresses
+                 if self.credentials is None and not bind.is_loopback((split_address(address) or ("",))[0])]
+        if plain and not _warned_plain:
+            _warned_plain.append(True)
+            print(f"fedmnist: warning: worker{'s' * (len(plain) > 1)} {', '.join(plain)} reached in plain gRPC, "
+                  "unauthenticated and unencrypted; set FEDMNIST_TLS_CA, FEDMNIST_TLS_CERT and FEDMNIST_TLS_KEY "
+                  "for workers started with --tls (docs/security.md)", file=sys.stderr, flush=True)
 
     def restart(self) -> None:
         """Stops every local worker and starts new ones (a round in flight on them is abandoned)."""
@@ -147,6 +180,7 @@ class Runtime(Sequence):
 
 
 _active: list[Runtime] = []
+_warned_plain: list[bool] = []
 
 
 def active_runtime() -> Runtime | None:
@@ -156,17 +190,21 @@ def active_runtime() -> Runtime | None:
 
 @contextlib.contextmanager
 def local_runtime(log_path: Path | None = None, num_workers: int = 1, addresses: Sequence[str] = (),
-                  timeout: float = 20.0) -> Iterator[Runtime]:
+                  timeout: float = 20.0, tls_files: tls.TlsFiles | None = None) -> Iterator[Runtime]:
     """Makes TFF's default context run on watched workers, and stops the workers it started on the way out.
 
     With `addresses` it connects to those running workers (`python -m fedmnist.worker`), failing with
-    `RuntimeStartError` when one does not answer within `timeout` seconds; otherwise it starts
-    `num_workers` local ones on loopback. The previous default context is restored.
+    `RuntimeStartError` when one does not answer within `timeout` seconds; with mutual TLS when
+    `tls_files` are given or named in the environment (`tls.from_environment`). Otherwise it starts
+    `num_workers` local ones on loopback, which serve this user only. The previous default context is
+    restored. Raises `tls.TlsError` for TLS files that cannot be used.
     """
+    if tls_files is None and addresses:
+        tls_files = tls.from_environment()
     release_large_buffers()
     context_stack = tff.framework.get_context_stack()
     previous = context_stack.current
-    runtime = Runtime(log_path, num_workers, addresses, timeout)
+    runtime = Runtime(log_path, num_workers, addresses, timeout, tls_files)
     _active.append(runtime)
     try:
         runtime.start()

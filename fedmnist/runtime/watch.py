@@ -5,24 +5,33 @@ stops answering never returns: a killed `worker_binary` would hang the run. So e
 talks to gets a `WorkerWatch`, a thread that
 
 - notices at once when a worker this package started exits (its process is a child of ours), and
-- checks every `interval` seconds that the worker completes a fresh gRPC handshake. A busy worker
-  does (gRPC answers on its own threads while the clients train); a stopped, hung or vanished one
-  does not. Progress is "the worker answers", never "the round is short", so a long round does not
-  trip it; `timeout` seconds without an answer do.
+- checks every `interval` seconds that the worker completes a fresh gRPC handshake, on a connection
+  of its own, within a deadline. A busy worker does (gRPC answers on its own threads while the clients
+  train); a stopped, hung or vanished one does not, nor one behind a route that drops packets.
+  Progress is "the worker answers", never "the round is short", so a long round does not trip it;
+  `timeout` seconds without an answer do, and the probes' deadlines are cut so that the verdict comes
+  `timeout` seconds after the last answer, not later.
 
 A lost worker's watch closes the channel the run's calls use, which ends any call in flight, and
 `WatchedStub` turns that failure, and every later call, into `WorkerLostError`, which TFF does not
-retry: it reaches the round loop, which restarts local workers or stops the run with one line.
+retry: it reaches the round loop, which restarts local workers or stops the run with one line. So
+every call has a deadline: the watch's verdict. The calls TFF makes from finalizers, which may run in
+any thread (the watch's own included) and where an exception is swallowed, never wait: disposals are
+sent without waiting for the answer, and an executor's disposal waits at most `timeout` seconds.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
 
 import grpc
 import tensorflow_federated as tff
+from tensorflow_federated.proto.v0 import executor_pb2, executor_pb2_grpc
+
+from fedmnist.runtime import bind
 
 GRPC_MAX_MESSAGE_BYTES = 2 * 1000 * 1000 * 1000
 GRPC_OPTIONS = [
@@ -30,6 +39,36 @@ GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
 ]
+# A probe opens a connection of its own: sharing one with another channel to the same address, it could
+# see a connection that is still "ready" while the worker behind it no longer answers.
+PROBE_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
+PROBE_SECONDS = 2.0  # a probe's longest wait for the handshake
+STARTUP_SECONDS = 60.0  # the longest a watch treats a silent worker as one still starting
+
+
+def open_channel(address: str, credentials: grpc.ChannelCredentials | None = None,
+                 options: list[tuple[str, object]] = GRPC_OPTIONS) -> grpc.Channel:
+    """A gRPC channel to a worker: TLS with `credentials` (`python -m fedmnist.worker --tls`), else plain."""
+    if credentials is None:
+        return grpc.insecure_channel(address, options)
+    return grpc.secure_channel(address, credentials, options)
+
+
+def split_address(address: str) -> tuple[str, int] | None:
+    """(host, port) of a `host:port` address (IPv6 hosts in brackets); None for others (`unix:PATH`)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or address.startswith("unix:"):
+        return None
+    return host.strip("[]"), int(port)
+
+
+def foreign_listeners(address: str) -> set[int]:
+    """For a loopback `host:port`: the other users (uids) whose sockets listen there. A worker of another
+    user would receive the run's data and choose what the run gets back."""
+    parts = split_address(address)
+    if parts is None or not bind.is_loopback(parts[0]):
+        return set()
+    return bind.listener_owners(*parts) - {os.geteuid()}
 
 
 class WorkerLostError(RuntimeError):
@@ -48,13 +87,17 @@ def exit_cause(returncode: int) -> str:
 class WorkerWatch:
     """The run's channel to one worker, and a thread that declares the worker lost when it dies or
     stays silent for `timeout` seconds. `process` returns the worker's process when this package
-    started it (None for a remote worker)."""
+    started it (None for a remote worker). `credentials` for a worker that serves TLS. A worker starting
+    may stay silent for `startup` seconds (its starter has its own deadline). A worker on a loopback
+    address that another user's socket listens on is lost at once (`foreign_listeners`)."""
 
     def __init__(self, name: str, address: str, process: Callable[[], object] | None = None,
-                 timeout: float = 20.0, interval: float = 1.0):
+                 timeout: float = 20.0, interval: float = 1.0, credentials: grpc.ChannelCredentials | None = None,
+                 startup: float = STARTUP_SECONDS):
         self.name, self.address, self.timeout, self.interval = name, address, timeout, interval
+        self.credentials, self.startup = credentials, startup
         self._process = process
-        self.channel = grpc.insecure_channel(address, GRPC_OPTIONS)
+        self.channel = open_channel(address, credentials)
         self.stub = WatchedStub(tff.framework.RemoteExecutorGrpcStub(self.channel), self)
         self.lost: WorkerLostError | None = None
         self.last_answer = time.monotonic()
@@ -64,22 +107,34 @@ class WorkerWatch:
 
     def _watch(self) -> None:
         # Until the worker has answered once, starting it is `wait_until_ready`'s business (it has its
-        # own deadline, and starts a worker that aborted while starting once more).
-        while not self._stopped.wait(self.interval) and not self.stub.is_ready:
+        # own deadline, and starts a worker that aborted while starting once more); past `startup`
+        # seconds, silence counts.
+        starting_until = time.monotonic() + self.startup
+        while (not self._stopped.wait(self.interval) and not self.stub.is_ready
+               and time.monotonic() < starting_until):
             self.last_answer = time.monotonic()
-        while not self._stopped.wait(self.interval):
+        while not self._stopped.is_set():
             if self.check_process():
                 return
-            if self._answers():
+            foreign = foreign_listeners(self.address) if self._process is None else set()
+            if foreign:
+                self._declare(f"is served by another user (uid {min(foreign)}) now", restartable=False)
+                return
+            if self._answers(max(0.1, min(PROBE_SECONDS, self.remaining()))):
                 self.last_answer = time.monotonic()
-            elif self.silent_for() > self.timeout:
+            elif self.remaining() <= 0:
                 self._declare(f"did not answer for {self.timeout:g} s (worker_timeout_seconds)", restartable=False)
                 return
+            self._stopped.wait(max(0.0, min(self.interval, self.remaining())))
 
-    def _answers(self) -> bool:
-        probe = grpc.insecure_channel(self.address)
+    def remaining(self) -> float:
+        """Seconds until the worker is lost if it stays silent."""
+        return self.timeout - self.silent_for()
+
+    def _answers(self, deadline: float) -> bool:
+        probe = open_channel(self.address, self.credentials, PROBE_OPTIONS)
         try:
-            grpc.channel_ready_future(probe).result(timeout=max(self.interval, 2.0))
+            grpc.channel_ready_future(probe).result(timeout=deadline)
             return True
         except grpc.FutureTimeoutError:
             return False
@@ -117,9 +172,14 @@ class WatchedStub(tff.framework.RemoteExecutorStub):
 
     def __init__(self, stub: tff.framework.RemoteExecutorGrpcStub, watch: WorkerWatch):
         self._stub, self._watch = stub, watch
+        self._raw = executor_pb2_grpc.ExecutorGroupStub(watch.channel)
+        self._disposals: set[grpc.Future] = set()
+        self._lock = threading.Lock()
 
     def _call(self, method: str, request):
-        if self._watch.lost is not None:
+        # A worker this package started is called only while its process lives: once it has died, its
+        # port is free, and whatever listens there next must not receive the run's calls.
+        if self._watch.check_process():
             raise self._watch.lost
         try:
             return getattr(self._stub, method)(request)
@@ -127,12 +187,6 @@ class WatchedStub(tff.framework.RemoteExecutorStub):
             if self._watch.check_process():
                 raise self._watch.lost from None
             raise
-
-    def _dispose(self, method: str, request):
-        # A lost worker has nothing left to free (and TFF disposes from finalizers, where raising is noise).
-        if self._watch.lost is not None:
-            return None
-        return getattr(self._stub, method)(request)
 
     def get_executor(self, request):
         return self._call("get_executor", request)
@@ -153,10 +207,31 @@ class WatchedStub(tff.framework.RemoteExecutorStub):
         return self._call("compute", request)
 
     def dispose(self, request):
-        return self._dispose("dispose", request)
+        """Sent, not waited for: TFF disposes from finalizers, which may run in any thread (this worker's
+        watch included) at any time, and must never wait on a worker that may not answer."""
+        if self._watch.check_process():
+            return executor_pb2.DisposeResponse()
+        try:
+            future = self._raw.Dispose.future(request, timeout=self._watch.timeout)
+        except Exception:  # noqa: BLE001 - a closed channel: nothing left to free
+            return executor_pb2.DisposeResponse()
+        with self._lock:
+            self._disposals.add(future)
+        future.add_done_callback(self._disposed)
+        return executor_pb2.DisposeResponse()
+
+    def _disposed(self, future: grpc.Future) -> None:
+        with self._lock:
+            self._disposals.discard(future)
 
     def dispose_executor(self, request):
-        return self._dispose("dispose_executor", request)
+        """Waits at most the worker timeout; a worker that cannot be reached has nothing left to free."""
+        if self._watch.check_process():
+            return executor_pb2.DisposeExecutorResponse()
+        try:
+            return self._raw.DisposeExecutor(request, timeout=self._watch.timeout)
+        except Exception:  # noqa: BLE001 - as above; TFF ignores the answer
+            return executor_pb2.DisposeExecutorResponse()
 
     @property
     def is_ready(self) -> bool:

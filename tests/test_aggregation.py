@@ -52,10 +52,10 @@ def test_secure_training_matches_plain_within_the_quantization_error(runs):
     plain_summary, _, _, plain_dir = runs("plain")
     secure_summary, rows, _, secure_dir = runs("secure-exact")
     step = rows[0]["aggregation"]["quantization_step"]
-    for split in ("train", "test"):
-        assert secure_summary["eval"][split]["sparse_categorical_accuracy"] == pytest.approx(
-            plain_summary["eval"][split]["sparse_categorical_accuracy"], abs=0.01)
-        assert secure_summary["eval"][split]["loss"] == pytest.approx(plain_summary["eval"][split]["loss"], abs=1e-3)
+    for key in ("evaluation_on_training_data", "evaluation_on_test_data"):
+        assert secure_summary[key]["sparse_categorical_accuracy"] == pytest.approx(
+            plain_summary[key]["sparse_categorical_accuracy"], abs=0.01)
+        assert secure_summary[key]["loss"] == pytest.approx(plain_summary[key]["loss"], abs=1e-3)
     # Each round's mean update is off by at most half a step per weight; the server applies it with
     # learning rate 1, so after ROUNDS rounds the models differ by about ROUNDS half-steps at most.
     for secure, plain in zip(final_weights(secure_dir), final_weights(plain_dir)):
@@ -89,7 +89,7 @@ def test_secure_rounds_report_dropouts_and_protocol_bytes(runs):
         assert report["bytes_per_client"] > 4 * 7851 and report["extra_bytes_per_client"] > 0
     assert sum("secure sum of" in line for line in lines) == ROUNDS
     assert summary["aggregation"]["upload_bytes_per_client"] > 4 * 7851  # the protocol's bytes, not float32's
-    assert summary["eval"]["test"]["sparse_categorical_accuracy"] > 0.25  # chance is 0.1
+    assert summary["evaluation_on_test_data"]["sparse_categorical_accuracy"] > 0.25  # chance is 0.1
 
 
 def test_too_many_dropouts_fail_the_round_and_keep_the_model(tmp_path_factory):
@@ -127,7 +127,7 @@ def test_compressed_upload_is_smaller_than_float32(runs):
     assert all(row["aggregation"]["upload_bits_per_client"] == report["upload_bits_per_client"] for row in rows)
     assert lines[1].startswith("compression: 1 of the update's tensors quantized to 8 bits")
     plain = runs("plain")[0]["eval"]["test"]["sparse_categorical_accuracy"]
-    assert summary["eval"]["test"]["sparse_categorical_accuracy"] == pytest.approx(plain, abs=0.05)
+    assert summary["evaluation_on_test_data"]["sparse_categorical_accuracy"] == pytest.approx(plain, abs=0.05)
 
 
 @pytest.mark.parametrize("overrides, message", [

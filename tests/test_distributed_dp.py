@@ -216,8 +216,8 @@ def test_secure_dp_trains_within_accuracy_of_dp_at_the_same_epsilon(tmp_path_fac
     # 16-bit coordinates of the 8,192 rotated ones plus the protocol: about half of float32's upload.
     assert 2 * 8192 < report["upload_bytes_per_client"] < 4 * 7850
     assert sum("privacy spent: epsilon" in line for line in lines) == ROUNDS
-    accuracy = summary["eval"]["test"]["sparse_categorical_accuracy"]
-    dp_accuracy = dp_summary["eval"]["test"]["sparse_categorical_accuracy"]
+    accuracy = summary["evaluation_on_test_data"]["sparse_categorical_accuracy"]
+    dp_accuracy = dp_summary["evaluation_on_test_data"]["sparse_categorical_accuracy"]
     assert accuracy > 0.5  # chance is 0.1
     # Fresh noise every run, in both modes, so the difference between the two accuracies varies from run to
     # run. The stated accuracy, a bound below dp's, is set from that difference's spread measured over

@@ -111,7 +111,7 @@ def test_a_dp_run_spends_the_accounted_epsilon_and_never_names_its_clients(tmp_p
     assert report["epsilon"] == pytest.approx(expected, rel=1e-12)
     assert "not covered" in report["covers"]
     assert all(line.endswith("(not covered by the DP guarantee)")
-               for line in lines if line.startswith(("round  1, metrics", "eval on")))
+               for line in lines if line.startswith(("round  1, local training", "evaluation on")))
     # The secret sample appears nowhere: logs, TensorBoard, checkpoints, summary.
     for path in Path(tmp_path).rglob("*"):
         if path.is_file() and path.suffix != ".png":
@@ -124,7 +124,7 @@ def test_a_dp_run_spends_the_accounted_epsilon_and_never_names_its_clients(tmp_p
     assert rows and all(set(r["train"]) == {"loss", "sparse_categorical_accuracy"} and "seconds" not in r
                         and set(r["participation"]) == {"sampling"} for r in rows)
     tags = set(scalars(tmp_path))
-    assert not {t for t in tags if t.startswith(("train/", "time/")) and t not in ("train/loss",
-                                                                               "train/sparse_categorical_accuracy")}
-    assert set(summary["train"]) == {"loss", "sparse_categorical_accuracy"}
+    assert {"loss/local_training", "accuracy/local_training"} <= tags
+    assert not {t for t in tags if t.startswith(("round/local_training/", "round/seconds"))}
+    assert set(summary["local_training"]) == {"loss", "sparse_categorical_accuracy"}
     assert not any(re.search(r"num_examples|num_batches|skipped", line) for line in lines if line.startswith("round"))

@@ -24,16 +24,16 @@ def test_in_process_run_trains_and_stops_its_worker(tmp_path):
     per_client_test = round(config.data.examples_per_client * config.data.test_fraction)
     per_client_train = config.data.examples_per_client - per_client_test
     assert [row["train"]["num_examples"] for row in rows] == [config.clients_per_round * per_client_train] * 2
-    assert summary["eval"]["train"]["num_examples"] == config.data.num_clients * per_client_train
-    assert summary["eval"]["test"]["num_examples"] == config.data.num_clients * per_client_test
+    assert summary["evaluation_on_training_data"]["num_examples"] == config.data.num_clients * per_client_train
+    assert summary["evaluation_on_test_data"]["num_examples"] == config.data.num_clients * per_client_test
     # The model learns: round 1 trains from the initial weights, near chance (0.1); round 2 from the
     # averaged model, which must be clearly better, and so must the final evaluation.
     first, last = rows[0]["train"], rows[-1]["train"]
     assert last["loss"] < first["loss"] - 0.05, (first, last)
     assert last["sparse_categorical_accuracy"] > first["sparse_categorical_accuracy"] + 0.15, (first, last)
-    assert summary["train"] == last
-    assert summary["eval"]["test"]["sparse_categorical_accuracy"] > 0.35
-    assert summary["eval"]["test"]["loss"] < first["loss"]
+    assert summary["local_training"] == last
+    assert summary["evaluation_on_test_data"]["sparse_categorical_accuracy"] > 0.35
+    assert summary["evaluation_on_test_data"]["loss"] < first["loss"]
 
 
 

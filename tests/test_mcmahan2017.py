@@ -442,12 +442,12 @@ def test_fedsgd_and_centralized_evaluation_on_both_client_input_paths(tmp_path):
         prepared[-1]["eval"]["test"]["sparse_categorical_accuracy"], abs=1e-6)
     assert prepared[-1]["eval"]["centralized"]["loss"] == pytest.approx(prepared[-1]["eval"]["test"]["loss"], rel=1e-4)
     logged = scalars(runs["prepared"])
-    assert [step for step, _ in logged["eval/centralized/sparse_categorical_accuracy"]] == [1, 2, 3]
+    assert [step for step, _ in logged["accuracy/centralized_evaluation"]] == [1, 2, 3]
     summary = json.loads((runs["prepared"] / "summary.json").read_text())
     reached = summary["rounds_to_target"]
-    assert reached["evaluation"] == "centralized" and reached["rounds"] == 3
+    assert reached["evaluation"] == "centralized_evaluation" and reached["rounds"] == 3
     assert set(reached["targets"]) == {"0.97", "0.99"}
-    assert summary["eval"]["centralized"] == prepared[-1]["eval"]["centralized"]
+    assert summary["centralized_evaluation"] == prepared[-1]["eval"]["centralized"]
 
 
 # --- 8. The notebook ------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 from fedmnist import config
 from fedmnist.outputs import plots
 from fedmnist.outputs.console import format_eval, format_round
+from fedmnist.outputs.records import measurement
 from helpers import Background, quiet_train
 from nbrun import execute_notebook
 
@@ -63,7 +64,7 @@ def test_federated_mnist_notebook_trains_like_the_cli(federated_mnist_run, tmp_p
         assert format_round(record.round, record.train) in text
     summary = json.loads((run_dir / "summary.json").read_text())
     for split in ("train", "test"):
-        assert format_eval(split, summary["eval"][split]) in text
+        assert format_eval(split, summary[measurement(split).key]) in text
     assert (run_dir / plots.CURVES_FILE).read_bytes().startswith(b"\x89PNG")
     assert list(run_dir.glob("events.out.tfevents.*"))
     # The walk-through and the package's round loop are the same computation.

@@ -31,7 +31,7 @@ def test_realistic_clients_notebook_compares_the_runs(executed):
              if line.split() and line.split()[0] in ("iid", "dirichlet", "shards") and "skew" in line}
     assert skews["iid"] < skews["dirichlet"] and skews["iid"] < skews["shards"]
     lines = text.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.startswith("run ") and "final test acc" in line)
+    header = next(i for i, line in enumerate(lines) if line.startswith("run ") and "final accuracy" in line)
     table = lines[header + 1:header + 1 + len(RUNS)]
     assert [line[:36].strip() for line in table] == RUNS
     for line in table:

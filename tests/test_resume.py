@@ -30,8 +30,8 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     for got, want in zip(final_weights(run_dir), final_weights(reference)):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     steps = {tag: [step for step, _ in values] for tag, values in scalars(run_dir).items()}
-    assert steps["train/loss"] == list(range(1, ROUNDS + 1))  # no round twice, none missing
-    assert steps["eval/test/loss"] == [2, 4, 6]
+    assert steps["loss/local_training"] == list(range(1, ROUNDS + 1))  # no round twice, none missing
+    assert steps["loss/evaluation_on_test_data"] == [2, 4, 6]
 
 
 def resume(run_dir: Path, *more: str):

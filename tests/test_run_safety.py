@@ -110,7 +110,7 @@ def test_resume_drops_a_cut_last_line_and_a_cut_event_record_and_removes_partial
     assert not list((run_dir / "checkpoints").glob("*_temp*"))
     from helpers import scalars
 
-    assert [step for step, _ in scalars(run_dir)["train/loss"]] == [1, 2, 3, 4]
+    assert [step for step, _ in scalars(run_dir)["loss/local_training"]] == [1, 2, 3, 4]
 
 
 def test_a_log_damaged_before_its_end_is_one_line_naming_the_file(finished_run, tmp_path):
@@ -136,7 +136,8 @@ def test_resume_redoes_an_interrupted_finish_without_training(finished_run, tmp_
     assert "all 3 rounds are done; finishing the run" in done.stdout
     assert rounds_of(run_dir) == [1, 2, 3]  # nothing trained again
     again = json.loads((run_dir / "summary.json").read_text())
-    assert again["eval"] == summary["eval"] and again["train"] == summary["train"]
+    keys = ("local_training", "evaluation_on_training_data", "evaluation_on_test_data")
+    assert {k: again[k] for k in keys} == {k: summary[k] for k in keys}
     assert (run_dir / "model.keras").stat().st_size > 0 and (run_dir / "curves.png").stat().st_size > 0
     finished = train_main("--resume", str(run_dir), "--quiet")
     assert finished.returncode == 2 and "already has all 3 rounds" in one_line(finished.stderr)

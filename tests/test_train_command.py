@@ -14,7 +14,7 @@ from fedmnist import config as config_lib
 from fedmnist import data
 from helpers import ROOT, Background, metrics_rows, process_alive, run_cli, scalars, train_main, worker_pid
 
-TRAIN_TAGS = ["train/loss", "train/sparse_categorical_accuracy"]
+TRAIN_TAGS = {"loss/local_training": "loss", "accuracy/local_training": "sparse_categorical_accuracy"}
 
 
 def digits_cli(directory: Path):
@@ -38,7 +38,7 @@ def test_digits_run_prints_rounds_and_final_accuracy(digits_run):
     lines = done.stdout.splitlines()
     assert lines[0] == f"run directory: {run_dir}"
     assert [line.split(",")[0] for line in lines if re.match(r"round +\d+,", line)] == ["round  1", "round  2"]
-    assert any(line.startswith("final: train accuracy") for line in lines)
+    assert any(line.startswith("final: evaluation on training data accuracy") for line in lines)
     assert "Traceback" not in done.stderr
 
 
@@ -57,7 +57,9 @@ def test_run_directory_holds_well_formed_outputs(digits_run):
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["dataset"] == "digits" and summary["rounds"] == 2 and summary["num_clients"] == 20
-    assert summary["eval"] == rows[-1]["eval"] and summary["train"] == rows[-1]["train"]
+    assert summary["local_training"] == rows[-1]["train"]
+    assert [summary["evaluation_on_training_data"], summary["evaluation_on_test_data"]] == [
+        rows[-1]["eval"]["train"], rows[-1]["eval"]["test"]]
     assert summary["total_seconds"] > sum(row["seconds"] for row in rows)
     assert (run_dir / "curves.png").read_bytes().startswith(b"\x89PNG")
 
@@ -66,12 +68,11 @@ def test_tensorboard_scalars_match_the_metrics_log(digits_run):
     run_dir, _ = digits_run
     rows = metrics_rows(run_dir)
     logged = scalars(run_dir)
-    for tag in TRAIN_TAGS:
-        metric = tag.split("/")[1]
+    for tag, metric in TRAIN_TAGS.items():
         assert logged[tag] == [(r["round"], pytest.approx(r["train"][metric], rel=1e-6)) for r in rows]
-    assert logged["eval/test/sparse_categorical_accuracy"] == [
+    assert logged["accuracy/evaluation_on_test_data"] == [
         (2, pytest.approx(rows[1]["eval"]["test"]["sparse_categorical_accuracy"], rel=1e-6))]
-    assert [step for step, _ in logged["time/round_seconds"]] == [1, 2]
+    assert [step for step, _ in logged["round/seconds"]] == [1, 2]
 
 
 def test_saved_model_predicts_what_federated_evaluation_measured(digits_run):
@@ -88,7 +89,7 @@ def test_saved_model_predicts_what_federated_evaluation_measured(digits_run):
     assert probabilities.shape == (len(labels), 10)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
     accuracy = float(np.mean(probabilities.argmax(axis=1) == np.array(labels)))
-    assert accuracy == pytest.approx(summary["eval"]["test"]["sparse_categorical_accuracy"], abs=1e-6)
+    assert accuracy == pytest.approx(summary["evaluation_on_test_data"]["sparse_categorical_accuracy"], abs=1e-6)
 
 
 def test_worker_is_gone_after_the_run(digits_run):
@@ -125,7 +126,7 @@ def test_synthetic_run_with_sampling_and_evaluation_every_round(tmp_path):
                       "--set", "client_selection=uniform", "--set", "eval_every=1", "--set", "eval_clients=0",
                       "--run-dir", str(run_dir), "--quiet")
     assert done.returncode == 0, done.stderr
-    assert "final: train accuracy" in done.stdout
+    assert "final: evaluation on training data accuracy" in done.stdout
     rows = metrics_rows(run_dir)
     assert all(len(row["clients"]) == 4 and "eval" in row for row in rows)
     assert rows[0]["clients"] != rows[1]["clients"]  # a fresh seeded sample each round

@@ -109,14 +109,22 @@ class Experiment:
             self.checkpoints.save(state, round_num)
         return round_num
 
+    @property
+    def centralized_note(self) -> str:
+        """MNIST's test set is the server's own; every other source's is pooled from the clients' test data,
+        which a privacy guarantee does not cover."""
+        return "" if self.dataset.central_test is not None else self.mode.not_covered
+
     def unfinished_end(self) -> tuple[RoundRecord, dict | None]:
         """When every round is done but the end of the run was interrupted (no summary.json): the last
         round's record and the last training metrics, from metrics.jsonl, to finish it again from."""
         records = MetricsLog(self.run_dir).records()
         if (self.run_dir / SUMMARY_FILE).exists() or not records or records[-1].round != self.rounds:
-            raise ConfigError(f"the run already has all {self.rounds} rounds; "
+            raise ConfigError(f"the run already has {'its' if self.rounds == 1 else 'all'} "
+                              f"{targets.count_rounds(self.rounds)}; "
                               f"pass --rounds with a larger number to continue it")
-        self.echo(f"all {self.rounds} rounds are done; finishing the run")
+        self.echo(f"{'its' if self.rounds == 1 else 'all'} {targets.count_rounds(self.rounds)} "
+                  f"{'is' if self.rounds == 1 else 'are'} done; finishing the run")
         last_train = next((r.train for r in reversed(records) if r.train), None)
         return records[-1], last_train
 
@@ -126,8 +134,7 @@ class Experiment:
         (model, summary.json, curves); returns the summary."""
         personalized = self.personalize(weights)
         for split, metrics in (last.eval or {}).items():
-            # The pooled test set is the server's, not the clients' data: no "not covered" note for it.
-            self.echo(format_centralized(metrics) if split == "centralized"
+            self.echo((format_centralized(metrics) + self.centralized_note) if split == "centralized"
                       else format_eval(split, metrics) + self.mode.not_covered)
         summary = self.about | {"resumed_after_round": resumed_after if self.resume else None,
                                  LOCAL_TRAINING.key: last_train}

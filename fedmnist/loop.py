@@ -23,7 +23,7 @@ from fedmnist.clients.participation import RoundPlan
 from fedmnist.errors import Interrupted, TrainingDivergedError, WorkerFailedError
 from fedmnist.experiment import Experiment
 from fedmnist.outputs.console import format_round, format_skipped
-from fedmnist.outputs.records import RoundRecord
+from fedmnist.outputs.records import LOCAL_TRAINING, RoundRecord
 from fedmnist.values import to_python
 
 
@@ -97,7 +97,9 @@ class ProgressBar:
 
     def update(self, record: RoundRecord) -> None:
         if record.train:
-            self.bar.set_postfix(loss=record.train["loss"], acc=record.train.get("sparse_categorical_accuracy"))
+            shown = {"loss": record.train["loss"], "accuracy": record.train.get("sparse_categorical_accuracy")}
+            self.bar.set_postfix_str(f"{LOCAL_TRAINING.name} " + ", ".join(
+                f"{name} {value:.4f}" for name, value in shown.items() if value is not None))
         self.bar.update()
 
     def close(self) -> None:

@@ -102,7 +102,8 @@ def test_a_dp_run_spends_the_accounted_epsilon_and_never_names_its_clients(tmp_p
     from fedmnist import loop
 
     lines: list[str] = []
-    summary = loop.train(dp_config("rounds=3", "histogram_every=0"), tmp_path, echo=lines.append, progress=False)
+    summary = loop.train(dp_config("rounds=3", "histogram_every=0", "centralized_eval_every=3"), tmp_path,
+                         echo=lines.append, progress=False)
 
     report = summary["aggregation"]
     assert report["sampling"] == "poisson" and report["sampling_rate"] == 0.5
@@ -111,7 +112,9 @@ def test_a_dp_run_spends_the_accounted_epsilon_and_never_names_its_clients(tmp_p
     assert report["epsilon"] == pytest.approx(expected, rel=1e-12)
     assert "not covered" in report["covers"]
     assert all(line.endswith("(not covered by the DP guarantee)")
-               for line in lines if line.startswith(("round  1, local training", "evaluation on")))
+               for line in lines if line.startswith(("round  1, local training", "evaluation on", "centralized")))
+    # The digits' pooled test set is the clients' test data: its centralized evaluation is not covered either.
+    assert any(line.startswith("centralized") for line in lines)
     # The secret sample appears nowhere: logs, TensorBoard, checkpoints, summary.
     for path in Path(tmp_path).rglob("*"):
         if path.is_file() and path.suffix != ".png":

@@ -162,6 +162,29 @@ def test_sighup_stops_like_sigterm_with_a_checkpoint_and_a_resume_hint(tmp_path)
     assert (run_dir / "checkpoints" / f"round_{saved}").is_dir()
 
 
+def test_ctrl_c_in_a_terminal_reaches_the_whole_group_and_prints_only_the_interruption(tmp_path):
+    """A terminal's Ctrl-C is SIGINT to the foreground process group: the run's workers, in a group of their
+    own, must not see it (it used to print "worker 1 died (signal 2) ... restarted" as well)."""
+    run_dir = tmp_path / "run"
+    process = start_cli(*FAST, "--rounds", "400", "--run-dir", str(run_dir), cwd=ROOT, start_new_session=True,
+                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        wait_for(lambda: (run_dir / "metrics.jsonl").exists() and rounds_of(run_dir),
+                 "the first round", progress=tree_progress(process.pid))
+        os.killpg(process.pid, signal.SIGINT)  # the group the command leads, as the terminal's
+        code = wait_process(process, "the run after Ctrl-C")
+    finally:
+        if process.poll() is None:
+            process.kill()
+    _, err = process.communicate()
+    assert code == 130, err
+    saved = rounds_of(run_dir)[-1]
+    assert err.strip().splitlines() == [
+        "SIGINT: stopping after the current round (signal again to stop at once)",
+        f"interrupted after round {saved}; resume with: {THROUGH_UV}python -m fedmnist.train --resume {run_dir}"]
+    assert "restarted" not in (run_dir / "metrics.jsonl").read_text()
+
+
 # --- 4. Divergence and bad data ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("overrides, cause", [

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from fedmnist.privacy.ledger import ReleaseLedger
     from fedmnist.process import ProcessBuilder
 
-COVERS = ("the model updates only: the train metrics, participation and federated evaluation, computed on "
+COVERS = ("the model updates only: the local-training metrics, participation, federated evaluation and a "
+          "centralized evaluation on a test set pooled from clients' data (every source but MNIST), computed on "
           "clients' data, are not covered by the guarantee")
 NOT_COVERED = " (not covered by the DP guarantee)"
 

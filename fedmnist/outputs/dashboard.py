@@ -67,7 +67,7 @@ class TensorBoardServer:
             [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", host,
              "--port", str(self.port), "--reload_interval", str(reload_interval)],
             stdin=subprocess.DEVNULL, stdout=self._output, stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent)
+            preexec_fn=die_with_parent, process_group=0)  # stopped by us, not by the terminal's Ctrl-C
 
     @property
     def url(self) -> str:

@@ -117,8 +117,10 @@ class LocalWorker:
     def _spawn(self) -> subprocess.Popen:
         if self.socket_path is not None and os.path.lexists(self.socket_path):
             os.unlink(self.socket_path)  # a previous start's socket: bind would fail on it
+        # A process group of its own: a terminal's Ctrl-C goes to the whole foreground group, and the worker
+        # must hear about a stop from us (which stops it), not from the terminal, mid-round.
         process = subprocess.Popen(self._args, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
-                                   env=self._env, preexec_fn=die_with_parent)
+                                   env=self._env, preexec_fn=die_with_parent, process_group=0)
         if hasattr(self._log, "write"):
             where = f"socket {self.socket_path}" if self.socket_path else f"host {self.host}"
             self._log.write(f"fedmnist: worker_binary pid {process.pid} port {self.port} {where}\n".encode())

@@ -126,7 +126,7 @@ def test_compressed_upload_is_smaller_than_float32(runs):
     assert 8 * 7840 < report["upload_bits_per_client"] < 0.35 * report["uncompressed_bits_per_client"]
     assert all(row["aggregation"]["upload_bits_per_client"] == report["upload_bits_per_client"] for row in rows)
     assert lines[1].startswith("compression: 1 of the update's tensors quantized to 8 bits")
-    plain = runs("plain")[0]["eval"]["test"]["sparse_categorical_accuracy"]
+    plain = runs("plain")[0]["evaluation_on_test_data"]["sparse_categorical_accuracy"]
     assert summary["evaluation_on_test_data"]["sparse_categorical_accuracy"] == pytest.approx(plain, abs=0.05)
 
 

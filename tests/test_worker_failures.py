@@ -87,7 +87,7 @@ def test_a_killed_worker_is_restarted_and_the_run_equals_an_uninterrupted_one(re
     assert repeated in (2, 3)
     events = {r.round: r.events for r in MetricsLog(tmp_path).records() if r.events}
     assert events == {repeated: [{"event": "worker_restarted", "worker": "worker 1", "cause": "died (signal 9)"}]}
-    assert {step: value for step, value in scalars(tmp_path).get("runtime/worker_restarts", [])} == {repeated: 1.0}
+    assert {step: value for step, value in scalars(tmp_path).get("round/worker_restarts", [])} == {repeated: 1.0}
     assert_same_run(tmp_path, reference)
     assert set(runtime.worker_children()) <= others
 

@@ -147,11 +147,18 @@ class SummaryFile(RunOutput):
 
 class CurvesFigure(RunOutput):
     """`curves.png`, from `metrics.jsonl`. matplotlib is slow to import: a thread imports it while the
-    rounds mostly wait on the worker (a failed import is left to `finish`'s own, which reports it)."""
+    rounds mostly wait on the worker (a failed import is left to `finish`'s own, which reports it). It
+    starts once round 1 is released, so that the first round, which a user waits for, does not share the
+    interpreter with it (docs/performance.md, "Start-up")."""
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
-        threading.Thread(target=self._import_plots, name="import plots", daemon=True).start()
+        self.importing: threading.Thread | None = None
+
+    def release(self, record: RoundRecord, state: Any, weights: tff.learning.models.ModelWeights) -> None:
+        if self.importing is None:
+            self.importing = threading.Thread(target=self._import_plots, name="import plots", daemon=True)
+            self.importing.start()
 
     @staticmethod
     def _import_plots() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -217,8 +218,19 @@ def test_report_rejects_a_missing_run_dir_with_one_line_and_exit_2(tmp_path, mon
     assert not (tmp_path / "runs").exists()
 
 
-BAD_RUNS = {"not_a_run": None, "corrupt": '{"round": 1, "train": {"loss": 1.0}}\n{"round": 2, "tra\n',
+BAD_RUNS = {"not_a_run": None, "corrupt": '{"round": 1, "tra\n{"round": 2, "train": {"loss": 1.0}}\n',
             "empty": "", "no_round": '{"train": {"loss": 1.0}}\n'}
+
+
+def test_report_reads_a_run_whose_last_line_is_cut_as_resume_does(runs, tmp_path, capsys):
+    """A run being written (or cut by a crash) ends in a partial line: its whole rounds are reported."""
+    cut = tmp_path / "cut"
+    shutil.copytree(runs["slow"], cut)
+    lines = (cut / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (cut / "metrics.jsonl").write_text("".join(lines[:-1]) + lines[-1][:20])
+    assert report.main([str(cut), "--output", str(tmp_path / "out.png")]) == 0
+    assert capsys.readouterr().err == ""
+    assert report.run_facts(cut)["rounds"] == len(lines) - 1
 
 
 def make_bad_run(directory: Path, kind: str) -> Path:

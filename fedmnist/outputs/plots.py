@@ -7,12 +7,14 @@ notebooks (where a returned Figure shows itself inline).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from matplotlib.figure import Figure
+
+from fedmnist.errors import DamagedFileError
+from fedmnist.outputs.metrics_log import MetricsLog
 
 from fedmnist.outputs.records import (ACCURACY, CENTRALIZED_EVALUATION, EVALUATION_ON_TEST_DATA,
                                       EVALUATION_ON_TRAINING_DATA, LOCAL_TRAINING, METRICS_FILE, RoundRecord,
@@ -29,28 +31,19 @@ class RunError(ValueError):
 
 
 def read_records(run_dir: str | Path) -> list[RoundRecord]:
-    """The rounds of a run's `metrics.jsonl`, checked enough to plot them."""
-    path = Path(run_dir) / METRICS_FILE
+    """The rounds of a run's `metrics.jsonl` (`MetricsLog`'s reading: a last line a running or crashed run
+    cut short is left out), or a `RunError` saying in one line why there are none to plot."""
     if not Path(run_dir).is_dir():
         raise RunError(f"{run_dir}: " + ("not a directory" if Path(run_dir).exists() else "no such run directory"))
+    log = MetricsLog(Path(run_dir))
+    if not log.path.is_file():
+        raise RunError(f"{run_dir}: not a fedmnist run ({METRICS_FILE} is missing)")
     try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        raise RunError(f"{run_dir}: not a fedmnist run ({METRICS_FILE} is missing)") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise RunError(f"{run_dir}: {METRICS_FILE} cannot be read: {error}") from None
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise RunError(f"{run_dir}: {METRICS_FILE} line {number} is not valid JSON") from None
-        try:
-            records.append(RoundRecord.from_json(row))
-        except (ValueError, TypeError):
-            raise RunError(f"{run_dir}: {METRICS_FILE} line {number} has no round number") from None
+        records = log.records()
+    except OSError as error:
+        raise RunError(f"{run_dir}: {METRICS_FILE} cannot be read: {error.strerror or error}") from None
+    except DamagedFileError as error:
+        raise RunError(f"{run_dir}: {error}") from None
     if not records:
         raise RunError(f"{run_dir}: {METRICS_FILE} holds no rounds yet")
     return records

@@ -37,7 +37,6 @@ DEFAULT_HOST = "127.0.0.1"
 INSECURE_NOTE = ("warning: --insecure: the TFF worker serves unauthenticated, unencrypted gRPC, and anyone who "
                  "can reach {where} can run code in it as this user; use it only on a network where every "
                  "machine and user is trusted, else --tls (docs/security.md)")
-PROBE_SECONDS = 2.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,7 +170,7 @@ async def _serve_tls(worker, args: argparse.Namespace, credentials: tls.Credenti
     from grpc import aio
 
     from fedmnist.runtime.gateway import Gateway
-    from fedmnist.runtime.watch import GRPC_OPTIONS, PROBE_OPTIONS
+    from fedmnist.runtime.watch import GRPC_OPTIONS, PROBE_OPTIONS, PROBE_SECONDS
 
     listen = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"
     gateway = Gateway(listen, worker.address, credentials.server(), GRPC_OPTIONS)

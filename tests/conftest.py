@@ -75,6 +75,16 @@ def tff_runtime():
         yield workers
 
 
+@pytest.fixture
+def namespaces():
+    """A second "host": two network namespaces joined by a veth pair (tests/netns.py), deleted after the
+    test; the test is skipped, with the reason, where they cannot be made."""
+    import netns
+
+    with netns.made() as made:
+        yield made
+
+
 @pytest.fixture(scope="session")
 def prepared_run(tmp_path_factory) -> list[dict]:
     """The rounds of a small run on prepared client tensors (helpers.SMALL): the reference that the

@@ -1,5 +1,5 @@
-"""Fixtures shared by the test modules: the session's TFF runtime, background work, and the run several
-modules compare against.
+"""Fixtures shared by the test modules: the session's TFF runtime, background work, the run several
+modules compare against, and a second "host" in network namespaces.
 
 Helpers live in helpers.py. This file imports neither TensorFlow nor TFF (nor fedmnist modules that
 do): `uv run pytest -m unit` loads them only through the test modules that need them.

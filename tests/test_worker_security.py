@@ -40,7 +40,7 @@ from fedmnist import loop, runtime
 from fedmnist.runtime import tls, workers
 from fedmnist.runtime.watch import WorkerWatch
 from helpers import (ROOT, THROUGH_UV, assert_same_run, metrics_rows, read_until, run_command, small_config, train_main,
-                     wait_for)
+                     wait_for, wait_process)
 from netns import Namespaces
 
 TESTS = Path(__file__).resolve().parent
@@ -49,24 +49,23 @@ ATTACK = TESTS / "worker_attack.py"
 
 # --- The attack ---------------------------------------------------------------------------------
 
-def bait(directory: Path) -> tuple[Path, str, Path]:
-    """A file only this user can read (the secret), its text, and where the attacker will try to write."""
+def bait(directory: Path) -> tuple[Path, str]:
+    """A file only this user can read (the secret the attacker tries to print), and its text."""
     secret = directory / "secret.txt"
     text = f"only the trainer may read this {uuid.uuid4()}"
     secret.write_text(text)
     secret.chmod(0o600)
-    planted = directory / "planted.txt"
-    return secret, text, planted
+    return secret, text
 
 
-def run_attack(secret: Path, planted: Path, attempts: list, *options: str) -> list[dict]:
-    """tests/worker_attack.py, one process, each attempt (a target, or a dict with TLS files); its results."""
-    arguments = [json.dumps(a) if isinstance(a, dict) else a for a in attempts]
-    done = run_command([sys.executable, str(ATTACK), *options, str(secret), str(planted), *arguments], cwd=TESTS)
+def run_attack(secret: Path, attempts: list[dict]) -> list[dict]:
+    """tests/worker_attack.py, one process for all the attempts (a TensorFlow start each would cost
+    seconds): each attempt's result, with the `planted` file it tried to write."""
+    done = run_command([sys.executable, str(ATTACK), str(secret), *map(json.dumps, attempts)], cwd=TESTS)
     assert done.returncode == 0, done.stderr[-3000:]
     results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert [r["target"] for r in results] == [a["target"] if isinstance(a, dict) else a for a in attempts], done.stdout
-    return results
+    assert [r["target"] for r in results] == [a["target"] for a in attempts], done.stdout
+    return [{**result, "planted": Path(attempt["planted"])} for result, attempt in zip(results, attempts)]
 
 
 def listening_targets(pids: list[int]) -> list[str]:
@@ -84,31 +83,35 @@ def listening_targets(pids: list[int]) -> list[str]:
     return sorted(set(targets))
 
 
-def assert_refused(results: list[dict], planted: Path, text: str, how: str = "") -> None:
+def assert_refused(results: list[dict], text: str, how: str = "") -> None:
     for result in results:
         assert result["read"] is None and result["error"], (how, result)
         assert result["stage"] == "get_executor", (how, result)  # not one request got through
-    assert text not in json.dumps(results), how
-    assert not planted.exists(), how
+        assert not result["planted"].exists(), how
+    assert text not in json.dumps(results, default=str), how
 
 
-def assert_attack_worked(results: list[dict], planted: Path, text: str) -> None:
-    assert all(result["read"] == text for result in results), results
-    assert planted.read_text() == "written by the attacker" and planted.stat().st_uid == os.geteuid()
+def assert_attack_worked(results: list[dict], text: str) -> None:
+    for result in results:
+        assert result["read"] == text, result
+        planted = result["planted"]
+        assert planted.read_text() == "written by the attacker" and planted.stat().st_uid == os.geteuid()
 
 
 @pytest.mark.parametrize("protected", [True, False], ids=["protected", "without-protection-the-attack-works"])
 def test_another_user_cannot_run_code_in_a_training_runs_workers(protected, monkeypatch, tmp_path):
     other_user.require_root()
     monkeypatch.setattr(workers, "ACCEPT_ONLY_OWN_USER", protected)
-    secret, text, planted = bait(tmp_path)
+    secret, text = bait(tmp_path)
     seen = {}
 
     def echo(line: str) -> None:  # the run waits here, after round 1, with its two workers serving
         if line.startswith("round  1,") and not seen:
             pids = [worker.process.pid for worker in runtime.active_runtime()]
             seen["targets"] = listening_targets(pids)
-            seen["results"] = run_attack(secret, planted, seen["targets"], "--as-other-user")
+            seen["results"] = run_attack(secret, [
+                {"target": target, "planted": str(tmp_path / f"planted-{number}"), "as_other_user": True}
+                for number, target in enumerate(seen["targets"])])
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -116,13 +119,13 @@ def test_another_user_cannot_run_code_in_a_training_runs_workers(protected, monk
 
     assert len(seen["targets"]) == 2 and all(t.startswith("127.0.0.1:") for t in seen["targets"]), seen
     if protected:
-        assert_refused(seen["results"], planted, text)
+        assert_refused(seen["results"], text)
         refusals = [line for line in (run_dir / "worker.log").read_text().splitlines() if "refused" in line]
         uid = other_user.other_user()[0]
         assert refusals and set(refusals) == {f"fedmnist: refused a connection from uid {uid} "
                                               f"(only uid {os.geteuid()} may connect)"}
     else:
-        assert_attack_worked(seen["results"], planted, text)
+        assert_attack_worked(seen["results"], text)
     assert [row["round"] for row in metrics_rows(run_dir)] == [1, 2, 3]  # the run went on, undisturbed
 
 
@@ -164,10 +167,13 @@ def worker_command(*arguments: str, namespace: list[str] = ()) -> Iterator[tuple
         assert "serving on" in line and f"port {port}" in line, (line, command.stderr.read() if command.poll() else "")
         yield command, port, line.rstrip("\n")
     finally:
-        if command.poll() is None:
-            command.send_signal(signal.SIGTERM)
-            stopped(command)
-        command.communicate()
+        try:
+            if command.poll() is None:
+                command.send_signal(signal.SIGTERM)
+                stopped(command)
+        finally:
+            command.kill()  # only if it did not stop: a failed test leaves no worker behind
+            command.communicate(timeout=60)
 
 
 def stopped(command: subprocess.Popen) -> int:
@@ -179,14 +185,17 @@ def stopped(command: subprocess.Popen) -> int:
 
 def test_the_worker_command_serves_its_own_user_on_loopback_and_refuses_another(tmp_path):
     other_user.require_root()
-    secret, text, planted = bait(tmp_path)
+    secret, text = bait(tmp_path)
     with worker_command("--log", str(tmp_path / "worker.log")) as (command, port, line):
         assert line.endswith("for this user's processes only; Ctrl-C to stop")
         [binary] = psutil.Process(command.pid).children()
         targets = listening_targets([binary.pid])
         assert targets == [f"127.0.0.1:{port}"]
-        assert_refused(run_attack(secret, planted, targets, "--as-other-user"), planted, text)
-        assert_attack_worked(run_attack(secret, planted, targets), planted, text)  # its own user: served
+        own, other = run_attack(secret, [
+            {"target": targets[0], "planted": str(tmp_path / "planted-by-its-user")},
+            {"target": targets[0], "planted": str(tmp_path / "planted-by-another-user"), "as_other_user": True}])
+        assert_attack_worked([own], text)  # its own user is served: the attack itself works
+        assert_refused([other], text)
     assert f"refused a connection from uid {other_user.other_user()[0]}" in (tmp_path / "worker.log").read_text()
 
 
@@ -194,7 +203,7 @@ def test_the_worker_command_with_tls_serves_a_run_with_the_documented_files_and_
         tmp_path, monkeypatch, prepared_run):
     files = make_tls_files(tmp_path / "tls", ["127.0.0.1"])
     strangers = make_tls_files(tmp_path / "another-ca", ["127.0.0.1"])
-    secret, text, planted = bait(tmp_path)
+    secret, text = bait(tmp_path)
     arguments = ["--tls", "--ca", str(files / "ca.pem"), "--cert", str(files / "worker.pem"),
                  "--key", str(files / "worker.key")]
     with worker_command(*arguments) as (command, port, line):
@@ -214,18 +223,19 @@ def test_the_worker_command_with_tls_serves_a_run_with_the_documented_files_and_
         assert_same_rounds(prepared_run, remote, tolerance=1e-6)
 
         target = f"127.0.0.1:{port}"
-        refused = {  # how -> attempt
-            "plain gRPC": target,
-            "TLS without a certificate": {"target": target, "ca": str(files / "ca.pem")},
-            "a certificate from another CA": {"target": target, "ca": str(files / "ca.pem"),
-                                              "cert": str(strangers / "run.pem"), "key": str(strangers / "run.key")},
+        refused = {  # how -> TLS files, if any
+            "plain gRPC": {},
+            "TLS without a certificate": {"ca": str(files / "ca.pem")},
+            "a certificate from another CA": {"ca": str(files / "ca.pem"), "cert": str(strangers / "run.pem"),
+                                              "key": str(strangers / "run.key")},
         }
-        results = run_attack(secret, planted, list(refused.values()))
+        good = {"ca": str(files / "ca.pem"), "cert": str(files / "run.pem"), "key": str(files / "run.key")}
+        *results, served = run_attack(secret, [
+            {"target": target, "planted": str(tmp_path / f"planted-{number}"), **credentials}
+            for number, credentials in enumerate([*refused.values(), good])])
         for how, result in zip(refused, results):
-            assert_refused([result], planted, text, how)
-        good = run_attack(secret, planted, [{"target": target, "ca": str(files / "ca.pem"),
-                                             "cert": str(files / "run.pem"), "key": str(files / "run.key")}])
-        assert_attack_worked(good, planted, text)  # a holder of the CA's certificate may run code: by design
+            assert_refused([result], text, how)
+        assert_attack_worked([served], text)  # a holder of the CA's certificate may run code: by design
     assert command.returncode == 0 and not socket_dir.exists()
 
 
@@ -383,14 +393,20 @@ def test_a_worker_on_another_host_listens_only_there_and_a_run_cut_off_from_it_r
 
         namespaces.restore()
         rounds = saved + 2  # the interrupted round again, and one more
-        resumed = run_command(train_in(namespaces, "--resume", str(run_dir), "--rounds", str(rounds)), cwd=ROOT)
-        assert resumed.returncode == 0, resumed.stderr
+        resume = subprocess.Popen(train_in(namespaces, "--resume", str(run_dir), "--rounds", str(rounds)),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        try:
+            # Meanwhile (TensorFlow loads in the resume), the uninterrupted run: the same settings on a
+            # local worker, which computes what a remote one does.
+            reference = train_main("--quiet", "--run-dir", str(tmp_path / "reference"),
+                                   *(f"--set={s}" for s in (*RUN_SETTINGS, f"rounds={rounds}")))
+            assert reference.returncode == 0, reference.stderr
+            assert wait_process(resume, "the resumed run") == 0, resume.stderr.read()
+        finally:
+            resume.kill()  # only if it did not end
+            resume.communicate(timeout=60)
         command.send_signal(signal.SIGTERM)  # its first client gone without a word, it still stops at once
         assert stopped(command) == 0
-    # The uninterrupted run: the same settings on a local worker, which computes what a remote one does.
-    reference = train_main("--quiet", "--run-dir", str(tmp_path / "reference"),
-                           *(f"--set={s}" for s in (*RUN_SETTINGS, f"rounds={rounds}")))
-    assert reference.returncode == 0, reference.stderr
     assert_same_run(run_dir, tmp_path / "reference")
 
 

@@ -2,20 +2,23 @@
 executor service and submit a `tff.tensorflow.computation` that writes one file and reads another,
 which the worker does as its own user.
 
-    python tests/worker_attack.py [--as-other-user] SECRET PLANTED ATTEMPT...
+    python tests/worker_attack.py SECRET ATTEMPT...
 
-An ATTEMPT is a target, `host:port` or `unix:PATH`, in plain gRPC; or a JSON object {"target", "ca",
-"cert", "key"} for TLS that trusts `ca` and presents `cert` and `key` (without them: no certificate).
-With `--as-other-user` the script, once TensorFlow is loaded and the computation built, becomes
-`nobody` (tests/other_user.py) before it connects. It prints one JSON object per attempt: {"target",
-"stage" (how far it got: "connect", "get_executor", "create_value", "compute"), "read" (the secret's
-text when the attack worked), "error"}. Every call has a deadline.
+Each ATTEMPT is a JSON object: {"target": `host:port` or `unix:PATH`, "planted": the file the computation
+writes}, in plain gRPC; with "ca" (and "cert", "key") in TLS that trusts `ca` (and presents `cert` and
+`key`); with "as_other_user": true as `nobody` (tests/other_user.py). The script becomes that user once,
+after TensorFlow is loaded and every computation built and every file read, so the attempts as the
+other user come after all others. It prints one JSON object per attempt: {"target", "stage" (how far it
+got: "connect", "get_executor", "create_value", "compute"), "read" (the secret's text when the attack
+worked), "error"}. Every call has a deadline.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+
+import other_user
 
 CONNECT_SECONDS = 15.0
 CALL_SECONDS = 60.0
@@ -80,20 +83,23 @@ def credentials_for(attempt: dict):
 
 
 def main(argv: list[str]) -> int:
-    other_user = argv[:1] == ["--as-other-user"]
-    secret, planted, *attempts = argv[1:] if other_user else argv
-    attempts = [json.loads(a) if a.startswith("{") else {"target": a} for a in attempts]
-    steal = build_attack(secret, planted)
-    credentials = [credentials_for(attempt) for attempt in attempts]  # read before giving up the files
-    import grpc  # noqa: F401 - everything loaded before: the other user may not be able to read it
+    secret, *attempts = argv
+    attempts = [json.loads(a) for a in attempts]
+    others = [a.get("as_other_user", False) for a in attempts]
+    if others != sorted(others):
+        print("the attempts as the other user must come last: there is no way back", file=sys.stderr)
+        return 2
+    # Everything loaded and read first: the other user may not be able to read it.
+    prepared = [(build_attack(secret, a["planted"]), credentials_for(a)) for a in attempts]
+    import grpc  # noqa: F401
     from tensorflow_federated.proto.v0 import computation_pb2, executor_pb2, executor_pb2_grpc  # noqa: F401
 
-    if other_user:
-        from other_user import become_other_user
-
-        become_other_user()
-    for attempt, credential in zip(attempts, credentials):
-        print(json.dumps(attack(attempt["target"], steal, credential)), flush=True)
+    became = False
+    for attempt, other, (steal, credentials) in zip(attempts, others, prepared):
+        if other and not became:
+            other_user.become_other_user()
+            became = True
+        print(json.dumps(attack(attempt["target"], steal, credentials)), flush=True)
     return 0
 
 

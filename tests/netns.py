@@ -86,6 +86,17 @@ class Namespaces:
         assert done.returncode == 0, f"{' '.join(done.args)}: {done.stderr.strip()}"
 
 
+def delete_abandoned() -> None:
+    """Deletes the namespaces of test processes that are gone (killed before they could delete theirs):
+    each is a mount in /run/netns that would otherwise stay until the machine restarts."""
+    listed = _ip("netns", "list")
+    for name in (line.split()[0] for line in listed.stdout.splitlines() if line.strip()):
+        parts = name.split("-")  # fedmnist-run-PID-TAG, fedmnist-worker-PID-TAG
+        if len(parts) == 4 and parts[0] == "fedmnist" and parts[2].isdigit() \
+                and not os.path.exists(f"/proc/{parts[2]}"):
+            _ip("netns", "delete", name)
+
+
 @contextlib.contextmanager
 def made() -> Iterator[Namespaces]:
     """A new pair of namespaces, deleted on the way out; skips the test, with the reason, where they
@@ -94,6 +105,7 @@ def made() -> Iterator[Namespaces]:
         pytest.skip("no `ip` command (iproute2): network namespaces cannot be made here")
     if os.geteuid() != 0:
         pytest.skip(f"running as uid {os.geteuid()}: making network namespaces needs root")
+    delete_abandoned()
     namespaces = Namespaces()
     try:
         namespaces.create()

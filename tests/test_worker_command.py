@@ -129,6 +129,14 @@ def test_worker_command_refuses_unprotected_or_incomplete_modes_in_one_line(caps
 
 
 @pytest.mark.unit
+def test_worker_command_refuses_a_log_file_it_cannot_write_in_one_line(capsys, tmp_path):
+    log = tmp_path / "no-such-directory" / "worker.log"
+    assert worker.main(["--port", "8000", "--log", str(log)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --log {log}: cannot write it (No such file or directory)"]
+
+
+@pytest.mark.unit
 def test_worker_command_checks_its_tls_files_before_tensorflow_starts(capsys, tmp_path):
     files = tls_files(tmp_path)
     arguments = ["--port", "8000", "--host", "10.0.0.5", "--tls", "--ca", str(files.ca), "--cert", str(files.cert)]

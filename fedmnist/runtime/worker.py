@@ -81,6 +81,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         raise UsageError(f"--tls needs --ca, --cert and --key ({missing} missing; docs/security.md makes them)")
     if not args.tls and any(files.values()):
         raise UsageError(f"{next(flag for flag, value in files.items() if value)} goes with --tls")
+    if args.log:
+        try:
+            open(args.log, "ab").close()  # now, not after TensorFlow has loaded: one line, not a traceback
+        except OSError as error:
+            raise UsageError(f"--log {args.log}: cannot write it ({error.strerror})") from None
     if not (args.tls or args.insecure or bind.is_loopback(args.host)):
         raise UsageError(f"--host {args.host}: a worker off loopback serves other machines, so it needs --tls "
                          "(mutual TLS, docs/security.md), or --insecure on a network where every machine and "

@@ -42,6 +42,7 @@ from fedmnist.runtime.watch import WorkerWatch
 from helpers import (ROOT, THROUGH_UV, assert_same_run, metrics_rows, read_until, run_command, small_config, train_main,
                      wait_for, wait_process)
 from netns import Namespaces
+from tls_files import tls_files
 
 TESTS = Path(__file__).resolve().parent
 ATTACK = TESTS / "worker_attack.py"
@@ -280,6 +281,19 @@ def test_a_runs_tls_files_come_from_the_environment_all_three_or_none(tmp_path):
     assert files == tls.TlsFiles(Path("a"), Path("b"), Path("c"))
     with pytest.raises(tls.TlsError, match="FEDMNIST_TLS_KEY not set: a run's TLS needs all of"):
         tls.from_environment({"FEDMNIST_TLS_CA": "a", "FEDMNIST_TLS_CERT": "b"})
+
+
+def test_a_run_whose_tls_files_cannot_be_used_stops_in_one_line_with_exit_2(tmp_path, monkeypatch):
+    files = tls_files(tmp_path / "tls")
+    files.key.chmod(0o644)
+    for name, path in (("CA", files.ca), ("CERT", files.cert), ("KEY", files.key)):
+        monkeypatch.setenv(f"FEDMNIST_TLS_{name}", str(path))
+    done = train_main("--quiet", "--run-dir", str(tmp_path / "run"), "--set", "data.dataset=digits",
+                      "--set", "workers=[127.0.0.1:8000]")
+    assert done.returncode == 2
+    assert [line for line in done.stderr.splitlines() if line.strip()] == [
+        f"error: the private key {files.key} can be read by other users (mode 644); chmod 600 {files.key}"]
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_run_does_not_send_its_data_to_a_loopback_port_another_user_listens_on():

@@ -258,13 +258,17 @@ def check_address(key: str, address: str) -> None:
         raise ConfigError(f"{key}: {address!r} is not host:port (e.g. localhost:8000)")
 
 
+MAX_NAME_BYTES = 200
+
+
 def check_consistency(config: Config) -> None:
     """Rules that involve more than one key: the core ones here, then each chosen component's own."""
-    # A run's directory is runs/<name>-<time>: a name with a separator would put it elsewhere (issue 27).
+    # A run's directory is runs/<name>-<time>: a name with a separator would put it elsewhere (issue 27),
+    # and one longer than a file name may be (255 bytes, less the time) could not be created.
     if not config.name or not config.name.isprintable() or any(c in config.name for c in "/\\") \
-            or config.name in (".", ".."):
-        raise ConfigError(f"name: {config.name!r} is not a run name (printable, without / or \\); "
-                          "to put a run elsewhere than runs/, pass --run-dir")
+            or config.name in (".", "..") or len(config.name.encode()) > MAX_NAME_BYTES:
+        raise ConfigError(f"name: {config.name!r} is not a run name (printable, without / or \\, at most "
+                          f"{MAX_NAME_BYTES} bytes); to put a run elsewhere than runs/, pass --run-dir")
     for i, address in enumerate(config.workers):
         check_address(f"workers[{i}]", address)
     if config.workers and config.num_workers != 1:

@@ -1,5 +1,5 @@
-"""Fixtures shared by the test modules: the session's TFF runtime, background work, and the run several
-modules compare against.
+"""Fixtures shared by the test modules: the session's TFF runtime, background work, the run several
+modules compare against, and a second "host" in network namespaces.
 
 Helpers live in helpers.py. This file imports neither TensorFlow nor TFF (nor fedmnist modules that
 do): `uv run pytest -m unit` loads them only through the test modules that need them.
@@ -73,6 +73,16 @@ def tff_runtime():
 
     with runtime.local_runtime() as workers:
         yield workers
+
+
+@pytest.fixture
+def namespaces():
+    """A second "host": two network namespaces joined by a veth pair (tests/netns.py), deleted after the
+    test; the test is skipped, with the reason, where they cannot be made."""
+    import netns
+
+    with netns.made() as made:
+        yield made
 
 
 @pytest.fixture(scope="session")

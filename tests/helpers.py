@@ -104,6 +104,32 @@ def wait_process(process: subprocess.Popen, what: str, stall: float = 120.0) -> 
     return process.returncode
 
 
+def read_until(process: subprocess.Popen, prefix: str = "") -> list[str]:
+    """Reads the process's stdout (text) until a line starts with `prefix` (by default the first line), as
+    long as the process makes progress; the lines read. Fails when the output ends first."""
+    lines: list[str] = []
+    found = threading.Event()
+
+    def read() -> None:
+        for line in process.stdout:
+            lines.append(line.rstrip("\n"))
+            if line.startswith(prefix):
+                found.set()
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+
+    def seen() -> bool:
+        if not found.is_set() and not reader.is_alive():
+            raise AssertionError(f"the output ended before a line {prefix!r}: {lines} "
+                                 f"{process.stderr.read() if process.stderr else ''}")
+        return found.is_set()
+
+    wait_for(seen, f"a line {prefix!r} from {' '.join(map(str, process.args))}", progress=tree_progress(process.pid))
+    return lines
+
+
 # --- The command line ---------------------------------------------------------------------------
 
 @dataclass
@@ -217,6 +243,21 @@ def final_weights(run_dir: Path) -> list[np.ndarray]:
 
 
 # --- Processes -----------------------------------------------------------------------------------
+
+def assert_same_run(run_dir: Path, reference: Path, atol: float = 1e-6) -> None:
+    """Two runs agree round for round: every round's training metrics, and the final weights, within `atol`."""
+    import pytest
+
+    from fedmnist.outputs.metrics_log import MetricsLog
+
+    rows, expected = MetricsLog(run_dir).records(), MetricsLog(reference).records()
+    assert [r.round for r in rows] == [r.round for r in expected] == list(range(1, len(expected) + 1))
+    for row, want in zip(rows, expected):
+        for key, value in want.train.items():
+            assert row.train[key] == pytest.approx(value, abs=atol), (row.round, key)
+    for got, want in zip(final_weights(run_dir), final_weights(reference)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=atol)
+
 
 def worker_pid(run_dir: Path) -> int:
     """The worker_binary pid that the run's LocalWorker recorded in its worker.log."""

@@ -47,6 +47,13 @@ def test_package_path_and_floor_train_a_given_population_alike(prepared_run):
     assert sorted(package["rss_gb_by_round"]) == list(range(1, len(prepared_run) + 1))
 
 
+@pytest.mark.unit
+def test_no_workload_times_an_evaluation_the_floor_does_not_do():
+    for name, spec in WORKLOAD_SPECS.items():
+        config = config_lib.load(None, list(spec.overrides))
+        assert (config.eval_every, config.centralized_eval_every) == (0, None), name
+
+
 def test_paper_round_workload_is_mcmahans_fedavg_cnn_round():
     """`paper-round`: the shipped E=5 B=10 CNN config's training settings on 100 synthetic clients of
     600 training examples, 10 per round; built, not run."""

@@ -1,5 +1,6 @@
 """A run name is a name: `--set name=../../escaped/x` or an absolute path must not put the run directory
-outside runs/ (issue 27); `--run-dir` is the way to choose a place."""
+outside runs/ (issue 27); `--run-dir` is the way to choose a place. Nor may a name be longer than a directory's
+name can be."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from helpers import train_main
 @pytest.mark.unit
 @pytest.mark.parametrize("value, name", [("../../escaped/x", "../../escaped/x"), ("/tmp/escaped", "/tmp/escaped"),
                                          ("a/b", "a/b"), ("..", ".."), ("a\\b", "a\\b"), ('""', ""),
-                                         ('"tab\\there"', "tab\there")])
-def test_a_run_name_with_a_separator_is_refused_in_one_line_and_creates_nothing(value, name, tmp_path, monkeypatch):
+                                         ('"tab\\there"', "tab\there"), ("x" * 201, "x" * 201)])
+def test_a_name_with_a_separator_or_too_long_is_refused_in_one_line_and_creates_nothing(value, name, tmp_path, monkeypatch):
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))

@@ -4,11 +4,9 @@ worker_binary; bad arguments are one line. tests/test_worker_security.py attacks
 
 from __future__ import annotations
 
-import queue
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from types import SimpleNamespace
 
@@ -18,16 +16,8 @@ import pytest
 
 from fedmnist.runtime import worker
 from tls_files import tls_files
-from helpers import (LOOPBACK_IPS, Background, assert_same_rounds, listening_ips, small_config, small_run, tree_progress,
+from helpers import (LOOPBACK_IPS, Background, assert_same_rounds, listening_ips, read_until, small_config, small_run,
                      wait_for, wait_gone, wait_process)
-
-
-def first_line(process: subprocess.Popen) -> str:
-    """The first line the process prints, waiting as long as it makes progress (TensorFlow's import)."""
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: lines.put(process.stdout.readline()), daemon=True).start()
-    return wait_for(lambda: (lines.get_nowait() or "(no output)") if not lines.empty() else None,
-                    "the worker command's first line", progress=tree_progress(process.pid))
 
 
 def start_worker_commands(*arguments: list[str]) -> list[SimpleNamespace]:
@@ -42,7 +32,7 @@ def start_worker_commands(*arguments: list[str]) -> list[SimpleNamespace]:
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             started.append(SimpleNamespace(port=port, command=command, binaries=[], stderr="", code=None))
         for one in started:
-            one.serving = first_line(one.command)
+            one.serving = read_until(one.command)[0]
             assert f"port {one.port}" in one.serving, one.serving
             one.binaries = psutil.Process(one.command.pid).children()
             assert [p.name() for p in one.binaries] == ["worker_binary"]
@@ -139,6 +129,14 @@ def test_worker_command_refuses_unprotected_or_incomplete_modes_in_one_line(caps
 
 
 @pytest.mark.unit
+def test_worker_command_refuses_a_log_file_it_cannot_write_in_one_line(capsys, tmp_path):
+    log = tmp_path / "no-such-directory" / "worker.log"
+    assert worker.main(["--port", "8000", "--log", str(log)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --log {log}: cannot write it (No such file or directory)"]
+
+
+@pytest.mark.unit
 def test_worker_command_checks_its_tls_files_before_tensorflow_starts(capsys, tmp_path):
     files = tls_files(tmp_path)
     arguments = ["--port", "8000", "--host", "10.0.0.5", "--tls", "--ca", str(files.ca), "--cert", str(files.cert)]
@@ -168,7 +166,7 @@ def test_sigterm_stops_the_worker_command_even_when_its_worker_ignores_sigint(tm
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
-        assert f"port {port}" in first_line(command)
+        assert f"port {port}" in read_until(command)[0]
         [binary] = psutil.Process(command.pid).children()
         command.send_signal(signal.SIGTERM)
         # A plain limit, not "as long as it makes progress": an idle worker_binary's gRPC threads use CPU.

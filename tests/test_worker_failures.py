@@ -25,8 +25,8 @@ import pytest
 from fedmnist import config as config_lib
 from fedmnist import loop, runtime
 from fedmnist.outputs.metrics_log import MetricsLog
-from helpers import (ROOT, THROUGH_UV, Background, final_weights, process_alive, scalars, start_cli, train_main, tree_progress,
-                     wait_for, wait_gone, wait_process)
+from helpers import (ROOT, THROUGH_UV, Background, assert_same_run, final_weights, process_alive, read_until, scalars,
+                     start_cli, train_main, tree_progress, wait_for, wait_gone, wait_process)
 
 ROUNDS = 6
 OVERRIDES = ["data.dataset=digits", f"rounds={ROUNDS}", "histogram_every=0", "eval_every=0"]
@@ -46,17 +46,6 @@ def reference(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("reference")
     loop.train(make_config(), run_dir, echo=quiet, progress=False)
     return run_dir
-
-
-def assert_same_run(run_dir: Path, reference: Path) -> None:
-    """Per-round metrics and final weights equal (atol 1e-6)."""
-    rows, expected = MetricsLog(run_dir).records(), MetricsLog(reference).records()
-    assert [r.round for r in rows] == [r.round for r in expected] == list(range(1, ROUNDS + 1))
-    for row, want in zip(rows, expected):
-        for key, value in want.train.items():
-            assert row.train[key] == pytest.approx(value, abs=1e-6), (row.round, key)
-    for got, want in zip(final_weights(run_dir), final_weights(reference)):
-        np.testing.assert_allclose(got, want, atol=1e-6)
 
 
 def kill_during_round(round_num: int, pick_worker=lambda workers: workers[0]):
@@ -115,29 +104,6 @@ def start(run_dir: Path, *overrides: str) -> subprocess.Popen:
                      cwd=ROOT)
 
 
-def wait_for_line(process: subprocess.Popen, prefix: str) -> None:
-    """Reads the CLI's stdout until a line starts with `prefix`, as long as the CLI makes progress."""
-    lines: list[str] = []
-    found = threading.Event()
-
-    def read() -> None:
-        for line in process.stdout:
-            lines.append(line.rstrip("\n"))
-            if line.startswith(prefix):
-                found.set()
-                return
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-
-    def seen() -> bool:
-        if not found.is_set() and not reader.is_alive():
-            raise AssertionError(f"the CLI ended before {prefix!r}: {lines} {process.stderr.read()}")
-        return found.is_set()
-
-    wait_for(seen, f"a line {prefix!r} from the CLI", progress=tree_progress(process.pid))
-
-
 def worker_pids(run_dir: Path) -> list[int]:
     """Every worker_binary the run started, in order, as its worker.log records them."""
     log = run_dir / "worker.log"
@@ -167,7 +133,7 @@ def killed_after_every_restart(directory: Path) -> Ended:
     this test reads its output; the resume shortens it to ROUNDS."""
     process = start(directory, "worker_retries=1", f"rounds={ROUNDS * 100}")
     try:
-        wait_for_line(process, "round  2,")
+        read_until(process, "round  2,")
         os.kill(worker_pids(directory)[0], signal.SIGKILL)
         os.kill(wait_for_new_worker(directory, 2, process), signal.SIGKILL)
         wait_process(process, "the CLI after its workers were killed")
@@ -183,7 +149,7 @@ def cli_with_a_stopped_worker(run_dir: Path, *overrides: str) -> Iterator[subpro
     """A CLI run whose worker gets SIGSTOP after round 2; the worker must not outlive the run."""
     process, pid = start(run_dir, f"rounds={ROUNDS * 100}", *overrides), None
     try:
-        wait_for_line(process, "round  2,")
+        read_until(process, "round  2,")
         pid = worker_pids(run_dir)[0]
         os.kill(pid, signal.SIGSTOP)
         yield process

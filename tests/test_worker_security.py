@@ -7,9 +7,11 @@
 - `fedmnist worker` serves its own user on loopback and refuses others; `fedmnist worker --tls` serves
   a training run that has the files docs/security.md makes, and refuses a client without a
   certificate or with one from another CA.
-- A remote worker behind a route that drops packets (a network namespace) ends the run like a dead
-  worker: one line, the saved round, the resume command, within `worker_timeout_seconds`; and the
-  worker command still stops on SIGTERM.
+- A worker on a second host (a network namespace, tests/netns.py) listens only on the address it was
+  given; black-holed (a route that drops packets) or cut off (the link down) mid-round, it ends the run
+  like a dead worker: one line naming its address, the saved round, the resume command, within
+  `worker_timeout_seconds`; the worker command still stops on SIGTERM; and with the link back, the
+  resume equals an uninterrupted run (issue 26, item 7).
 - A disposal (what TFF's finalizers send, from any thread) never waits on a worker that does not answer.
 """
 
@@ -26,7 +28,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import portpicker
@@ -37,7 +39,10 @@ import other_user
 from fedmnist import loop, runtime
 from fedmnist.runtime import tls, workers
 from fedmnist.runtime.watch import WorkerWatch
-from helpers import ROOT, metrics_rows, run_command, small_config, tree_progress, wait_for
+from helpers import (ROOT, THROUGH_UV, assert_same_run, metrics_rows, read_until, run_command, small_config, train_main,
+                     wait_for, wait_process)
+from netns import Namespaces
+from tls_files import tls_files
 
 TESTS = Path(__file__).resolve().parent
 ATTACK = TESTS / "worker_attack.py"
@@ -45,24 +50,23 @@ ATTACK = TESTS / "worker_attack.py"
 
 # --- The attack ---------------------------------------------------------------------------------
 
-def bait(directory: Path) -> tuple[Path, str, Path]:
-    """A file only this user can read (the secret), its text, and where the attacker will try to write."""
+def bait(directory: Path) -> tuple[Path, str]:
+    """A file only this user can read (the secret the attacker tries to print), and its text."""
     secret = directory / "secret.txt"
     text = f"only the trainer may read this {uuid.uuid4()}"
     secret.write_text(text)
     secret.chmod(0o600)
-    planted = directory / "planted.txt"
-    return secret, text, planted
+    return secret, text
 
 
-def run_attack(secret: Path, planted: Path, attempts: list, *options: str) -> list[dict]:
-    """tests/worker_attack.py, one process, each attempt (a target, or a dict with TLS files); its results."""
-    arguments = [json.dumps(a) if isinstance(a, dict) else a for a in attempts]
-    done = run_command([sys.executable, str(ATTACK), *options, str(secret), str(planted), *arguments], cwd=TESTS)
+def run_attack(secret: Path, attempts: list[dict]) -> list[dict]:
+    """tests/worker_attack.py, one process for all the attempts (a TensorFlow start each would cost
+    seconds): each attempt's result, with the `planted` file it tried to write."""
+    done = run_command([sys.executable, str(ATTACK), str(secret), *map(json.dumps, attempts)], cwd=TESTS)
     assert done.returncode == 0, done.stderr[-3000:]
     results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert [r["target"] for r in results] == [a["target"] if isinstance(a, dict) else a for a in attempts], done.stdout
-    return results
+    assert [r["target"] for r in results] == [a["target"] for a in attempts], done.stdout
+    return [{**result, "planted": Path(attempt["planted"])} for result, attempt in zip(results, attempts)]
 
 
 def listening_targets(pids: list[int]) -> list[str]:
@@ -80,31 +84,35 @@ def listening_targets(pids: list[int]) -> list[str]:
     return sorted(set(targets))
 
 
-def assert_refused(results: list[dict], planted: Path, text: str, how: str = "") -> None:
+def assert_refused(results: list[dict], text: str, how: str = "") -> None:
     for result in results:
         assert result["read"] is None and result["error"], (how, result)
         assert result["stage"] == "get_executor", (how, result)  # not one request got through
-    assert text not in json.dumps(results), how
-    assert not planted.exists(), how
+        assert not result["planted"].exists(), how
+    assert text not in json.dumps(results, default=str), how
 
 
-def assert_attack_worked(results: list[dict], planted: Path, text: str) -> None:
-    assert all(result["read"] == text for result in results), results
-    assert planted.read_text() == "written by the attacker" and planted.stat().st_uid == os.geteuid()
+def assert_attack_worked(results: list[dict], text: str) -> None:
+    for result in results:
+        assert result["read"] == text, result
+        planted = result["planted"]
+        assert planted.read_text() == "written by the attacker" and planted.stat().st_uid == os.geteuid()
 
 
 @pytest.mark.parametrize("protected", [True, False], ids=["protected", "without-protection-the-attack-works"])
 def test_another_user_cannot_run_code_in_a_training_runs_workers(protected, monkeypatch, tmp_path):
     other_user.require_root()
     monkeypatch.setattr(workers, "ACCEPT_ONLY_OWN_USER", protected)
-    secret, text, planted = bait(tmp_path)
+    secret, text = bait(tmp_path)
     seen = {}
 
     def echo(line: str) -> None:  # the run waits here, after round 1, with its two workers serving
         if line.startswith("round  1,") and not seen:
             pids = [worker.process.pid for worker in runtime.active_runtime()]
             seen["targets"] = listening_targets(pids)
-            seen["results"] = run_attack(secret, planted, seen["targets"], "--as-other-user")
+            seen["results"] = run_attack(secret, [
+                {"target": target, "planted": str(tmp_path / f"planted-{number}"), "as_other_user": True}
+                for number, target in enumerate(seen["targets"])])
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -112,13 +120,13 @@ def test_another_user_cannot_run_code_in_a_training_runs_workers(protected, monk
 
     assert len(seen["targets"]) == 2 and all(t.startswith("127.0.0.1:") for t in seen["targets"]), seen
     if protected:
-        assert_refused(seen["results"], planted, text)
+        assert_refused(seen["results"], text)
         refusals = [line for line in (run_dir / "worker.log").read_text().splitlines() if "refused" in line]
         uid = other_user.other_user()[0]
         assert refusals and set(refusals) == {f"fedmnist: refused a connection from uid {uid} "
                                               f"(only uid {os.geteuid()} may connect)"}
     else:
-        assert_attack_worked(seen["results"], planted, text)
+        assert_attack_worked(seen["results"], text)
     assert [row["round"] for row in metrics_rows(run_dir)] == [1, 2, 3]  # the run went on, undisturbed
 
 
@@ -148,22 +156,25 @@ def make_tls_files(directory: Path, addresses: list[str]) -> Path:
 
 
 @contextlib.contextmanager
-def worker_command(*arguments: str, namespace: str | None = None) -> Iterator[tuple[subprocess.Popen, int, str]]:
-    """`python -m fedmnist.worker --port P ARGUMENTS` (in a network namespace), once it serves: the
-    process, P and its serving line. Stopped by SIGTERM on the way out if still running."""
-    port = portpicker.pick_unused_port() if namespace is None else 8000
-    prefix = ["ip", "netns", "exec", namespace] if namespace else []
-    command = subprocess.Popen([*prefix, sys.executable, "-m", "fedmnist.worker", "--port", str(port), *arguments],
+def worker_command(*arguments: str, namespace: list[str] = ()) -> Iterator[tuple[subprocess.Popen, int, str]]:
+    """`python -m fedmnist.worker --port P ARGUMENTS` (in a network namespace: `namespace` is the prefix
+    `netns.Namespaces.inside` gives), once it serves: the process, P and its serving line. Stopped by
+    SIGTERM on the way out if still running."""
+    port = 8000 if namespace else portpicker.pick_unused_port()  # a namespace of its own: no one else's port
+    command = subprocess.Popen([*namespace, sys.executable, "-m", "fedmnist.worker", "--port", str(port), *arguments],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
-        line = first_line(command)
+        line = read_until(command)[0]
         assert "serving on" in line and f"port {port}" in line, (line, command.stderr.read() if command.poll() else "")
         yield command, port, line.rstrip("\n")
     finally:
-        if command.poll() is None:
-            command.send_signal(signal.SIGTERM)
-            stopped(command)
-        command.communicate()
+        try:
+            if command.poll() is None:
+                command.send_signal(signal.SIGTERM)
+                stopped(command)
+        finally:
+            command.kill()  # only if it did not stop: a failed test leaves no worker behind
+            command.communicate(timeout=60)
 
 
 def stopped(command: subprocess.Popen) -> int:
@@ -173,24 +184,19 @@ def stopped(command: subprocess.Popen) -> int:
     return command.returncode
 
 
-def first_line(process: subprocess.Popen) -> str:
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.append(process.stdout.readline()), daemon=True)
-    reader.start()
-    return wait_for(lambda: lines[0] or f"(no output: {process.stderr.read()})" if lines else None,
-                    "the worker command's first line", progress=tree_progress(process.pid))
-
-
 def test_the_worker_command_serves_its_own_user_on_loopback_and_refuses_another(tmp_path):
     other_user.require_root()
-    secret, text, planted = bait(tmp_path)
+    secret, text = bait(tmp_path)
     with worker_command("--log", str(tmp_path / "worker.log")) as (command, port, line):
         assert line.endswith("for this user's processes only; Ctrl-C to stop")
         [binary] = psutil.Process(command.pid).children()
         targets = listening_targets([binary.pid])
         assert targets == [f"127.0.0.1:{port}"]
-        assert_refused(run_attack(secret, planted, targets, "--as-other-user"), planted, text)
-        assert_attack_worked(run_attack(secret, planted, targets), planted, text)  # its own user: served
+        own, other = run_attack(secret, [
+            {"target": targets[0], "planted": str(tmp_path / "planted-by-its-user")},
+            {"target": targets[0], "planted": str(tmp_path / "planted-by-another-user"), "as_other_user": True}])
+        assert_attack_worked([own], text)  # its own user is served: the attack itself works
+        assert_refused([other], text)
     assert f"refused a connection from uid {other_user.other_user()[0]}" in (tmp_path / "worker.log").read_text()
 
 
@@ -198,7 +204,7 @@ def test_the_worker_command_with_tls_serves_a_run_with_the_documented_files_and_
         tmp_path, monkeypatch, prepared_run):
     files = make_tls_files(tmp_path / "tls", ["127.0.0.1"])
     strangers = make_tls_files(tmp_path / "another-ca", ["127.0.0.1"])
-    secret, text, planted = bait(tmp_path)
+    secret, text = bait(tmp_path)
     arguments = ["--tls", "--ca", str(files / "ca.pem"), "--cert", str(files / "worker.pem"),
                  "--key", str(files / "worker.key")]
     with worker_command(*arguments) as (command, port, line):
@@ -218,18 +224,19 @@ def test_the_worker_command_with_tls_serves_a_run_with_the_documented_files_and_
         assert_same_rounds(prepared_run, remote, tolerance=1e-6)
 
         target = f"127.0.0.1:{port}"
-        refused = {  # how -> attempt
-            "plain gRPC": target,
-            "TLS without a certificate": {"target": target, "ca": str(files / "ca.pem")},
-            "a certificate from another CA": {"target": target, "ca": str(files / "ca.pem"),
-                                              "cert": str(strangers / "run.pem"), "key": str(strangers / "run.key")},
+        refused = {  # how -> TLS files, if any
+            "plain gRPC": {},
+            "TLS without a certificate": {"ca": str(files / "ca.pem")},
+            "a certificate from another CA": {"ca": str(files / "ca.pem"), "cert": str(strangers / "run.pem"),
+                                              "key": str(strangers / "run.key")},
         }
-        results = run_attack(secret, planted, list(refused.values()))
+        good = {"ca": str(files / "ca.pem"), "cert": str(files / "run.pem"), "key": str(files / "run.key")}
+        *results, served = run_attack(secret, [
+            {"target": target, "planted": str(tmp_path / f"planted-{number}"), **credentials}
+            for number, credentials in enumerate([*refused.values(), good])])
         for how, result in zip(refused, results):
-            assert_refused([result], planted, text, how)
-        good = run_attack(secret, planted, [{"target": target, "ca": str(files / "ca.pem"),
-                                             "cert": str(files / "run.pem"), "key": str(files / "run.key")}])
-        assert_attack_worked(good, planted, text)  # a holder of the CA's certificate may run code: by design
+            assert_refused([result], text, how)
+        assert_attack_worked([served], text)  # a holder of the CA's certificate may run code: by design
     assert command.returncode == 0 and not socket_dir.exists()
 
 
@@ -276,6 +283,19 @@ def test_a_runs_tls_files_come_from_the_environment_all_three_or_none(tmp_path):
         tls.from_environment({"FEDMNIST_TLS_CA": "a", "FEDMNIST_TLS_CERT": "b"})
 
 
+def test_a_run_whose_tls_files_cannot_be_used_stops_in_one_line_with_exit_2(tmp_path, monkeypatch):
+    files = tls_files(tmp_path / "tls")
+    files.key.chmod(0o644)
+    for name, path in (("CA", files.ca), ("CERT", files.cert), ("KEY", files.key)):
+        monkeypatch.setenv(f"FEDMNIST_TLS_{name}", str(path))
+    done = train_main("--quiet", "--run-dir", str(tmp_path / "run"), "--set", "data.dataset=digits",
+                      "--set", "workers=[127.0.0.1:8000]")
+    assert done.returncode == 2
+    assert [line for line in done.stderr.splitlines() if line.strip()] == [
+        f"error: the private key {files.key} can be read by other users (mode 644); chmod 600 {files.key}"]
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_run_does_not_send_its_data_to_a_loopback_port_another_user_listens_on():
     # A fake worker: another user's gRPC server where the run's `workers:` entry points (the port of a
     # worker that died, say). It would receive the run's data and choose what the run gets back.
@@ -298,134 +318,110 @@ def test_a_run_does_not_send_its_data_to_a_loopback_port_another_user_listens_on
                                         f"(uid {other_user.other_user()[0]})")
 
 
-# --- A worker behind a route that drops packets ---------------------------------------------------
+# --- A remote worker on a second host (network namespaces: tests/netns.py) -------------------------
 
-class Namespaces:
-    """Two network namespaces joined by a veth pair: the run's (10.213.7.1) and the worker's (10.213.7.2)."""
-
-    RUN, WORKER = "10.213.7.1", "10.213.7.2"
-
-    def __init__(self):
-        tag = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.run, self.worker = f"fedmnist-run-{tag}", f"fedmnist-worker-{tag}"
-
-    def create(self) -> None:
-        commands = [
-            ["ip", "netns", "add", self.run], ["ip", "netns", "add", self.worker],
-            ["ip", "link", "add", "veth-run", "netns", self.run, "type", "veth", "peer", "name", "veth-worker",
-             "netns", self.worker],
-            ["ip", "-n", self.run, "addr", "add", f"{self.RUN}/30", "dev", "veth-run"],
-            ["ip", "-n", self.worker, "addr", "add", f"{self.WORKER}/30", "dev", "veth-worker"],
-            ["ip", "-n", self.run, "link", "set", "veth-run", "up"],
-            ["ip", "-n", self.worker, "link", "set", "veth-worker", "up"],
-            ["ip", "-n", self.run, "link", "set", "lo", "up"], ["ip", "-n", self.worker, "link", "set", "lo", "up"],
-        ]
-        for number, command in enumerate(commands):
-            done = subprocess.run(command, capture_output=True, text=True, timeout=60)
-            if done.returncode != 0:
-                reason = f"network namespaces cannot be made here ({' '.join(command[:3])}: {done.stderr.strip()})"
-                if number == 0:
-                    pytest.skip(reason)
-                raise AssertionError(reason)
-
-    def black_hole(self) -> None:
-        """From now on the worker's side drops every packet for the run: they leave and are never answered."""
-        subprocess.run(["ip", "-n", self.worker, "route", "add", "blackhole", f"{self.RUN}/32"], check=True,
-                       timeout=60)
-
-    def delete(self) -> None:
-        for name in (self.run, self.worker):
-            subprocess.run(["ip", "netns", "delete", name], capture_output=True, timeout=60)
+WORKER = Namespaces.WORKER
+TIMEOUT = 5  # worker_timeout_seconds: seconds, not the default 20, and still above a TLS probe on a loaded machine
+# Past the verdict the run only exits (each round's checkpoint is written when the round ends): the
+# margin is for a loaded machine, and far below the kernel's TCP timeout (~15 minutes) runs used to wait.
+EXIT_MARGIN_SECONDS = 15
+RUN_SETTINGS = ["data.dataset=digits", "histogram_every=0", "eval_every=0", f"worker_timeout_seconds={TIMEOUT}"]
 
 
-@pytest.fixture
-def namespaces() -> Iterator[Namespaces]:
-    if shutil.which("ip") is None:
-        pytest.skip("no `ip` command (iproute2): network namespaces cannot be made here")
-    if os.geteuid() != 0:
-        pytest.skip(f"running as uid {os.geteuid()}: making network namespaces needs root")
-    made = Namespaces()
+def train_in(namespaces: Namespaces, *arguments: str) -> list[str]:
+    """`python -m fedmnist.train --quiet ARGUMENTS` in the run's namespace."""
+    return [*namespaces.inside(namespaces.run), sys.executable, "-m", "fedmnist.train", "--quiet", *arguments]
+
+
+def cut_off_mid_round(namespaces: Namespaces, port: int, run_dir: Path, cut: Callable[[], None],
+                      env: dict | None = None) -> tuple[list[str], float]:
+    """Starts a long run whose `workers:` is the worker's address, `cut()`s the worker off once round 2 is
+    printed (the next round is training), and waits for the run to end with exit code 1: the lines it
+    wrote on stderr, and the seconds from the cut to its end."""
+    settings = [*RUN_SETTINGS, "rounds=600", f"workers=[{WORKER}:{port}]"]
+    run = subprocess.Popen(train_in(namespaces, "--run-dir", str(run_dir), *(f"--set={s}" for s in settings)),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
     try:
-        made.create()
-        yield made
+        read_until(run, "round  2,")
+        cut()
+        cut_at = time.monotonic()
+        # A run waiting on its worker uses no CPU, so this wait has a plain limit.
+        wait_for(lambda: run.poll() is not None, "the run after its worker was cut off",
+                 stall=TIMEOUT + EXIT_MARGIN_SECONDS + 60)
+        ended = time.monotonic() - cut_at
     finally:
-        made.delete()
+        if run.poll() is None:
+            run.kill()
+        err = run.communicate()[1]
+    assert run.returncode == 1, err
+    return [line for line in err.splitlines() if line.strip()], ended
 
 
-def read_until(process: subprocess.Popen, prefix: str) -> list[str]:
-    """Reads the process's stdout until a line starts with `prefix`, as long as it makes progress; the lines."""
-    lines: list[str] = []
-    found = threading.Event()
-
-    def read() -> None:
-        for line in process.stdout:
-            lines.append(line.rstrip("\n"))
-            if line.startswith(prefix):
-                found.set()
-                return
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-
-    def seen() -> bool:
-        if not found.is_set() and not reader.is_alive():
-            raise AssertionError(f"the run ended before {prefix!r}: {lines} {process.stderr.read()}")
-        return found.is_set()
-
-    wait_for(seen, f"a line {prefix!r} from the run", progress=tree_progress(process.pid))
-    return lines
+def saved_round_in_the_lost_worker_line(lines: list[str], port: int, run_dir: Path, plain: bool) -> int:
+    """The run's one line (after, for a plain-gRPC worker, its one warning) names the worker's address,
+    the timeout, the saved round and the resume command; returns the saved round."""
+    if plain:
+        warning = lines.pop(0)
+        assert warning.startswith(f"fedmnist: warning: worker {WORKER}:{port} reached in plain gRPC"), warning
+    [line] = lines
+    match = re.fullmatch(
+        rf"error: worker 1 at {re.escape(WORKER)}:{port} did not answer for {TIMEOUT} s "
+        rf"\(worker_timeout_seconds\) during round \d+; the state after round (\d+) is saved; "
+        rf"resume with: {re.escape(THROUGH_UV)}python -m fedmnist\.train --resume {re.escape(str(run_dir))}", line)
+    assert match, line
+    saved = int(match.group(1))
+    assert saved >= 2 and (run_dir / "checkpoints" / f"round_{saved}").is_dir()
+    return saved
 
 
-@pytest.mark.parametrize("mode", ["tls", "insecure"])
-def test_a_black_holed_remote_worker_ends_the_run_within_the_timeout_with_the_resume_line(
-        mode, namespaces, tmp_path):
-    timeout = 5
-    files = make_tls_files(tmp_path / "tls", [Namespaces.WORKER]) if mode == "tls" else None
-    arguments = (["--tls", "--ca", str(files / "ca.pem"), "--cert", str(files / "worker.pem"),
-                  "--key", str(files / "worker.key")] if files else ["--insecure"])
-    env = dict(os.environ)
-    if files:
-        env.update(FEDMNIST_TLS_CA=str(files / "ca.pem"), FEDMNIST_TLS_CERT=str(files / "run.pem"),
-                   FEDMNIST_TLS_KEY=str(files / "run.key"))
+def test_a_black_holed_tls_worker_ends_the_run_within_the_timeout_with_the_resume_line(namespaces, tmp_path):
+    # With --tls the run talks to the worker command's TLS front; with --insecure (the test below, whose
+    # link is taken down) to worker_binary itself: a silent worker ends the run alike on both paths.
+    files = make_tls_files(tmp_path / "tls", [WORKER])
+    env = {**os.environ, "FEDMNIST_TLS_CA": str(files / "ca.pem"), "FEDMNIST_TLS_CERT": str(files / "run.pem"),
+           "FEDMNIST_TLS_KEY": str(files / "run.key")}
     run_dir = tmp_path / "run"
-    with worker_command("--host", Namespaces.WORKER, *arguments, namespace=namespaces.worker) as (command, port, _):
-        run = subprocess.Popen(
-            ["ip", "netns", "exec", namespaces.run, sys.executable, "-m", "fedmnist.train", "--quiet",
-             "--run-dir", str(run_dir), "--set", "data.dataset=digits", "--set", "rounds=600",
-             "--set", "histogram_every=0", "--set", "eval_every=0",
-             "--set", f"workers=[{Namespaces.WORKER}:{port}]", "--set", f"worker_timeout_seconds={timeout}"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
-        try:
-            read_until(run, "round  2,")
-            namespaces.black_hole()
-            black_holed = time.monotonic()
-            # A waiting run uses no CPU: progress cannot be measured, so the wait has a plain limit, far
-            # below the kernel's TCP timeout (~15 minutes) that the run used to wait for.
-            wait_for(lambda: run.poll() is not None, "the run after its worker was black-holed", stall=timeout + 60)
-            ended = time.monotonic() - black_holed
-        finally:
-            if run.poll() is None:
-                run.kill()
-            err = run.communicate()[1]
-        assert run.returncode == 1, err
-        lines = [line for line in err.splitlines() if line.strip()]
-        if mode == "insecure":  # a run that reaches a worker off loopback without TLS says so, once
-            warning = lines.pop(0)
-            assert warning.startswith(f"fedmnist: warning: worker {Namespaces.WORKER}:{port} reached in plain gRPC")
-        [line] = lines
-        assert re.fullmatch(
-            rf"error: worker 1 at {re.escape(Namespaces.WORKER)}:{port} did not answer for {timeout} s "
-            rf"\(worker_timeout_seconds\) during round (\d+); the state after round \d+ is saved; "
-            rf"resume with: python -m fedmnist\.train --resume {re.escape(str(run_dir))}", line), line
-        saved = int(re.search(r"the state after round (\d+) is saved", line).group(1))
-        assert saved >= 2 and (run_dir / "checkpoints" / f"round_{saved}").is_dir()
-        # The verdict comes `timeout` s after the last answer, at most a probe interval before the black
-        # hole; the rest is saving and exiting.
-        assert ended < timeout + 30, ended
+    with worker_command("--host", WORKER, "--tls", "--ca", str(files / "ca.pem"), "--cert", str(files / "worker.pem"),
+                        "--key", str(files / "worker.key"), namespace=namespaces.inside(namespaces.worker)) as (
+            command, port, _):
+        assert namespaces.listening(namespaces.worker) == {f"{WORKER}:{port}"}  # the TLS front only
+        lines, ended = cut_off_mid_round(namespaces, port, run_dir, namespaces.black_hole, env)
+        saved_round_in_the_lost_worker_line(lines, port, run_dir, plain=False)
+        assert ended < TIMEOUT + EXIT_MARGIN_SECONDS, ended
 
         # The worker command, its client gone without a word, still stops on SIGTERM.
         command.send_signal(signal.SIGTERM)
         assert stopped(command) == 0
+
+
+def test_a_worker_on_another_host_listens_only_there_and_a_run_cut_off_from_it_resumes_to_the_uninterrupted_run(
+        namespaces, tmp_path):
+    # Issue 26 item 7: `fedmnist worker --host` on a second host, the link pulled mid-round, put back.
+    run_dir = tmp_path / "run"
+    with worker_command("--host", WORKER, "--insecure", namespace=namespaces.inside(namespaces.worker)) as (
+            command, port, _):
+        assert namespaces.listening(namespaces.worker) == {f"{WORKER}:{port}"}  # not loopback, not everywhere
+        lines, ended = cut_off_mid_round(namespaces, port, run_dir, namespaces.cut)
+        saved = saved_round_in_the_lost_worker_line(lines, port, run_dir, plain=True)
+        assert ended < TIMEOUT + EXIT_MARGIN_SECONDS, ended
+
+        namespaces.restore()
+        rounds = saved + 2  # the interrupted round again, and one more
+        resume = subprocess.Popen(train_in(namespaces, "--resume", str(run_dir), "--rounds", str(rounds)),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        try:
+            # Meanwhile (TensorFlow loads in the resume), the uninterrupted run: the same settings on a
+            # local worker, which computes what a remote one does.
+            reference = train_main("--quiet", "--run-dir", str(tmp_path / "reference"),
+                                   *(f"--set={s}" for s in (*RUN_SETTINGS, f"rounds={rounds}")))
+            assert reference.returncode == 0, reference.stderr
+            assert wait_process(resume, "the resumed run") == 0, resume.stderr.read()
+        finally:
+            resume.kill()  # only if it did not end
+            resume.communicate(timeout=60)
+        command.send_signal(signal.SIGTERM)  # its first client gone without a word, it still stops at once
+        assert stopped(command) == 0
+    assert_same_run(run_dir, tmp_path / "reference")
 
 
 # --- Finalizers never wait -------------------------------------------------------------------------

@@ -2,20 +2,25 @@
 executor service and submit a `tff.tensorflow.computation` that writes one file and reads another,
 which the worker does as its own user.
 
-    python tests/worker_attack.py [--as-other-user] SECRET PLANTED ATTEMPT...
+    python tests/worker_attack.py SECRET ATTEMPT...
 
-An ATTEMPT is a target, `host:port` or `unix:PATH`, in plain gRPC; or a JSON object {"target", "ca",
-"cert", "key"} for TLS that trusts `ca` and presents `cert` and `key` (without them: no certificate).
-With `--as-other-user` the script, once TensorFlow is loaded and the computation built, becomes
-`nobody` (tests/other_user.py) before it connects. It prints one JSON object per attempt: {"target",
-"stage" (how far it got: "connect", "get_executor", "create_value", "compute"), "read" (the secret's
-text when the attack worked), "error"}. Every call has a deadline.
+Each ATTEMPT is a JSON object: {"target": `host:port` or `unix:PATH`, "planted": the file the computation
+writes}, in plain gRPC; with "ca" (and "cert", "key") in TLS that trusts `ca` (and presents `cert` and
+`key`); with "as_other_user": true as `nobody` (tests/other_user.py). The script becomes that user once,
+after TensorFlow is loaded and every computation built and every file read, so the attempts as the
+other user come after all others. It prints one JSON object per attempt: {"target", "stage" (how far it
+got: "connect", "get_executor", "create_value", "compute"), "read" (the secret's text when the attack
+worked), "error"}. Every call has a deadline.
 """
 
 from __future__ import annotations
 
 import json
+import queue
 import sys
+import time
+
+import other_user
 
 CONNECT_SECONDS = 15.0
 CALL_SECONDS = 60.0
@@ -34,6 +39,26 @@ def build_attack(secret: str, planted: str):
     return steal
 
 
+def settled(channel):
+    """The channel's state once its first connection attempt ends: READY, or TRANSIENT_FAILURE at once when
+    the worker closes the connection or the TLS handshake fails (waiting for READY would wait out the
+    deadline on every refused attempt); the last state seen after CONNECT_SECONDS."""
+    import grpc
+
+    states: queue.Queue = queue.Queue()
+    channel.subscribe(states.put, try_to_connect=True)
+    deadline = time.monotonic() + CONNECT_SECONDS
+    state = None
+    try:
+        while state not in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE):
+            state = states.get(timeout=max(0.0, deadline - time.monotonic()))
+    except queue.Empty:
+        pass
+    finally:
+        channel.unsubscribe(states.put)
+    return state
+
+
 def attack(target: str, steal, credentials=None) -> dict:
     import grpc
     import tensorflow_federated as tff
@@ -43,9 +68,7 @@ def attack(target: str, steal, credentials=None) -> dict:
     channel = grpc.secure_channel(target, credentials) if credentials is not None else grpc.insecure_channel(target)
     try:
         stub = executor_pb2_grpc.ExecutorGroupStub(channel)  # TFF's service, with a deadline on each call
-        try:
-            grpc.channel_ready_future(channel).result(timeout=CONNECT_SECONDS)
-        except grpc.FutureTimeoutError:
+        if settled(channel) != grpc.ChannelConnectivity.READY:
             result["error"] = "the connection never became ready"
         result["stage"] = "get_executor"
         clients = executor_pb2.Cardinality(placement=computation_pb2.Placement(uri=tff.CLIENTS.uri), cardinality=1)
@@ -80,20 +103,23 @@ def credentials_for(attempt: dict):
 
 
 def main(argv: list[str]) -> int:
-    other_user = argv[:1] == ["--as-other-user"]
-    secret, planted, *attempts = argv[1:] if other_user else argv
-    attempts = [json.loads(a) if a.startswith("{") else {"target": a} for a in attempts]
-    steal = build_attack(secret, planted)
-    credentials = [credentials_for(attempt) for attempt in attempts]  # read before giving up the files
-    import grpc  # noqa: F401 - everything loaded before: the other user may not be able to read it
+    secret, *attempts = argv
+    attempts = [json.loads(a) for a in attempts]
+    others = [a.get("as_other_user", False) for a in attempts]
+    if others != sorted(others):
+        print("the attempts as the other user must come last: there is no way back", file=sys.stderr)
+        return 2
+    # Everything loaded and read first: the other user may not be able to read it.
+    prepared = [(build_attack(secret, a["planted"]), credentials_for(a)) for a in attempts]
+    import grpc  # noqa: F401
     from tensorflow_federated.proto.v0 import computation_pb2, executor_pb2, executor_pb2_grpc  # noqa: F401
 
-    if other_user:
-        from other_user import become_other_user
-
-        become_other_user()
-    for attempt, credential in zip(attempts, credentials):
-        print(json.dumps(attack(attempt["target"], steal, credential)), flush=True)
+    became = False
+    for attempt, other, (steal, credentials) in zip(attempts, others, prepared):
+        if other and not became:
+            other_user.become_other_user()
+            became = True
+        print(json.dumps(attack(attempt["target"], steal, credentials)), flush=True)
     return 0
 
 

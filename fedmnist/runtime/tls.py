@@ -21,11 +21,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedmnist.errors import ConfigError
+
 ENVIRONMENT = {"ca": "FEDMNIST_TLS_CA", "cert": "FEDMNIST_TLS_CERT", "key": "FEDMNIST_TLS_KEY"}
 
 
-class TlsError(ValueError):
-    """The TLS files are missing, unreadable, unprotected, or do not fit together (one line)."""
+class TlsError(ConfigError):
+    """The TLS files are missing, unreadable, unprotected, or do not fit together (one line; a command
+    exits 2, as for any other setting it cannot use)."""
 
 
 @dataclass(frozen=True)

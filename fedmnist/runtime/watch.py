@@ -173,7 +173,7 @@ class WatchedStub(tff.framework.RemoteExecutorStub):
     def __init__(self, stub: tff.framework.RemoteExecutorGrpcStub, watch: WorkerWatch):
         self._stub, self._watch = stub, watch
         self._raw = executor_pb2_grpc.ExecutorGroupStub(watch.channel)
-        self._disposals: set[grpc.Future] = set()
+        self._disposals: set[grpc.Future] = set()  # held until answered: gRPC cancels a call whose future is collected
         self._lock = threading.Lock()
 
     def _call(self, method: str, request):

@@ -37,7 +37,6 @@ DEFAULT_HOST = "127.0.0.1"
 INSECURE_NOTE = ("warning: --insecure: the TFF worker serves unauthenticated, unencrypted gRPC, and anyone who "
                  "can reach {where} can run code in it as this user; use it only on a network where every "
                  "machine and user is trusted, else --tls (docs/security.md)")
-PROBE_SECONDS = 2.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +81,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         raise UsageError(f"--tls needs --ca, --cert and --key ({missing} missing; docs/security.md makes them)")
     if not args.tls and any(files.values()):
         raise UsageError(f"{next(flag for flag, value in files.items() if value)} goes with --tls")
+    if args.log:
+        try:
+            open(args.log, "ab").close()  # now, not after TensorFlow has loaded: one line, not a traceback
+        except OSError as error:
+            raise UsageError(f"--log {args.log}: cannot write it ({error.strerror})") from None
     if not (args.tls or args.insecure or bind.is_loopback(args.host)):
         raise UsageError(f"--host {args.host}: a worker off loopback serves other machines, so it needs --tls "
                          "(mutual TLS, docs/security.md), or --insecure on a network where every machine and "
@@ -171,7 +175,7 @@ async def _serve_tls(worker, args: argparse.Namespace, credentials: tls.Credenti
     from grpc import aio
 
     from fedmnist.runtime.gateway import Gateway
-    from fedmnist.runtime.watch import GRPC_OPTIONS, PROBE_OPTIONS
+    from fedmnist.runtime.watch import GRPC_OPTIONS, PROBE_OPTIONS, PROBE_SECONDS
 
     listen = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"
     gateway = Gateway(listen, worker.address, credentials.server(), GRPC_OPTIONS)

@@ -159,9 +159,6 @@ class LocalWorker:
             wait_until_ready(stub, self.address, self.process)
         self.check_listening()
 
-    def listening_addresses(self) -> set[str]:
-        return {ip for ip, _ in self.listening_sockets()}
-
     def listening_sockets(self) -> set[tuple[str, int]]:
         """(IP address, port) of every TCP socket the worker listens on."""
         return {(c.laddr.ip, c.laddr.port) for c in psutil.Process(self.process.pid).net_connections(kind="inet")

@@ -5,8 +5,8 @@ Each (row, learning rate, seed) is a normal run directory, `OUT/<row>-lr<lr>-see
 `--set client_optimizer.learning_rate=LR --set seed=SEED`: viewable in TensorBoard (`tensorboard --logdir OUT`)
 and reported by `fedmnist report`. Running the command again skips finished runs (they have a summary.json),
 resumes unfinished ones with the package's own resume, and starts the missing ones. Then it writes
-`OUT/table.md` (fedmnist/paper/table.py) and `OUT/curves.png`; `--table-only` only rewrites those two from the
-run directories there.
+`OUT/table.md` (fedmnist/paper/table.py) and `OUT/curves.png` for every row of the paper found in OUT (rows
+without runs say so); `--table-only` only rewrites those two from the run directories there.
 
 `--stop-after-target N` stops each run N rounds after its centralized test accuracy first reaches the row's
 target (config `stop_after_target`): rounds to target depend only on the rounds up to the crossing, so they are
@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from fedmnist.cli import ArgumentParser
-from fedmnist.errors import UsageError
+from fedmnist.errors import ConfigError, UsageError
 from fedmnist.outputs import run_directory
 from fedmnist.paper import mcmahan2017, table
 
@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rows", nargs="+", metavar="ROW",
                         help="rows to run (config names, e.g. cnn-fedavg-e5-b10-iid; default: every row)")
     parser.add_argument("--lrs", metavar="LR,LR,...",
-                        help="client learning rates, comma-separated (default: each row's config's)")
+                        help="client learning rates, comma-separated, or `best`: each row's best so far in --out "
+                             "(default: each row's config's)")
     parser.add_argument("--seeds", default="0", metavar="SEED,SEED,...", help="seeds, comma-separated (default 0)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"where the runs go (default {DEFAULT_OUT})")
     parser.add_argument("--rounds", type=int, help="rounds per run (default: each row's config's)")
@@ -100,16 +101,31 @@ def check_args(args: argparse.Namespace) -> tuple[dict, list[str], Path]:
     return rows, wanted, configs
 
 
+def best_lrs(out: Path, rows: dict) -> dict[str, list[float]]:
+    """`--lrs best`: each row's best learning rate among its runs in `out` (for more seeds at it)."""
+    found = table.collect(out, rows)
+    best = {name: table.best_lr(results) for name, results in found.items()}
+    missing = [name for name, lr in best.items() if lr is None]
+    if missing:
+        raise UsageError(f"--lrs best: row {missing[0]} has no runs in {out} yet; give its rates")
+    return {name: [lr] for name, lr in best.items()}
+
+
 def run_name(row: str, lr: float, seed: int) -> str:
     """`cnn-fedavg-e5-b10-iid-lr0.05-seed0`: the run's directory under --out."""
     return f"{row}-lr{lr:g}-seed{seed}"
 
 
-def train_argv(config: Path, lr: float, seed: int, run_dir: Path, args: argparse.Namespace) -> list[str]:
+def train_argv(config: Path, target: float, lr: float, seed: int, run_dir: Path,
+               args: argparse.Namespace) -> list[str]:
     """`fedmnist.train`'s arguments for a new run: the row's config with this grid point's overrides."""
     argv = ["--config", str(config), "--set", f"client_optimizer.learning_rate={lr:g}", "--set", f"seed={seed}"]
     if args.stop_after_target is not None:
-        argv += ["--set", f"stop_after_target={args.stop_after_target}"]
+        # The run stops after its highest target: keep only the targets up to the row's (a 2NN row's 97%,
+        # where its config also lists 99%, which the 2NN may never reach).
+        targets = [t for t in table.configured_targets(config) if t <= target] or [target]
+        argv += ["--set", f"stop_after_target={args.stop_after_target}",
+                 "--set", f"accuracy_targets=[{', '.join(f'{t:g}' for t in targets)}]"]
     if args.rounds is not None:
         argv += ["--rounds", str(args.rounds)]
     for assignment in args.set:
@@ -131,8 +147,8 @@ def train(argv: list[str], quiet: bool) -> int:
     return code
 
 
-def run_grid(args: argparse.Namespace, wanted: list[str], configs: Path, lrs: dict[str, list[float]],
-             seeds: list[int]) -> int:
+def run_grid(args: argparse.Namespace, rows: dict, wanted: list[str], configs: Path,
+             lrs: dict[str, list[float]], seeds: list[int]) -> int:
     """Trains every missing or unfinished run of the grid, row by row; 0, 1 (a run failed) or 130."""
     failed = 0
     for row in wanted:
@@ -149,7 +165,7 @@ def run_grid(args: argparse.Namespace, wanted: list[str], configs: Path, lrs: di
                         argv += ["--rounds", str(args.rounds)]
                 else:
                     print(f"training: {run_dir}", flush=True)
-                    argv = train_argv(configs / f"{row}.yaml", lr, seed, run_dir, args)
+                    argv = train_argv(configs / f"{row}.yaml", rows[row].target, lr, seed, run_dir, args)
                 code = train(argv, args.quiet)
                 if code == INTERRUPTED:
                     print("interrupted; run the same command again to resume", file=sys.stderr)
@@ -163,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         rows, wanted, configs = check_args(args)
         seeds = parse_list(args.seeds, int, "--seeds")
-        if args.lrs is not None:
+        if args.lrs == "best":
+            lrs = best_lrs(args.out, {name: rows[name] for name in wanted})
+        elif args.lrs is not None:
             grid = parse_list(args.lrs, float, "--lrs")
             lrs = {row: grid for row in wanted}
         else:
@@ -171,14 +189,14 @@ def main(argv: list[str] | None = None) -> int:
         code = 0
         if not args.table_only:
             args.out.mkdir(parents=True, exist_ok=True)
-            code = run_grid(args, wanted, configs, lrs, seeds)
+            code = run_grid(args, rows, wanted, configs, lrs, seeds)
             if code == INTERRUPTED:
                 return code
-        written = table.write(args.out, {name: rows[name] for name in wanted})
+        written = table.write(args.out, rows)  # every row: those not run yet say so
         for path in written:
             print(f"wrote {path}")
         return code
-    except UsageError as error:
+    except (UsageError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

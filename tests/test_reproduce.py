@@ -119,6 +119,7 @@ def test_stop_after_target_ends_the_run_with_rounds_to_target_exact(tmp_path):
     (["mcmahan2016"], "unknown paper 'mcmahan2016'"),
     (["mcmahan2017", "--rounds", "0"], "--rounds 0: must be at least 1"),
     (["mcmahan2017", "--lr", "0.1"], "did you mean --lrs?"),
+    (["mcmahan2017", "--lrs", "best"], "--lrs best: row cnn-fedsgd-iid has no runs"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     done = reproduce_main(*args, "--out", str(tmp_path / "runs"))
@@ -158,6 +159,7 @@ def test_the_best_rate_has_the_fewest_rounds_to_target_and_unreached_rates_rank_
     assert table.best_lr([r for r in results if r.lr != 0.1]) == 0.05
     assert table.best_lr([r for r in results if r.lr in (0.02, 0.2)]) == 0.02
     assert table.best_lr([]) is None
+    assert reproduce.best_lrs(tmp_path, {row.name: row}) == {row.name: [0.1]}  # `--lrs best`
     text = table.render({row.name: row}, {row.name: results}, datetime.datetime(2026, 12, 1, 12, 0))
     summary = next(line for line in text.splitlines() if line.startswith(f"| {row.name} |"))
     assert "| 1.7 | 0.08 | 0.1 | 0.02, 0.05, 0.1, 0.2 |" in summary  # rounds, ratio to 20, best lr, grid

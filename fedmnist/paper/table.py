@@ -19,7 +19,6 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import yaml
 from matplotlib.figure import Figure
 
 from fedmnist.outputs import targets as targets_lib
@@ -53,9 +52,17 @@ class Result:
 
 
 def configured_lr(config_path: Path) -> float:
-    """The client learning rate a row's config sets."""
-    values = yaml.safe_load(Path(config_path).read_text()) or {}
-    return float(values.get("client_optimizer", {}).get("learning_rate"))
+    """The client learning rate a row's config sets (ConfigError, a UsageError, for a bad config)."""
+    from fedmnist import config as config_lib
+
+    return config_lib.load(config_path).client_optimizer.learning_rate
+
+
+def configured_targets(config_path: Path) -> list[float]:
+    """The accuracy targets a row's config sets."""
+    from fedmnist import config as config_lib
+
+    return list(config_lib.load(config_path).accuracy_targets)
 
 
 def read_result(row: Row, lr: float, seed: int, path: Path) -> Result:

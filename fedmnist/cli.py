@@ -89,7 +89,5 @@ def main(argv: list[str] | None = None) -> int:
     with program(f"fedmnist {name}"):
         code = module.main(args)
     if name in ("train", "reproduce"):  # TensorFlow is loaded: skip its slow teardown
-        from fedmnist.train import exit_now
-
-        exit_now(code)
+        module.exit_now(code)
     return code

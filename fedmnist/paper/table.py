@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import ScalarFormatter
 
 from fedmnist.outputs import targets as targets_lib
 from fedmnist.outputs.plots import RunError, series
@@ -209,7 +210,9 @@ def render(rows: Mapping[str, Row], results: Mapping[str, Sequence[Result]], wri
 def plot(rows: Mapping[str, Row], results: Mapping[str, Sequence[Result]]) -> Figure:
     """Centralized test accuracy against rounds for every row at its best learning rate (its first seed),
     one panel per model with its target as a horizontal line, as the paper's Figure 2."""
-    models = [m for m in ("CNN", "2NN") if any(row.model == m for row in rows.values())] or ["CNN"]
+    run = {row.model for name, row in rows.items() if results[name]}  # panels for the models with runs
+    models = [m for m in ("CNN", "2NN") if m in run or (not run and any(r.model == m for r in rows.values()))]
+    models = models or ["CNN"]
     figure = Figure(figsize=(6 * len(models), 4.5), dpi=80, layout="constrained")
     axes_by_model = dict(zip(models, figure.subplots(1, len(models), squeeze=False)[0]))
     for index, (name, row) in enumerate(rows.items()):
@@ -224,7 +227,8 @@ def plot(rows: Mapping[str, Row], results: Mapping[str, Sequence[Result]]) -> Fi
         target = next((row.target for row in rows.values() if row.model == model), 0.99)
         axes.axhline(target, color="0.4", linewidth=0.8, zorder=0)
         axes.set_ylim(target - 0.06, 1.0)
-        axes.set_xscale("log")
+        axes.set_xscale("log")  # 20 rounds and 600 in one panel, as the paper's rows differ 30-fold
+        axes.xaxis.set_major_formatter(ScalarFormatter())
         axes.set_xlabel("communication rounds")
         axes.set_ylabel(f"test accuracy ({CENTRALIZED_EVALUATION.name})")
         axes.set_title(f"MNIST {model}, target {target:.0%} (grey line)")

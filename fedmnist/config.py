@@ -40,6 +40,9 @@ class DataConfig:
     examples_per_client: int = setting(50, minimum=2)
     max_clients: int = setting(0, minimum=0)
     max_examples_per_client: int = setting(0, minimum=0)
+    # mnist only: "emnist" gives every source's convention (1.0 = background); "mnist" keeps MNIST's
+    # (0.0 = background, pixels / 255), as McMahan et al. 2017 trained on it.
+    mnist_pixels: Literal["emnist", "mnist"] = "emnist"
 
 
 @dataclasses.dataclass

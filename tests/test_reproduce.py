@@ -211,3 +211,16 @@ def test_the_papers_rows_are_the_shipped_configs():
 def config_comment(name: str) -> str:
     return (ROOT / "configs" / "mcmahan2017" / f"{name}.yaml").read_text().split("\nname:")[0]
 
+
+
+def test_mnist_pixels_keeps_mnists_convention_when_asked():
+    """`data.mnist_pixels: mnist` (the paper's input, 0.0 = background) beside the default EMNIST convention."""
+    from fedmnist.data import mnist
+    from test_mcmahan2017 import fake_arrays
+
+    train, test = fake_arrays(train=40, test=10)
+    as_paper = mnist.federate(train, test, num_clients=4, pixels="mnist")
+    as_emnist = mnist.federate(train, test, num_clients=4)
+    images = test[0].astype("float32") / 255.0
+    assert abs(as_paper.central_test[0] - images).max() < 1e-6
+    assert abs(as_emnist.central_test[0] - (1.0 - images)).max() < 1e-6

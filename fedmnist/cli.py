@@ -64,6 +64,7 @@ COMMANDS = {
     "describe": ("fedmnist.data.population", "what a configured federated population looks like"),
     "worker": ("fedmnist.runtime.worker", "serve a TFF worker for other processes' runs"),
     "bench": ("fedmnist.bench.main", "measure speed and memory against the plain-TensorFlow floor"),
+    "reproduce": ("fedmnist.reproduce", "a paper's table (mcmahan2017) from normal runs over a grid of rates"),
 }
 
 
@@ -87,6 +88,6 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     with program(f"fedmnist {name}"):
         code = module.main(args)
-    if name == "train":
+    if name in ("train", "reproduce"):  # TensorFlow is loaded: skip its slow teardown
         module.exit_now(code)
     return code

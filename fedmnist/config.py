@@ -40,6 +40,9 @@ class DataConfig:
     examples_per_client: int = setting(50, minimum=2)
     max_clients: int = setting(0, minimum=0)
     max_examples_per_client: int = setting(0, minimum=0)
+    # mnist only: "emnist" gives every source's convention (1.0 = background); "mnist" keeps MNIST's
+    # (0.0 = background, pixels / 255), as McMahan et al. 2017 trained on it.
+    mnist_pixels: Literal["emnist", "mnist"] = "emnist"
 
 
 @dataclasses.dataclass
@@ -102,6 +105,9 @@ class CoreConfig:
     centralized_eval_every: Optional[int] = setting(None, minimum=0)
     # Test accuracies whose rounds-to-target summary.json and fedmnist.report give (McMahan et al.'s Table 2).
     accuracy_targets: list[float] = dataclasses.field(default_factory=list)
+    # Stop this many rounds after the best test accuracy first reaches the highest accuracy target (null =
+    # play every round). Rounds to target stay exact: they depend only on the rounds up to the crossing.
+    stop_after_target: Optional[int] = setting(None, minimum=0)
     histogram_every: int = setting(1, minimum=0)
     # linear (the article's), cnn or 2nn (McMahan et al.'s), or your own: "package.module:function", a
     # function of num_classes returning an uncompiled Keras model for 784 inputs (fedmnist/model.py).
@@ -281,6 +287,8 @@ def check_consistency(config: Config) -> None:
         raise ConfigError(f"availability.min_clients: {config.availability.min_clients} is more than "
                           f"clients_per_round ({config.clients_per_round})")
     check_targets(config.accuracy_targets)
+    if config.stop_after_target is not None and not config.accuracy_targets:
+        raise ConfigError("stop_after_target: set accuracy_targets too (it stops after the highest one)")
     check_model_name(config.model)
     registry.SOURCES.get(config.data.dataset).check(config)
     registry.ALGORITHMS.get(config.algorithm).check(config)

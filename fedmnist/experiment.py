@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -65,6 +66,7 @@ class Experiment:
     personalize: Callable[[tff.learning.models.ModelWeights], dict | None]
     about: dict  # what summary.json says of the run's setting
     accuracy_targets: Sequence[float]
+    stop_after_target: int | None
     echo: Callable[[str], None]
     resume: bool
     stack: contextlib.ExitStack
@@ -115,6 +117,15 @@ class Experiment:
         which a privacy guarantee does not cover."""
         return "" if self.dataset.central_test is not None else self.mode.not_covered
 
+    def target_stop_due(self, round_num: int) -> bool:
+        """Whether `stop_after_target` rounds have passed since the best test accuracy first reached the
+        highest target (rounds to every target are then known exactly)."""
+        if self.stop_after_target is None or not self.accuracy_targets:
+            return False
+        highest = max(self.accuracy_targets)
+        reached = targets.summarize(MetricsLog(self.run_dir).records(), [highest])["targets"][f"{highest:g}"]
+        return reached is not None and round_num >= math.ceil(reached) + self.stop_after_target
+
     def unfinished_end(self) -> tuple[RoundRecord, dict | None]:
         """When every round is done but the end of the run was interrupted (no summary.json): the last
         round's record and the last training metrics, from metrics.jsonl, to finish it again from."""
@@ -147,6 +158,8 @@ class Experiment:
                 self.echo(format_targets(reached))
                 reached["evaluation"] = measurement(reached["evaluation"]).key
             summary["rounds_to_target"] = reached
+        if last.round < self.rounds:  # stopped by stop_after_target
+            summary["stopped_after_target"] = {"round": last.round, "rounds_after": self.stop_after_target}
         summary |= {"personalization": personalized, "aggregation": self.mode.summary(),
                     "total_seconds": time.perf_counter() - self.created}
         self.outputs.finish(FinalResult(summary, weights, lambda: self.keras_model(weights)))
@@ -220,7 +233,7 @@ def build(config: Config, run_dir: Path, echo: Callable[[str], None] = print, re
             keras_model=lambda weights: to_keras(weights, config.model, dataset.num_classes),
             personalize=personalizer(config, model_fn, dataset, eval_ids, echo),
             about=about(config, dataset, eval_ids), accuracy_targets=config.accuracy_targets,
-            echo=echo, resume=resume, stack=stack, created=created)
+            stop_after_target=config.stop_after_target, echo=echo, resume=resume, stack=stack, created=created)
         on_failure.pop_all()
     return experiment
 

@@ -68,6 +68,11 @@ def run(experiment: Experiment, hooks: Hooks | None = None) -> dict:
         last_train = record.train or last_train
         experiment.outputs.release(record, state, weights)
         hooks.round_done(record)
+        if round_num < experiment.rounds and experiment.target_stop_due(round_num):
+            experiment.save_for_stop(state, round_num)  # so `--resume --rounds` could still extend it
+            experiment.echo(f"the highest accuracy target was reached; stopping after round {round_num} "
+                            f"(stop_after_target: {experiment.stop_after_target})")
+            break
     if record is None:  # resumed after the last round: only the end of the run is left, if that
         record, last_train = experiment.unfinished_end()
     return experiment.finish(record, last_train, weights, done)

@@ -12,7 +12,7 @@ import pytest
 from fedmnist import cli
 from helpers import python_command, run_command
 
-COMMANDS = ["train", "report", "describe", "worker", "bench"]
+COMMANDS = ["train", "report", "describe", "worker", "bench", "reproduce"]
 CONSOLE_SCRIPT = Path(sys.executable).parent / "fedmnist"
 
 

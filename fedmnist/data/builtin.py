@@ -74,7 +74,7 @@ class Mnist(DataSource):
         from fedmnist.data.mnist import load_mnist
 
         return load_mnist(data.num_clients, data.partition, seed, data.dirichlet_alpha, data.cache_dir,
-                          data.allow_download)
+                          data.allow_download, data.mnist_pixels)
 
 
 class Auto(DataSource):

@@ -105,25 +105,33 @@ def client_parts(train_labels: np.ndarray, test_labels: np.ndarray, num_clients:
             partition.deal_shards(test_pieces, num_clients, order))
 
 
+def as_mnist(images: np.ndarray) -> np.ndarray:
+    """uint8 MNIST images as float32 in [0, 1] keeping MNIST's 0.0 = background (McMahan et al.'s input)."""
+    return images.astype(np.float32) / 255.0
+
+
 def federate(train: Split, test: Split, num_clients: int = 100, method: str = "iid", seed: int = 0,
-             alpha: float = 0.5) -> FederatedDataset:
-    """MNIST's arrays as a federated population, the whole test set kept for centralized evaluation."""
+             alpha: float = 0.5, pixels: str = "emnist") -> FederatedDataset:
+    """MNIST's arrays as a federated population, the whole test set kept for centralized evaluation; `pixels`
+    "emnist" (1.0 = background, as every source) or "mnist" (0.0 = background)."""
+    convert = as_mnist if pixels == "mnist" else as_emnist
     (x_train, y_train), (x_test, y_test) = train, test
     y_train, y_test = y_train.astype(np.int32), y_test.astype(np.int32)
     train_parts, test_parts = client_parts(y_train, y_test, num_clients, method, seed, alpha)
     width = len(str(num_clients - 1))
     ids = [f"client_{number:0{width}d}" for number in range(num_clients)]
     # Converted client by client from uint8: the float copy of the training set is built only once.
-    clients_train = {cid: (as_emnist(x_train[p]), y_train[p]) for cid, p in zip(ids, train_parts)}
-    clients_test = {cid: (as_emnist(x_test[p]), y_test[p]) for cid, p in zip(ids, test_parts)}
+    clients_train = {cid: (convert(x_train[p]), y_train[p]) for cid, p in zip(ids, train_parts)}
+    clients_test = {cid: (convert(x_test[p]), y_test[p]) for cid, p in zip(ids, test_parts)}
     return FederatedDataset("mnist", client_data_from_arrays(clients_train), client_data_from_arrays(clients_test),
-                            10, central_test=(as_emnist(x_test), y_test))
+                            10, central_test=(convert(x_test), y_test))
 
 
 def load_mnist(num_clients: int = 100, method: str = "iid", seed: int = 0, alpha: float = 0.5,
-               cache_dir: str | Path | None = None, allow_download: bool = True) -> FederatedDataset:
+               cache_dir: str | Path | None = None, allow_download: bool = True,
+               pixels: str = "emnist") -> FederatedDataset:
     train, test = load_arrays(cache_dir, allow_download)
-    dataset = federate(train, test, num_clients, method, seed, alpha)
+    dataset = federate(train, test, num_clients, method, seed, alpha, pixels)
     return dataclasses.replace(dataset, origin=str(mnist_cache_dir(str(cache_dir) if cache_dir else None) / MNIST_FILE))
 
 

@@ -1,0 +1,1 @@
+"""Papers whose tables fedmnist reproduces: each module holds one paper's rows and published numbers."""

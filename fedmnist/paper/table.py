@@ -1,0 +1,260 @@
+"""A paper's table from the run directories `fedmnist reproduce` made: `table.md` and `curves.png`.
+
+Each run is read as `fedmnist report` reads it (`fedmnist.outputs.report.run_facts`): rounds to the row's
+target as the paper counts them (fedmnist/outputs/targets.py), its best test accuracy, its rounds and times.
+A row's best learning rate is the one with the fewest rounds to target, averaged over its seeds; a learning
+rate whose runs did not all reach the target ranks after every one whose runs did (among those, by best
+accuracy); an exact tie goes to the smaller rate. Kept free of TensorFlow, so `--table-only` starts fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import re
+import statistics
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from matplotlib.figure import Figure
+from matplotlib.ticker import ScalarFormatter
+
+from fedmnist.outputs import targets as targets_lib
+from fedmnist.outputs.plots import RunError, series
+from fedmnist.outputs.records import ACCURACY, CENTRALIZED_EVALUATION
+from fedmnist.outputs.report import run_facts
+from fedmnist.paper.mcmahan2017 import PAPER, Row
+
+TABLE_FILE = "table.md"
+CURVES_FILE = "curves.png"
+RUN_NAME = re.compile(r"^(?P<row>.+)-lr(?P<lr>[0-9.eE+-]+)-seed(?P<seed>[0-9]+)$")
+
+
+@dataclasses.dataclass
+class Result:
+    """One run of the grid, as the table shows it."""
+
+    row: str
+    lr: float
+    seed: int
+    path: Path
+    reached: float | None  # rounds to the row's target; None = not reached
+    rounds: int  # rounds run
+    planned: int | None
+    best_accuracy: float | None
+    status: str
+    seconds_per_round: float | None  # median over the rounds that were timed
+    total_seconds: float | None
+    measured: str  # the date of its last round (UTC)
+    records: list = dataclasses.field(repr=False, default_factory=list)
+
+
+def configured_lr(config_path: Path) -> float:
+    """The client learning rate a row's config sets (ConfigError, a UsageError, for a bad config)."""
+    from fedmnist import config as config_lib
+
+    return config_lib.load(config_path).client_optimizer.learning_rate
+
+
+def configured_targets(config_path: Path) -> list[float]:
+    """The accuracy targets a row's config sets."""
+    from fedmnist import config as config_lib
+
+    return list(config_lib.load(config_path).accuracy_targets)
+
+
+def read_result(row: Row, lr: float, seed: int, path: Path) -> Result:
+    """One run's result; RunError when the directory holds no rounds yet."""
+    facts = run_facts(path, [row.target])
+    records = facts["records"]
+    stopped = _stopped_after_target(path)
+    if stopped is not None:
+        status = f"stopped {stopped} rounds after the target"
+    elif facts["finished"]:
+        status = "finished"
+    else:
+        status = f"unfinished ({records[-1].round} of {facts['planned_rounds'] or '?'} rounds)"
+    timed = [r.seconds for r in records if isinstance(r.seconds, (int, float))]
+    mtime = (path / "metrics.jsonl").stat().st_mtime
+    return Result(row.name, lr, seed, path, facts["targets"]["targets"][f"{row.target:g}"], records[-1].round,
+                  facts["planned_rounds"], facts["targets"]["best_accuracy"], status,
+                  statistics.median(timed) if timed else None, facts["seconds"],
+                  datetime.datetime.fromtimestamp(mtime, datetime.timezone.utc).date().isoformat(), records)
+
+
+def _stopped_after_target(path: Path) -> int | None:
+    """`stop_after_target` when the run stopped early for it (summary.json says so), else None."""
+    try:
+        stopped = json.loads((path / "summary.json").read_text()).get("stopped_after_target")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return stopped.get("rounds_after") if isinstance(stopped, dict) else None
+
+
+def collect(out: Path, rows: Mapping[str, Row]) -> dict[str, list[Result]]:
+    """Every run of `rows` in `out`, by row, sorted by learning rate and seed; a directory without rounds yet
+    is skipped with a line on stderr."""
+    results: dict[str, list[Result]] = {name: [] for name in rows}
+    for path in sorted(p for p in Path(out).iterdir() if p.is_dir()) if Path(out).is_dir() else []:
+        match = RUN_NAME.match(path.name)
+        if not match or match["row"] not in rows:
+            continue
+        try:
+            lr = float(match["lr"])
+        except ValueError:  # a name that only looks like a run's
+            continue
+        try:
+            results[match["row"]].append(read_result(rows[match["row"]], lr, int(match["seed"]), path))
+        except RunError as error:
+            print(f"skipped {error}", file=sys.stderr)
+    for found in results.values():
+        found.sort(key=lambda r: (r.lr, r.seed))
+    return results
+
+
+def by_lr(results: Sequence[Result]) -> dict[float, list[Result]]:
+    grouped: dict[float, list[Result]] = {}
+    for result in results:
+        grouped.setdefault(result.lr, []).append(result)
+    return grouped
+
+
+def best_lr(results: Sequence[Result]) -> float | None:
+    """The learning rate with the fewest mean rounds to target (see the module's docstring); None if no run."""
+    def rank(item: tuple[float, list[Result]]) -> tuple:
+        lr, runs = item
+        if all(r.reached is not None for r in runs):
+            return (0, statistics.mean(r.reached for r in runs), lr)
+        return (1, -statistics.mean(r.best_accuracy or 0.0 for r in runs), lr)
+
+    grouped = by_lr(results)
+    return min(grouped.items(), key=rank)[0] if grouped else None
+
+
+# --- table.md ---------------------------------------------------------------------------------------
+
+def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|",
+            *["| " + " | ".join(cells) + " |" for cells in rows]]
+
+
+def _rounds(result: Result) -> str:
+    return targets_lib.describe(result.reached, result.rounds)
+
+
+def _seconds(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def summary_row(row: Row, results: Sequence[Result]) -> list[str]:
+    """Paper rounds beside fedmnist's at the best learning rate (every seed's, and their mean's ratio)."""
+    batch = "inf" if row.batch_size is None else str(row.batch_size)
+    start = [row.name, row.model, row.method, str(row.epochs), batch, str(row.updates),
+             "IID" if row.iid else "non-IID", f"{row.target:.0%}", str(row.paper_rounds)]
+    lr = best_lr(results)
+    if lr is None:
+        return start + ["not run", "-", "-", "-", "-", "-", "-"]
+    chosen = by_lr(results)[lr]
+    rounds = ", ".join(_rounds(r) for r in chosen)
+    reached = [r.reached for r in chosen if r.reached is not None]
+    ratio = f"{statistics.mean(reached) / row.paper_rounds:.2f}" if len(reached) == len(chosen) else "-"
+    per_round = [r.seconds_per_round for r in chosen if r.seconds_per_round is not None]
+    totals = [r.total_seconds for r in chosen if r.total_seconds is not None]
+    grid = ", ".join(f"{value:g}" for value in by_lr(results))
+    return start + [rounds, ratio, f"{lr:g}", grid,
+                    _seconds(statistics.mean(per_round)) if per_round else "-",
+                    _duration(statistics.mean(totals)) if totals else "-",
+                    max(r.measured for r in chosen)]
+
+
+SUMMARY_HEADER = ("row", "model", "method", "E", "B", "u", "data", "target", "paper rounds",
+                  "fedmnist rounds (best lr, each seed)", "ratio", "best lr", "lrs tried", "s/round",
+                  "time per run", "measured")
+RUNS_HEADER = ("row", "lr", "seed", "rounds to target", "best test accuracy", "rounds run", "status",
+               "s/round", "total time", "measured", "run directory")
+
+
+def render(rows: Mapping[str, Row], results: Mapping[str, Sequence[Result]], written: datetime.datetime) -> str:
+    """table.md: the rows beside the paper's, then every run of the grid."""
+    every = [r for name in rows for r in results[name]]
+    lines = [f"# {PAPER}, measured with fedmnist", "",
+             f"Written {written:%Y-%m-%d %H:%M} UTC by `fedmnist reproduce` from the run directories beside "
+             f"this file. Rounds to target: the round at which the best centralized test accuracy so far "
+             f"first reaches the target, interpolated between rounds (fedmnist/outputs/targets.py). Best lr: "
+             f"the fewest rounds to target, mean over seeds. Ratio: fedmnist's mean rounds / the paper's. "
+             f"s/round: median round time (training and centralized evaluation), mean over the best lr's seeds.",
+             "", *_markdown(SUMMARY_HEADER, [summary_row(rows[name], results[name]) for name in rows]),
+             "", "## Every run", ""]
+    lines += _markdown(RUNS_HEADER, [
+        [r.row, f"{r.lr:g}", str(r.seed), _rounds(r),
+         "-" if r.best_accuracy is None else f"{r.best_accuracy:.4f}", str(r.rounds), r.status,
+         _seconds(r.seconds_per_round), _duration(r.total_seconds), r.measured, r.path.name] for r in every])
+    if not every:
+        lines.append("\n(no runs yet)")
+    return "\n".join(lines) + "\n"
+
+
+# --- curves.png -----------------------------------------------------------------------------------
+
+def plot(rows: Mapping[str, Row], results: Mapping[str, Sequence[Result]]) -> Figure:
+    """Centralized test accuracy against rounds for every row at its best learning rate (its first seed),
+    one panel per model with its target as a horizontal line, as the paper's Figure 2."""
+    run = {row.model for name, row in rows.items() if results[name]}  # panels for the models with runs
+    models = [m for m in ("CNN", "2NN") if m in run or (not run and any(r.model == m for r in rows.values()))]
+    models = models or ["CNN"]
+    figure = Figure(figsize=(6 * len(models), 4.5), dpi=80, layout="constrained")
+    axes_by_model = dict(zip(models, figure.subplots(1, len(models), squeeze=False)[0]))
+    for index, (name, row) in enumerate(rows.items()):
+        lr = best_lr(results[name])
+        if lr is None:
+            continue
+        first = by_lr(results[name])[lr][0]
+        rounds, values = series(first.records, CENTRALIZED_EVALUATION.path, ACCURACY)
+        axes_by_model[row.model].plot(rounds, values, "-" if row.iid else "--", color=f"C{index % 10}",
+                                      label=f"{row.describe()}, lr {lr:g}")
+    for model, axes in axes_by_model.items():
+        target = next((row.target for row in rows.values() if row.model == model), 0.99)
+        axes.axhline(target, color="0.4", linewidth=0.8, zorder=0)
+        axes.set_ylim(target - 0.06, 1.0)
+        axes.set_xscale("log")  # 20 rounds and 600 in one panel, as the paper's rows differ 30-fold
+        axes.xaxis.set_major_formatter(ScalarFormatter())
+        axes.set_xlabel("communication rounds")
+        axes.set_ylabel(f"test accuracy ({CENTRALIZED_EVALUATION.name})")
+        axes.set_title(f"MNIST {model}, target {target:.0%} (grey line)")
+        axes.grid(alpha=0.3)
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend(loc="lower right", fontsize="small")
+    return figure
+
+
+def write(out: Path, rows: Mapping[str, Row], now: datetime.datetime | None = None) -> list[Path]:
+    """Writes (replaces) `out/table.md` and `out/curves.png`, both derived from the runs in `out`."""
+    out = Path(out)
+    if not out.is_dir():
+        from fedmnist.errors import UsageError
+
+        raise UsageError(f"--out {out}: no such directory (no runs to tabulate)")
+    results = collect(out, rows)
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    table_path, curves_path = out / TABLE_FILE, out / CURVES_FILE
+    _replace(table_path, lambda path: path.write_text(render(rows, results, now)))
+    _replace(curves_path, lambda path: plot(rows, results).savefig(path, format="png"))
+    return [table_path, curves_path]
+
+
+def _replace(path: Path, write_to) -> None:
+    """Writes through a temporary file: an interrupted write leaves the previous file whole."""
+    partial = path.with_name(f".partial-{path.name}")
+    write_to(partial)
+    os.replace(partial, path)

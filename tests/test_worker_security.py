@@ -40,7 +40,7 @@ from fedmnist import loop, runtime
 from fedmnist.runtime import tls, workers
 from fedmnist.runtime.watch import WorkerWatch
 from helpers import (ROOT, THROUGH_UV, assert_same_run, metrics_rows, read_until, run_command, small_config, train_main,
-                     wait_for, wait_process)
+                     tree_progress, wait_for, wait_process)
 from netns import Namespaces
 from tls_files import tls_files
 
@@ -336,13 +336,16 @@ def train_in(namespaces: Namespaces, *arguments: str) -> list[str]:
 def cut_off_mid_round(namespaces: Namespaces, port: int, run_dir: Path, cut: Callable[[], None],
                       env: dict | None = None) -> tuple[list[str], float]:
     """Starts a long run whose `workers:` is the worker's address, `cut()`s the worker off once round 2 is
-    printed (the next round is training), and waits for the run to end with exit code 1: the lines it
-    wrote on stderr, and the seconds from the cut to its end."""
+    saved (the next round is training; the round's line comes before the end of the round, whose learning
+    rates the worker still reads), and waits for the run to end with exit code 1: the lines it wrote on
+    stderr, and the seconds from the cut to its end."""
     settings = [*RUN_SETTINGS, "rounds=600", f"workers=[{WORKER}:{port}]"]
     run = subprocess.Popen(train_in(namespaces, "--run-dir", str(run_dir), *(f"--set={s}" for s in settings)),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
     try:
         read_until(run, "round  2,")
+        wait_for(lambda: (run_dir / "checkpoints" / "round_2").is_dir() or run.poll() is not None,
+                 "round 2's checkpoint", progress=tree_progress(run.pid))
         cut()
         cut_at = time.monotonic()
         # A run waiting on its worker uses no CPU, so this wait has a plain limit.

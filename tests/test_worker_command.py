@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 
 import portpicker
@@ -79,6 +80,11 @@ def worker_commands(tmp_path_factory) -> Iterator[list[SimpleNamespace]]:
 def test_worker_command_listens_on_loopback_unless_told_and_serves_a_training_run(worker_commands, prepared_run,
                                                                                    tmp_path):
     default, everywhere = worker_commands
+    # It serves without TensorFlow (it never calls the worker): it starts in a second, not after an import.
+    for one in worker_commands:
+        loaded = {Path(m.path).name for m in psutil.Process(one.command.pid).memory_maps()}
+        assert not {name for name in loaded if "tensorflow" in name}, sorted(loaded)
+        assert any(name.startswith("cygrpc") for name in loaded)  # the check sees what a process loaded
     assert "serving on 127.0.0.1 port" in default.serving and "for this user's processes only" in default.serving
     assert listening_ips(default.binary.pid) <= LOOPBACK_IPS and listening_ips(default.binary.pid)
     assert "serving on 0.0.0.0 port" in everywhere.serving and "--insecure" in everywhere.serving

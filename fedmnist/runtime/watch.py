@@ -32,26 +32,9 @@ import tensorflow_federated as tff
 from tensorflow_federated.proto.v0 import executor_pb2, executor_pb2_grpc
 
 from fedmnist.runtime import bind
+from fedmnist.runtime.channels import GRPC_OPTIONS, PROBE_OPTIONS, PROBE_SECONDS, open_channel
 
-GRPC_MAX_MESSAGE_BYTES = 2 * 1000 * 1000 * 1000
-GRPC_OPTIONS = [
-    ("grpc.max_message_length", GRPC_MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
-]
-# A probe opens a connection of its own: sharing one with another channel to the same address, it could
-# see a connection that is still "ready" while the worker behind it no longer answers.
-PROBE_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
-PROBE_SECONDS = 2.0  # a probe's longest wait for the handshake
 STARTUP_SECONDS = 60.0  # the longest a watch treats a silent worker as one still starting
-
-
-def open_channel(address: str, credentials: grpc.ChannelCredentials | None = None,
-                 options: list[tuple[str, object]] = GRPC_OPTIONS) -> grpc.Channel:
-    """A gRPC channel to a worker: TLS with `credentials` (`python -m fedmnist.worker --tls`), else plain."""
-    if credentials is None:
-        return grpc.insecure_channel(address, options)
-    return grpc.secure_channel(address, credentials, options)
 
 
 def split_address(address: str) -> tuple[str, int] | None:

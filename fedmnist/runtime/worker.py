@@ -15,7 +15,8 @@ one is chosen explicitly (docs/security.md):
 
 `worker_binary` itself can only listen everywhere and serve anyone; `fedmnist.runtime.bind` changes
 that with a shim built by the C compiler on first use. Without a compiler only `--insecure --host
-0.0.0.0` starts. Arguments and TLS files are checked before TensorFlow starts.
+0.0.0.0` starts. The command never imports TensorFlow (it serves the worker, it does not call it), so
+it is serving about a second after it starts.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         raise UsageError(f"{next(flag for flag, value in files.items() if value)} goes with --tls")
     if args.log:
         try:
-            open(args.log, "ab").close()  # now, not after TensorFlow has loaded: one line, not a traceback
+            open(args.log, "ab").close()  # now, not once the worker runs: one line, not a traceback
         except OSError as error:
             raise UsageError(f"--log {args.log}: cannot write it ({error.strerror})") from None
     if not (args.tls or args.insecure or bind.is_loopback(args.host)):
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     needs_shim = args.tls or not (args.insecure and bind.is_all_interfaces(args.host))
     if needs_shim:
         try:
-            bind.shim_path()  # before TensorFlow loads: fail fast, with one line
+            bind.shim_path()  # before the worker starts: fail fast, with one line
             if not (args.tls or args.insecure):
                 bind.check_owner_lookup()
         except bind.ShimBuildError as error:
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         where = f"port {args.port} on any interface" if bind.is_all_interfaces(args.host) else f"{args.host}:{args.port}"
         print(INSECURE_NOTE.format(where=where), file=sys.stderr, flush=True)
 
-    from fedmnist.runtime.workers import LocalWorker, RuntimeStartError, private_directory  # TensorFlow starts here
+    from fedmnist.runtime.workers import LocalWorker, RuntimeStartError, private_directory  # no TensorFlow
 
     socket_dir = None
     try:
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 worker = LocalWorker(port=args.port, log_path=args.log, host=args.host, only_user=not args.insecure,
                                      max_concurrent_computation_calls=args.max_concurrent_computation_calls)
-            worker.connect()
+            worker.wait_ready()
         except RuntimeStartError as error:
             hint = ("" if args.tls else f" (is port {args.port} already in use" +
                     ("" if bind.is_all_interfaces(args.host) else f", or {args.host} not an address of this machine") + "?)")
@@ -175,7 +176,7 @@ async def _serve_tls(worker, args: argparse.Namespace, credentials: tls.Credenti
     from grpc import aio
 
     from fedmnist.runtime.gateway import Gateway
-    from fedmnist.runtime.watch import GRPC_OPTIONS, PROBE_OPTIONS, PROBE_SECONDS
+    from fedmnist.runtime.channels import GRPC_OPTIONS, PROBE_OPTIONS, PROBE_SECONDS
 
     listen = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"
     gateway = Gateway(listen, worker.address, credentials.server(), GRPC_OPTIONS)

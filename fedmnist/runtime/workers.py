@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import importlib.util
 import ipaddress
 import os
 import shutil
@@ -26,15 +27,18 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import portpicker
 import psutil
-import tensorflow_federated as tff
 
 from fedmnist.runtime import bind
+from fedmnist.runtime.channels import ChannelReadiness, open_channel
 from fedmnist.runtime.processes import die_with_parent
-from fedmnist.runtime.watch import open_channel
+
+if TYPE_CHECKING:
+    import tensorflow_federated as tff
 
 STARTUP_TIMEOUT_SECONDS = 60.0
 # The worker deserializes every client's data every round into buffers larger than this threshold.
@@ -70,7 +74,8 @@ class RuntimeStartError(RuntimeError):
 
 
 def worker_binary_path() -> Path:
-    return Path(tff.__file__).parent / "data" / "worker_binary"
+    """TFF's `worker_binary`, found without importing TFF (which imports TensorFlow)."""
+    return Path(importlib.util.find_spec("tensorflow_federated").origin).parent / "data" / "worker_binary"
 
 
 def _unmapped(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -139,6 +144,15 @@ class LocalWorker:
         host = LOOPBACK if self.all_interfaces else self.host
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
+    def wait_ready(self) -> None:
+        """Returns once the worker answers and listens where it should, without TensorFlow (the `fedmnist
+        worker` command: it serves the worker, it does not call it)."""
+        channel = open_channel(self.address)
+        try:
+            self.wait_until_ready(ChannelReadiness(channel))
+        finally:
+            channel.close()
+
     def connect(self, wait: bool = True) -> tff.framework.RemoteExecutorGrpcStub:
         """A stub for this worker, once it answers and listens where it should (at once with `wait=False`)."""
         stub = connect(self.address, wait=False)
@@ -146,7 +160,7 @@ class LocalWorker:
             self.wait_until_ready(stub)
         return stub
 
-    def wait_until_ready(self, stub: tff.framework.RemoteExecutorStub) -> None:
+    def wait_until_ready(self, stub: tff.framework.RemoteExecutorStub | ChannelReadiness) -> None:
         try:
             wait_until_ready(stub, self.address, self.process)
         except RuntimeStartError:
@@ -205,13 +219,15 @@ def connect(address: str, process: subprocess.Popen | None = None, wait: bool = 
             credentials: grpc.ChannelCredentials | None = None) -> tff.framework.RemoteExecutorGrpcStub:
     """Returns a stub for the executor service at `address`, once it answers (at once with `wait=False`);
     `credentials` for a worker that serves TLS (`python -m fedmnist.worker --tls`)."""
+    import tensorflow_federated as tff  # here, not at the top: the worker command never imports it
+
     stub = tff.framework.RemoteExecutorGrpcStub(open_channel(address, credentials))
     if wait:
         wait_until_ready(stub, address, process)
     return stub
 
 
-def wait_until_ready(stub: tff.framework.RemoteExecutorStub, address: str,
+def wait_until_ready(stub: tff.framework.RemoteExecutorStub | ChannelReadiness, address: str,
                      process: subprocess.Popen | None = None, timeout: float = STARTUP_TIMEOUT_SECONDS) -> None:
     deadline = time.monotonic() + timeout
     while not stub.is_ready:

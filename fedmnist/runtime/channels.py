@@ -1,0 +1,37 @@
+"""gRPC channels to TFF workers, and the options every one uses, without TensorFlow: the `fedmnist worker`
+command imports only this side of the runtime, so that it starts in a second, not after TensorFlow's import."""
+
+from __future__ import annotations
+
+import grpc
+
+GRPC_MAX_MESSAGE_BYTES = 2 * 1000 * 1000 * 1000
+GRPC_OPTIONS = [
+    ("grpc.max_message_length", GRPC_MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
+]
+# A probe opens a connection of its own: sharing one with another channel to the same address, it could
+# see a connection that is still "ready" while the worker behind it no longer answers.
+PROBE_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
+PROBE_SECONDS = 2.0  # a probe's longest wait for the handshake
+
+
+def open_channel(address: str, credentials: grpc.ChannelCredentials | None = None,
+                 options: list[tuple[str, object]] = GRPC_OPTIONS) -> grpc.Channel:
+    """A gRPC channel to a worker: TLS with `credentials` (`python -m fedmnist.worker --tls`), else plain."""
+    if credentials is None:
+        return grpc.insecure_channel(address, options)
+    return grpc.secure_channel(address, credentials, options)
+
+
+class ChannelReadiness:
+    """Whether a channel is connected, kept up to date by gRPC: what TFF's `RemoteExecutorGrpcStub.is_ready`
+    reports, without TFF."""
+
+    def __init__(self, channel: grpc.Channel):
+        self.is_ready = False
+        channel.subscribe(self._update, try_to_connect=True)
+
+    def _update(self, state: grpc.ChannelConnectivity) -> None:
+        self.is_ready = state is grpc.ChannelConnectivity.READY

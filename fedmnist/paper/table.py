@@ -47,7 +47,7 @@ class Result:
     best_accuracy: float | None
     status: str
     seconds_per_round: float | None  # median over the rounds that were timed
-    total_seconds: float | None
+    total_seconds: float | None  # the sum of its rounds' times (training and centralized evaluation)
     measured: str  # the date of its last round (UTC)
     records: list = dataclasses.field(repr=False, default_factory=list)
 
@@ -81,7 +81,9 @@ def read_result(row: Row, lr: float, seed: int, path: Path) -> Result:
     mtime = (path / "metrics.jsonl").stat().st_mtime
     return Result(row.name, lr, seed, path, facts["targets"]["targets"][f"{row.target:g}"], records[-1].round,
                   facts["planned_rounds"], facts["targets"]["best_accuracy"], status,
-                  statistics.median(timed) if timed else None, facts["seconds"],
+                  statistics.median(timed) if timed else None,
+                  # The rounds' own times: a resumed run's summary times only its last process.
+                  sum(timed) if timed and len(timed) == len(records) else None,
                   datetime.datetime.fromtimestamp(mtime, datetime.timezone.utc).date().isoformat(), records)
 
 
@@ -193,7 +195,8 @@ def render(rows: Mapping[str, Row], results: Mapping[str, Sequence[Result]], wri
              f"this file. Rounds to target: the round at which the best centralized test accuracy so far "
              f"first reaches the target, interpolated between rounds (fedmnist/outputs/targets.py). Best lr: "
              f"the fewest rounds to target, mean over seeds. Ratio: fedmnist's mean rounds / the paper's. "
-             f"s/round: median round time (training and centralized evaluation), mean over the best lr's seeds.",
+             f"s/round: median round time (training and centralized evaluation), mean over the best lr's seeds; "
+             f"time: the sum of a run's round times (start-up and the final evaluation not counted).",
              "", *_markdown(SUMMARY_HEADER, [summary_row(rows[name], results[name]) for name in rows]),
              "", "## Every run", ""]
     lines += _markdown(RUNS_HEADER, [

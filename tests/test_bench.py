@@ -67,7 +67,7 @@ def test_paper_round_workload_is_mcmahans_fedavg_cnn_round():
         assert settings(config) == settings(paper)
     assert (config.model, config.data.num_clients, config.clients_per_round) == ("cnn", 100, 10)
     assert (config.preprocess.epochs, config.preprocess.batch_size) == (5, 10)
-    assert config.client_optimizer.learning_rate == 0.05 and config.client_input == "prepared"
+    assert config.client_optimizer.learning_rate == 0.2 and config.client_input == "prepared"
     assert config.centralized_eval_every is None, "a timed evaluation the floor does not do"
 
     dataset = data.load_dataset(config.data, config.seed)

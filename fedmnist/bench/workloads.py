@@ -61,12 +61,12 @@ WORKLOAD_SPECS = {
         ("seed=0", "model=cnn", "data.dataset=synthetic", "data.num_clients=100", "data.partition=iid",
          "data.examples_per_client=750", "data.test_fraction=0.2", "clients_per_round=10",
          "client_selection=uniform", "preprocess.epochs=5", "preprocess.batch_size=10",
-         "preprocess.shuffle_buffer=600", "client_optimizer.name=sgd", "client_optimizer.learning_rate=0.05",
+         "preprocess.shuffle_buffer=600", "client_optimizer.name=sgd", "client_optimizer.learning_rate=0.2",
          "server_optimizer.name=sgd", "server_optimizer.learning_rate=1.0", "rounds=3",
          "histogram_every=0", "checkpoint_every=10", *NO_TIMED_EVALUATION),
         ("prepared",),
         "McMahan et al. 2017's FedAvg CNN round: 10 of 100 synthetic clients (600 train examples each), "
-        "E=5, B=10, lr 0.05, 3 rounds"),
+        "E=5, B=10, lr 0.2, 3 rounds"),
 }
 PATH_OVERRIDES = {
     "tff-datasets": ("client_input=datasets",),

@@ -7,14 +7,14 @@ notebooks (where a returned Figure shows itself inline).
 
 from __future__ import annotations
 
-import os
+import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
 from fedmnist.errors import DamagedFileError
-from fedmnist.outputs.metrics_log import MetricsLog
+from fedmnist.outputs.metrics_log import MetricsLog, replace_atomically
 
 from fedmnist.outputs.records import (ACCURACY, CENTRALIZED_EVALUATION, EVALUATION_ON_TEST_DATA,
                                       EVALUATION_ON_TRAINING_DATA, LOCAL_TRAINING, METRICS_FILE, RoundRecord,
@@ -90,10 +90,15 @@ def write_curves(run_dir: str | Path, title: str | None = None) -> Path:
     run_dir = Path(run_dir)
     records = read_records(run_dir)
     path = run_dir / CURVES_FILE
-    partial = run_dir / f".partial-{CURVES_FILE}"  # renamed when whole: an interrupted save leaves no cut figure
-    plot_curves(records, run_dir.resolve().name if title is None else title).savefig(partial, format="png")
-    os.replace(partial, path)
+    replace_atomically(path, png_bytes(plot_curves(records, run_dir.resolve().name if title is None else title)))
     return path
+
+
+def png_bytes(figure: Figure) -> bytes:
+    """The figure as PNG, for `replace_atomically` (an interrupted save leaves no cut figure)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
 
 
 def plot_accuracy_overlay(runs: Mapping[str, Sequence[RoundRecord]]) -> Figure:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import os
 import re
 import statistics
 import sys
@@ -23,7 +22,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import ScalarFormatter
 
 from fedmnist.outputs import targets as targets_lib
-from fedmnist.outputs.plots import RunError, series
+from fedmnist.outputs.metrics_log import replace_atomically
+from fedmnist.outputs.plots import RunError, png_bytes, series
 from fedmnist.outputs.records import ACCURACY, CENTRALIZED_EVALUATION
 from fedmnist.outputs.report import run_facts
 from fedmnist.paper.mcmahan2017 import PAPER, Row
@@ -251,13 +251,7 @@ def write(out: Path, rows: Mapping[str, Row], now: datetime.datetime | None = No
     results = collect(out, rows)
     now = now or datetime.datetime.now(datetime.timezone.utc)
     table_path, curves_path = out / TABLE_FILE, out / CURVES_FILE
-    _replace(table_path, lambda path: path.write_text(render(rows, results, now)))
-    _replace(curves_path, lambda path: plot(rows, results).savefig(path, format="png"))
+    # Each replaced whole: an interrupted write leaves the previous file.
+    replace_atomically(table_path, render(rows, results, now).encode())
+    replace_atomically(curves_path, png_bytes(plot(rows, results)))
     return [table_path, curves_path]
-
-
-def _replace(path: Path, write_to) -> None:
-    """Writes through a temporary file: an interrupted write leaves the previous file whole."""
-    partial = path.with_name(f".partial-{path.name}")
-    write_to(partial)
-    os.replace(partial, path)

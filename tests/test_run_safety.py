@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -143,45 +144,43 @@ def test_resume_redoes_an_interrupted_finish_without_training(finished_run, tmp_
     assert finished.returncode == 2 and "already has all 3 rounds" in one_line(finished.stderr)
 
 
-def test_sighup_stops_like_sigterm_with_a_checkpoint_and_a_resume_hint(tmp_path):
-    run_dir = tmp_path / "run"
-    process = start_cli(*FAST, "--rounds", "400", "--run-dir", str(run_dir), cwd=ROOT)
+def signalled_after_round_1(run_dir: Path, signal_it: Callable[[subprocess.Popen], None], **popen) -> tuple[int, str]:
+    """A long CLI run signalled by `signal_it(process)` once round 1 is logged: its exit code and stderr."""
+    process = start_cli(*FAST, "--rounds", "400", "--run-dir", str(run_dir), cwd=ROOT, **popen)
     try:
         wait_for(lambda: (run_dir / "metrics.jsonl").exists() and rounds_of(run_dir),
                  "the first round", progress=tree_progress(process.pid))
-        process.send_signal(signal.SIGHUP)
-        code = wait_process(process, "the run after SIGHUP")
+        signal_it(process)
+        code = wait_process(process, "the run after the signal")
     finally:
         if process.poll() is None:
             process.kill()
-    _, err = process.communicate()
+    return code, process.communicate()[1]
+
+
+def resume_line(run_dir: Path) -> str:
+    return (f"interrupted after round {rounds_of(run_dir)[-1]}; "
+            f"resume with: {THROUGH_UV}python -m fedmnist.train --resume {run_dir}")
+
+
+def test_sighup_stops_like_sigterm_with_a_checkpoint_and_a_resume_hint(tmp_path):
+    run_dir = tmp_path / "run"
+    code, err = signalled_after_round_1(run_dir, lambda process: process.send_signal(signal.SIGHUP))
     assert code == 130, err
-    assert "SIGHUP: stopping after the current round" in err
-    saved = rounds_of(run_dir)[-1]
-    assert f"interrupted after round {saved}; resume with: {THROUGH_UV}python -m fedmnist.train --resume {run_dir}" in err
-    assert (run_dir / "checkpoints" / f"round_{saved}").is_dir()
+    assert "SIGHUP: stopping after the current round" in err and resume_line(run_dir) in err
+    assert (run_dir / "checkpoints" / f"round_{rounds_of(run_dir)[-1]}").is_dir()
 
 
 def test_ctrl_c_in_a_terminal_reaches_the_whole_group_and_prints_only_the_interruption(tmp_path):
     """A terminal's Ctrl-C is SIGINT to the foreground process group: the run's workers, in a group of their
     own, must not see it (it used to print "worker 1 died (signal 2) ... restarted" as well)."""
     run_dir = tmp_path / "run"
-    process = start_cli(*FAST, "--rounds", "400", "--run-dir", str(run_dir), cwd=ROOT, start_new_session=True,
-                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        wait_for(lambda: (run_dir / "metrics.jsonl").exists() and rounds_of(run_dir),
-                 "the first round", progress=tree_progress(process.pid))
-        os.killpg(process.pid, signal.SIGINT)  # the group the command leads, as the terminal's
-        code = wait_process(process, "the run after Ctrl-C")
-    finally:
-        if process.poll() is None:
-            process.kill()
-    _, err = process.communicate()
+    code, err = signalled_after_round_1(run_dir, lambda process: os.killpg(process.pid, signal.SIGINT),
+                                        start_new_session=True,  # the command leads a group, as in a terminal
+                                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert code == 130, err
-    saved = rounds_of(run_dir)[-1]
     assert err.strip().splitlines() == [
-        "SIGINT: stopping after the current round (signal again to stop at once)",
-        f"interrupted after round {saved}; resume with: {THROUGH_UV}python -m fedmnist.train --resume {run_dir}"]
+        "SIGINT: stopping after the current round (signal again to stop at once)", resume_line(run_dir)]
     assert "restarted" not in (run_dir / "metrics.jsonl").read_text()
 
 

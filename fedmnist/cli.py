@@ -89,5 +89,5 @@ def main(argv: list[str] | None = None) -> int:
     with program(f"fedmnist {name}"):
         code = module.main(args)
     if name in ("train", "reproduce"):  # TensorFlow is loaded: skip its slow teardown
-        module.exit_now(code)
+        importlib.import_module("fedmnist.train").exit_now(code)
     return code

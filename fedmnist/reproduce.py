@@ -28,7 +28,6 @@ from fedmnist.cli import ArgumentParser
 from fedmnist.errors import ConfigError, UsageError
 from fedmnist.outputs import run_directory
 from fedmnist.paper import mcmahan2017, table
-from fedmnist.train import exit_now  # noqa: F401 - `fedmnist reproduce` ends through it, as `fedmnist train`
 
 PAPERS = {"mcmahan2017": (mcmahan2017.ROWS, Path("configs") / "mcmahan2017")}
 DEFAULT_OUT = Path("runs") / "mcmahan2017"
@@ -210,4 +209,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from fedmnist.train import exit_now  # TensorFlow is loaded: skip its slow teardown, as `fedmnist train`
+
     exit_now(main())

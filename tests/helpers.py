@@ -259,10 +259,27 @@ def assert_same_run(run_dir: Path, reference: Path, atol: float = 1e-6) -> None:
         np.testing.assert_allclose(got, want, rtol=0, atol=atol)
 
 
-def worker_pid(run_dir: Path) -> int:
-    """The worker_binary pid that the run's LocalWorker recorded in its worker.log."""
-    first = (Path(run_dir) / "worker.log").read_text().splitlines()[0]
-    return int(first.split(" pid ")[1].split()[0])
+@dataclass(frozen=True)
+class LoggedWorker:
+    """A worker_binary as the run's worker.log records it. Pids are reused (threads take them too), so a
+    test that looks long after the run names the process by its port as well."""
+
+    pid: int
+    port: int
+
+    def alive(self) -> bool:
+        return process_alive(self.pid, command_has=f"--port={self.port}".encode())
+
+
+def logged_workers(run_dir: Path) -> list[LoggedWorker]:
+    """Every worker_binary the run started, in order, as its worker.log records them."""
+    log = Path(run_dir) / "worker.log"
+    found = []
+    for line in log.read_text().splitlines() if log.exists() else []:
+        if line.startswith("fedmnist: worker_binary pid"):
+            words = line.split()
+            found.append(LoggedWorker(int(words[words.index("pid") + 1]), int(words[words.index("port") + 1])))
+    return found
 
 
 def listening_ips(pid: int) -> set[str]:
@@ -272,19 +289,31 @@ def listening_ips(pid: int) -> set[str]:
     return {c.laddr.ip for c in psutil.Process(pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
 
 
-def process_alive(pid: int) -> bool:
-    """True when `pid` exists and is not a zombie."""
+def process_alive(pid: int, command_has: bytes = b"") -> bool:
+    """True when `pid` is a live process (not a zombie, not a thread of another process) whose command
+    line contains `command_has`."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        proc = Path(f"/proc/{pid}")
+        state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        leader = next(line for line in (proc / "status").read_text().splitlines() if line.startswith("Tgid:"))
+        command = (proc / "cmdline").read_bytes()
     except OSError:
         return False
-    return state != "Z"
+    return state != "Z" and int(leader.split()[1]) == pid and command_has in command
 
 
-def wait_gone(pids: Iterable[int], what: str, stall: float = 60.0) -> None:
-    """Waits until none of `pids` is alive (a dying process uses no CPU: a plain time limit)."""
-    pids = list(pids)
-    wait_for(lambda: not any(process_alive(pid) for pid in pids), what, stall=stall)
+def wait_gone(processes: Iterable[int | LoggedWorker], what: str, stall: float = 60.0) -> None:
+    """Waits until none of `processes` (pids or logged workers) is alive (a dying process uses no CPU: a
+    plain time limit)."""
+    processes = list(processes)
+
+    def alive(process: int | LoggedWorker) -> bool:
+        return process.alive() if isinstance(process, LoggedWorker) else process_alive(process)
+
+    try:
+        wait_for(lambda: not any(alive(process) for process in processes), what, stall=stall)
+    except AssertionError as error:
+        raise AssertionError(f"{error}; still alive: {[p for p in processes if alive(p)]}") from None
 
 
 def children(parent: int, marker: bytes) -> list[int]:

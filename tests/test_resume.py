@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import yaml
 
-from helpers import (ROOT, THROUGH_UV, Background, final_weights, metrics_rows, process_alive, quiet_train, scalars, start_cli, train_main,
-                     tree_progress, wait_for, wait_gone, wait_process, worker_pid)
+from helpers import (ROOT, THROUGH_UV, Background, LoggedWorker, final_weights, logged_workers, metrics_rows, quiet_train,
+                     scalars, start_cli, train_main, tree_progress, wait_for, wait_gone, wait_process)
 
 ROUNDS = 6
 ARGS = ["--dataset", "digits", "--rounds", str(ROUNDS), "--quiet", "--set", "eval_every=2"]
@@ -69,7 +69,7 @@ class Stopped:
     run_dir: Path
     returncode: int
     stderr: str
-    worker: int                     # its worker_binary's pid
+    worker: LoggedWorker
     worker_alive_before_stop: bool
 
 
@@ -78,8 +78,8 @@ def stop_cli(run_dir: Path, round_num: int, signum: int) -> Stopped:
     cli = start(run_dir)
     try:
         wait_for_round(run_dir, cli, round_num)
-        worker = worker_pid(run_dir)
-        alive = process_alive(worker)
+        worker = logged_workers(run_dir)[0]
+        alive = worker.alive()
         cli.send_signal(signum)
         # After SIGINT or SIGTERM the round in flight ends and is checkpointed first.
         wait_process(cli, f"the CLI after {signal.Signals(signum).name}")
@@ -127,7 +127,7 @@ def test_interrupt_keeps_state_and_says_how_to_resume(reference, interrupted_run
     assert stopped.returncode == 130
     assert f"resume with: {THROUGH_UV}python -m fedmnist.train --resume {run_dir}" in err.strip().splitlines()[-1]
     assert "Traceback" not in err
-    assert stopped.worker_alive_before_stop and not process_alive(stopped.worker)
+    assert stopped.worker_alive_before_stop and not stopped.worker.alive()
     saved = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("round_*"))
     assert saved and saved[-1] == len(comparable_rows(run_dir))
     done = resume(run_dir)

@@ -12,7 +12,7 @@ import yaml
 
 from fedmnist import config as config_lib
 from fedmnist import data
-from helpers import ROOT, Background, metrics_rows, process_alive, run_cli, scalars, train_main, worker_pid
+from helpers import ROOT, Background, logged_workers, metrics_rows, run_cli, scalars, train_main
 
 TRAIN_TAGS = {"loss/local_training": "loss", "accuracy/local_training": "sparse_categorical_accuracy"}
 
@@ -94,7 +94,7 @@ def test_saved_model_predicts_what_federated_evaluation_measured(digits_run):
 
 def test_worker_is_gone_after_the_run(digits_run):
     run_dir, _ = digits_run
-    assert not process_alive(worker_pid(run_dir))
+    assert not logged_workers(run_dir)[0].alive()
 
 
 def test_an_existing_run_is_never_overwritten_unasked(digits_run):
@@ -135,4 +135,4 @@ def test_synthetic_run_with_sampling_and_evaluation_every_round(tmp_path):
             data.load_synthetic(num_clients=20, seed=0).test, [f"client_{i:02d}" for i in range(20)],
             epochs=1, batch_size=1))
     assert (run_dir / "model.keras").is_file()
-    assert not process_alive(worker_pid(run_dir))
+    assert not logged_workers(run_dir)[0].alive()

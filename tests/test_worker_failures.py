@@ -25,8 +25,9 @@ import pytest
 from fedmnist import config as config_lib
 from fedmnist import loop, runtime
 from fedmnist.outputs.metrics_log import MetricsLog
-from helpers import (ROOT, THROUGH_UV, Background, assert_same_run, final_weights, process_alive, read_until, scalars,
-                     start_cli, train_main, tree_progress, wait_for, wait_gone, wait_process)
+from helpers import (ROOT, THROUGH_UV, Background, LoggedWorker, assert_same_run, final_weights, logged_workers,
+                     process_alive, read_until, scalars, start_cli, train_main, tree_progress, wait_for, wait_gone,
+                     wait_process)
 
 ROUNDS = 6
 OVERRIDES = ["data.dataset=digits", f"rounds={ROUNDS}", "histogram_every=0", "eval_every=0"]
@@ -104,17 +105,10 @@ def start(run_dir: Path, *overrides: str) -> subprocess.Popen:
                      cwd=ROOT)
 
 
-def worker_pids(run_dir: Path) -> list[int]:
-    """Every worker_binary the run started, in order, as its worker.log records them."""
-    log = run_dir / "worker.log"
-    return [int(line.split(" pid ")[1].split()[0]) for line in (log.read_text().splitlines() if log.exists() else [])
-            if line.startswith("fedmnist: worker_binary pid")]
-
-
 def wait_for_new_worker(run_dir: Path, count: int, process: subprocess.Popen) -> int:
-    pids = wait_for(lambda: len(worker_pids(run_dir)) >= count and worker_pids(run_dir),
-                    f"worker {count} of the CLI", progress=tree_progress(process.pid))
-    return pids[count - 1]
+    workers = wait_for(lambda: len(logged_workers(run_dir)) >= count and logged_workers(run_dir),
+                       f"worker {count} of the CLI", progress=tree_progress(process.pid))
+    return workers[count - 1].pid
 
 
 @dataclass
@@ -124,7 +118,7 @@ class Ended:
     run_dir: Path
     returncode: int
     stderr: str
-    workers: list[int]
+    workers: list[LoggedWorker]
 
 
 def killed_after_every_restart(directory: Path) -> Ended:
@@ -134,14 +128,14 @@ def killed_after_every_restart(directory: Path) -> Ended:
     process = start(directory, "worker_retries=1", f"rounds={ROUNDS * 100}")
     try:
         read_until(process, "round  2,")
-        os.kill(worker_pids(directory)[0], signal.SIGKILL)
+        os.kill(logged_workers(directory)[0].pid, signal.SIGKILL)
         os.kill(wait_for_new_worker(directory, 2, process), signal.SIGKILL)
         wait_process(process, "the CLI after its workers were killed")
     finally:
         if process.poll() is None:
             process.kill()
         _, err = process.communicate()
-    return Ended(directory, process.returncode, err, worker_pids(directory))
+    return Ended(directory, process.returncode, err, logged_workers(directory))
 
 
 @contextlib.contextmanager
@@ -150,7 +144,7 @@ def cli_with_a_stopped_worker(run_dir: Path, *overrides: str) -> Iterator[subpro
     process, pid = start(run_dir, f"rounds={ROUNDS * 100}", *overrides), None
     try:
         read_until(process, "round  2,")
-        pid = worker_pids(run_dir)[0]
+        pid = logged_workers(run_dir)[0].pid
         os.kill(pid, signal.SIGSTOP)
         yield process
     finally:
@@ -167,7 +161,7 @@ def stopped_worker_times_out(directory: Path) -> Ended:
     with cli_with_a_stopped_worker(directory, "worker_timeout_seconds=3") as process:
         wait_process(process, "the CLI with a stopped worker")
         err = process.stderr.read()
-    return Ended(directory, process.returncode, err, worker_pids(directory))
+    return Ended(directory, process.returncode, err, logged_workers(directory))
 
 
 def ctrl_c_with_a_stopped_worker(directory: Path) -> Ended:
@@ -179,7 +173,7 @@ def ctrl_c_with_a_stopped_worker(directory: Path) -> Ended:
         process.send_signal(signal.SIGINT)
         wait_process(process, "the CLI after Ctrl-C")
         err = process.stderr.read()
-    return Ended(directory, process.returncode, err, worker_pids(directory))
+    return Ended(directory, process.returncode, err, logged_workers(directory))
 
 
 BACKGROUND = {

@@ -9,7 +9,7 @@ import tensorflow_federated as tff
 
 from fedmnist import config as config_lib
 from fedmnist import runtime
-from helpers import LOOPBACK_IPS, assert_same_rounds, listening_ips, process_alive, small_config, small_run
+from helpers import LOOPBACK_IPS, assert_same_rounds, listening_ips, logged_workers, process_alive, small_config, small_run
 
 
 def hello() -> bytes:
@@ -62,9 +62,8 @@ def test_two_local_workers_give_the_same_rounds(prepared_run, tmp_path):
     two = small_run(small_config("num_workers=2"), tmp_path)
     # The two workers' partial sums are merged, so float32 sums are grouped differently.
     assert_same_rounds(prepared_run, two, tolerance=1e-6)
-    pids = [int(line.split(" pid ")[1].split()[0]) for line in (tmp_path / "worker.log").read_text().splitlines()
-            if line.startswith("fedmnist: worker_binary pid")]
-    assert len(pids) == 2 and not any(process_alive(pid) for pid in pids)
+    workers = logged_workers(tmp_path)
+    assert len(workers) == 2 and not any(worker.alive() for worker in workers)
 
 
 def test_unreachable_worker_is_a_runtime_error():

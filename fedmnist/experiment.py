@@ -112,6 +112,12 @@ class Experiment:
         return round_num
 
     @property
+    def centralized_test_set(self) -> str:
+        """What the centralized evaluation runs on: a source's own test set (MNIST's), or one pooled from
+        the clients' test data."""
+        return "the server's own test set" if self.dataset.central_test is not None else "the pooled test set"
+
+    @property
     def centralized_note(self) -> str:
         """MNIST's test set is the server's own; every other source's is pooled from the clients' test data,
         which a privacy guarantee does not cover."""
@@ -145,7 +151,7 @@ class Experiment:
         (model, summary.json, curves); returns the summary."""
         personalized = self.personalize(weights)
         for split, metrics in (last.eval or {}).items():
-            self.echo((format_centralized(metrics) + self.centralized_note) if split == "centralized"
+            self.echo((format_centralized(metrics, self.centralized_test_set) + self.centralized_note) if split == "centralized"
                       else format_eval(split, metrics) + self.mode.not_covered)
         summary = self.about | {"resumed_after_round": resumed_after if self.resume else None,
                                  LOCAL_TRAINING.key: last_train}

@@ -105,6 +105,8 @@ def test_the_paper_command_on_a_stand_in_mnist(workspace, monkeypatch):
     from helpers import metrics_rows
 
     assert metrics_rows(run_dir)[-1]["eval"]["centralized"]["num_examples"] == 297  # the stand-in's test images
+    # MNIST's test images are the server's own, not pooled from the clients' data.
+    assert "centralized evaluation on the server's own test set (297 examples): " in done.stdout, done.stdout
 
 
 def test_the_resume_commands_finish_then_extend_a_run(workspace):

@@ -198,20 +198,28 @@ def interrupted(tmp_path_factory) -> Ended:
     return BACKGROUND["interrupted"].result(tmp_path_factory)
 
 
-def test_killed_again_after_every_restart_the_cli_stops_with_one_line_and_resume_finishes(reference, killed_twice):
+def test_killed_again_after_every_restart_the_cli_stops_with_one_line_and_resume_finishes(reference, killed_twice,
+                                                                                         tmp_path):
     run_dir, err = killed_twice.run_dir, killed_twice.stderr
     assert killed_twice.returncode == 1, err
     error_lines = [line for line in err.splitlines() if line.strip()]
     assert len(error_lines) == 1 and "Traceback" not in err, err
     assert error_lines[0].startswith("error: worker 1 at 127.0.0.1:")
-    assert re.search(r"died \(signal 9\) during round [23], after 1 restart \(worker_retries\)", error_lines[0])
+    # The round the kills land in depends on how soon this busy machine lets the test see the round lines.
+    died = int(re.search(r"died \(signal 9\) during round (\d+), after 1 restart \(worker_retries\)",
+                         error_lines[0]).group(1))
+    assert died >= 2
+    assert f"the state after round {died - 1} is saved" in error_lines[0]
     assert f"resume with: {THROUGH_UV}python -m fedmnist.train --resume {run_dir}" in error_lines[0]
-    assert re.search(r"the state after round [12] is saved", error_lines[0])
-    assert (run_dir / "checkpoints" / "round_1").is_dir()
+    assert (run_dir / "checkpoints" / f"round_{died - 1}").is_dir()
     wait_gone(killed_twice.workers, "the CLI's workers")
 
-    done = train_main("--resume", str(run_dir), "--rounds", str(ROUNDS), "--quiet")
+    rounds = max(ROUNDS, died)
+    done = train_main("--resume", str(run_dir), "--rounds", str(rounds), "--quiet")
     assert done.returncode == 0, done.stderr
+    if rounds > ROUNDS:
+        reference = tmp_path / "reference"
+        loop.train(make_config(f"rounds={rounds}"), reference, echo=quiet, progress=False)
     assert_same_run(run_dir, reference)
 
 

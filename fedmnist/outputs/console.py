@@ -46,8 +46,8 @@ def format_personalization(summary: Mapping) -> str:
             f"{summary['gain_q1']:+.4f} / {summary['gain_median']:+.4f} / {summary['gain_q3']:+.4f}")
 
 
-def format_centralized(metrics: Mapping) -> str:
-    return (f"{measurement('centralized').name} on the pooled test set ({metrics['num_examples']:,} examples): "
+def format_centralized(metrics: Mapping, test_set: str = "the pooled test set") -> str:
+    return (f"{measurement('centralized').name} on {test_set} ({metrics['num_examples']:,} examples): "
             f"loss={metrics['loss']:.4f}, accuracy={metrics[accuracy_key(metrics)]:.4f}")
 
 

@@ -163,7 +163,7 @@ def summary_row(row: Row, results: Sequence[Result]) -> list[str]:
     """Paper rounds beside fedmnist's at the best learning rate (every seed's, and their mean's ratio)."""
     batch = "inf" if row.batch_size is None else str(row.batch_size)
     start = [row.name, row.model, row.method, str(row.epochs), batch, str(row.updates),
-             "IID" if row.iid else "non-IID", f"{row.target:.0%}", str(row.paper_rounds)]
+             "IID" if row.iid else "non-IID", f"{row.target:.0%}", f"{row.paper_rounds} ({row.table})"]
     lr = best_lr(results)
     if lr is None:
         return start + ["not run", "-", "-", "-", "-", "-", "-"]

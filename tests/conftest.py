@@ -7,7 +7,10 @@ do): `uv run pytest -m unit` loads them only through the test modules that need 
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -34,15 +37,60 @@ def package_runtime():
         runtime.install().close()  # the one installed now, if a test closed the first and installed another
 
 
+def shard_of(item: pytest.Item) -> str | None:
+    """The shard (an xdist_group) that runs `item`; None without pytest-xdist."""
+    marker = item.get_closest_marker("xdist_group")
+    return None if marker is None else (marker.args[0] if marker.args else marker.kwargs["name"])
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`uv run pytest` starts one worker per core) every worker runs one shard of
+    whole test modules, planned alike in every worker from tests/module_seconds.json (each module's
+    measured seconds, so that the shards end together). A shard known from its first test lets its
+    worker start the background work of all its modules at once (`background_work`)."""
+    shards = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if shards < 2:
+        return
+    modules = list(dict.fromkeys(item.nodeid.split("::")[0] for item in items))
+    plan = shard_plan(modules, shards)
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(f"shard-{plan[item.nodeid.split('::')[0]]}"))
+
+
+def shard_plan(modules: list[str], shards: int) -> dict[str, int]:
+    """Each module's shard: the longest modules first, each to the shard with the fewest seconds so far."""
+    measured = json.loads((Path(__file__).parent / "module_seconds.json").read_text())
+    default = sorted(measured.values())[len(measured) // 2]  # a module not measured yet: the median
+    load, plan = [0.0] * shards, {}
+    for module in sorted(modules, key=lambda m: (-measured.get(m, default), m)):
+        shard = load.index(min(load))
+        plan[module] = shard
+        load[shard] += measured.get(module, default)
+    return plan
+
+
+FIRST_TEST = pytest.StashKey[pytest.Item]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    item.session.stash.setdefault(FIRST_TEST, item)  # before its fixtures: `background_work` reads its shard
+
+
 @pytest.fixture(scope="session", autouse=True)
 def background_work(request, tmp_path_factory):
-    """Starts, as the session begins, the background work of every fixture that a selected test uses
-    (a test module's `BACKGROUND`: fixture name -> a helpers.Background, or a tuple of them for a
-    parametrized fixture), so that the processes it drives (a CLI, a notebook's kernel) run while
-    other tests run in this process. Ends it with the session: work not started is dropped, running
-    work gives up its waits and stops its processes, and what no test took is cleaned up."""
+    """Starts, as the session begins, the background work of every fixture that a test of this session's
+    shard uses (all tests without xdist; a test module's `BACKGROUND`: fixture name -> a
+    helpers.Background, or a tuple of them for a parametrized fixture), so that the processes it drives
+    (a CLI, a notebook's kernel) run while other tests run in this process. Ends it with the session:
+    work not started is dropped, running work gives up its waits and stops its processes, and what no
+    test took is cleaned up."""
+    shard = shard_of(request.session.stash[FIRST_TEST])
     scheduled = []
     for item in request.session.items:
+        if shard_of(item) != shard:
+            continue
         for name, works in getattr(getattr(item, "module", None), "BACKGROUND", {}).items():
             for work in works if isinstance(works, tuple) else (works,):
                 if name in item.fixturenames and work not in scheduled:

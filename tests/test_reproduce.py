@@ -190,7 +190,7 @@ def test_rows_not_run_and_directories_without_rounds_are_shown_as_such(tmp_path,
     assert [p.name for p in written] == ["table.md", "curves.png"]
     text = (tmp_path / "table.md").read_text()
     assert "| cnn-fedsgd-iid | CNN | FedSGD | 1 | inf | 1 | IID | 99% | 626 (Table 2) | not run |" in text
-    assert "| 2nn-fedsgd-iid | 2NN | FedSGD | 1 | inf | 1 | IID | 97% | 1468 (Table 4) | not run |" in text
+    assert "| 2nn-fedsgd-iid | 2NN | FedSGD | 1 | inf | 1 | IID | 97% | 1474 (Table 1) | not run |" in text
     assert "skipped" in capsys.readouterr().err
 
 

@@ -340,6 +340,7 @@ def cut_off_mid_round(namespaces: Namespaces, port: int, run_dir: Path, cut: Cal
     rates the worker still reads), and waits for the run to end with exit code 1: the lines it wrote on
     stderr, and the seconds from the cut to its end."""
     settings = [*RUN_SETTINGS, "rounds=600", f"workers=[{WORKER}:{port}]"]
+    env = {**(env or os.environ), "PYTHONFAULTHANDLER": "1"}  # a hung run, sent SIGABRT, shows its threads
     run = subprocess.Popen(train_in(namespaces, "--run-dir", str(run_dir), *(f"--set={s}" for s in settings)),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
     try:
@@ -349,13 +350,17 @@ def cut_off_mid_round(namespaces: Namespaces, port: int, run_dir: Path, cut: Cal
         cut()
         cut_at = time.monotonic()
         # A run waiting on its worker uses no CPU, so this wait has a plain limit.
-        wait_for(lambda: run.poll() is not None, "the run after its worker was cut off",
-                 stall=TIMEOUT + EXIT_MARGIN_SECONDS + 60)
+        try:
+            wait_for(lambda: run.poll() is not None, "the run after its worker was cut off",
+                     stall=TIMEOUT + EXIT_MARGIN_SECONDS + 60)
+        except AssertionError as hung:
+            run.send_signal(signal.SIGABRT)
+            raise AssertionError(f"{hung}; its threads and output: {run.communicate(timeout=60)[1]}") from None
         ended = time.monotonic() - cut_at
     finally:
         if run.poll() is None:
             run.kill()
-        err = run.communicate()[1]
+        err = run.communicate()[1] if run.stderr and not run.stderr.closed else ""
     assert run.returncode == 1, err
     return [line for line in err.splitlines() if line.strip()], ended
 

@@ -35,6 +35,14 @@ from fedmnist.runtime import bind
 from fedmnist.runtime.channels import GRPC_OPTIONS, PROBE_OPTIONS, PROBE_SECONDS, open_channel
 
 STARTUP_SECONDS = 60.0  # the longest a watch treats a silent worker as one still starting
+# TFF's stub methods and the gRPC methods they call; the codes TFF's own stub makes retryable.
+RPC_NAMES = {"get_executor": "GetExecutor", "create_value": "CreateValue", "create_struct": "CreateStruct",
+             "create_call": "CreateCall", "create_selection": "CreateSelection", "compute": "Compute"}
+RETRYABLE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION}
+
+
+class RetryableCallError(tff.framework.RetryableError):
+    """A call that failed in a way TFF retries (the worker's answer was UNAVAILABLE or FAILED_PRECONDITION)."""
 
 
 def split_address(address: str) -> tuple[str, int] | None:
@@ -89,6 +97,13 @@ class WorkerWatch:
         self._thread.start()
 
     def _watch(self) -> None:
+        try:
+            self._watch_until_lost()
+        except BaseException as error:  # a watch that cannot watch must not leave the run's calls unguarded
+            self._declare(f"could not be watched ({error!r})", restartable=False)
+            raise
+
+    def _watch_until_lost(self) -> None:
         # Until the worker has answered once, starting it is `wait_until_ready`'s business (it has its
         # own deadline, and starts a worker that aborted while starting once more); past `startup`
         # seconds, silence counts.
@@ -109,6 +124,13 @@ class WorkerWatch:
                 self._declare(f"did not answer for {self.timeout:g} s (worker_timeout_seconds)", restartable=False)
                 return
             self._stopped.wait(max(0.0, min(self.interval, self.remaining())))
+
+    def overdue(self) -> bool:
+        """Lost, or silent past the timeout by more than a probe's interval: the verdict, declared here if
+        the watch's thread has not (a caller waiting on the worker never waits longer than this)."""
+        if self.lost is None and not self._stopped.is_set() and self.remaining() < -self.interval - PROBE_SECONDS:
+            self._declare(f"did not answer for {self.timeout:g} s (worker_timeout_seconds)", restartable=False)
+        return self.lost is not None
 
     def remaining(self) -> float:
         """Seconds until the worker is lost if it stays silent."""
@@ -165,11 +187,25 @@ class WatchedStub(tff.framework.RemoteExecutorStub):
         if self._watch.check_process():
             raise self._watch.lost
         try:
-            return getattr(self._stub, method)(request)
-        except Exception:
-            if self._watch.check_process():
-                raise self._watch.lost from None
-            raise
+            call = getattr(self._raw, RPC_NAMES[method]).future(request)
+        except ValueError:  # the watch closed the channel: the worker is lost
+            raise self._watch.lost or WorkerLostError(self._watch.name, self._watch.address, "was stopped",
+                                                      restartable=False) from None
+        # The call is awaited in slices, so that the watch's verdict ends the wait whatever gRPC does with
+        # the call (closing its channel is meant to, and is not relied on).
+        while True:
+            try:
+                return call.result(timeout=self._watch.interval)
+            except grpc.FutureTimeoutError:
+                if self._watch.overdue():
+                    call.cancel()
+                    raise self._watch.lost from None
+            except (grpc.RpcError, grpc.FutureCancelledError) as error:
+                if self._watch.check_process() or self._watch.overdue():
+                    raise self._watch.lost from None
+                if isinstance(error, grpc.Call) and error.code() in RETRYABLE_CODES:
+                    raise RetryableCallError(str(error)) from error  # TFF retries these, as its own stub's
+                raise
 
     def get_executor(self, request):
         return self._call("get_executor", request)

@@ -145,6 +145,18 @@ def fake_run(out: Path, row: str, lr: float, seed: int, accuracies: list[float],
 
 
 @pytest.mark.unit
+def test_an_unfinished_run_that_has_not_reached_the_target_yet_does_not_demote_its_rate(tmp_path):
+    row = mcmahan2017.ROWS["cnn-fedavg-e5-b10-iid"]  # target 0.99
+    fake_run(tmp_path, row.name, 0.05, 0, [0.98, 0.99])  # 2.0
+    fake_run(tmp_path, row.name, 0.05, 1, [0.9, 0.95], finished=False)  # still training
+    fake_run(tmp_path, row.name, 0.1, 0, [0.97, 0.98, 0.99])  # 3.0
+    results = table.collect(tmp_path, {row.name: row})[row.name]
+    assert table.best_lr(results) == 0.05
+    cells = table.summary_row(row, results)
+    assert cells[9:12] == ["2.0, not reached in 2 rounds (unfinished)", "-", "0.05"]
+
+
+@pytest.mark.unit
 def test_the_best_rate_has_the_fewest_rounds_to_target_and_unreached_rates_rank_last(tmp_path):
     row = mcmahan2017.ROWS["cnn-fedavg-e5-b10-iid"]  # target 0.99, paper 20 rounds
     fake_run(tmp_path, row.name, 0.02, 0, [0.97, 0.985, 0.989, 0.9895])  # not reached, best 0.9895
@@ -164,7 +176,7 @@ def test_the_best_rate_has_the_fewest_rounds_to_target_and_unreached_rates_rank_
     summary = next(line for line in text.splitlines() if line.startswith(f"| {row.name} |"))
     assert "| 1.7 | 0.08 | 0.1 | 0.02, 0.05, 0.1, 0.2 |" in summary  # rounds, ratio to 20, best lr, grid
     for expected in ("| 0.02 | 0 | not reached in 4 rounds | 0.9895 |", "| 0.05 | 0 | 2.9 |", "| 0.05 | 1 | 2.0 |",
-                     "| 0.2 | 0 | not reached in 2 rounds | 0.6000 | 2 | unfinished (2 of 50 rounds) |"):
+                     "| 0.2 | 0 | not reached in 2 rounds (unfinished) | 0.6000 | 2 | unfinished (2 of 50 rounds) |"):
         assert expected in text
     assert "2026-12-01 12:00 UTC" in text
 

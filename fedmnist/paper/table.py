@@ -124,10 +124,18 @@ def by_lr(results: Sequence[Result]) -> dict[float, list[Result]]:
     return grouped
 
 
+def decided(result: Result) -> bool:
+    """Whether the run's rounds to target are known: it reached the target, or it ended without."""
+    return result.reached is not None or not result.status.startswith("unfinished")
+
+
 def best_lr(results: Sequence[Result]) -> float | None:
-    """The learning rate with the fewest mean rounds to target (see the module's docstring); None if no run."""
+    """The learning rate with the fewest mean rounds to target (see the module's docstring), judged on its
+    decided runs (an unfinished run that has not reached the target yet counts only when no run of its
+    rate is decided); None if no run."""
     def rank(item: tuple[float, list[Result]]) -> tuple:
         lr, runs = item
+        runs = [r for r in runs if decided(r)] or runs
         if all(r.reached is not None for r in runs):
             return (0, statistics.mean(r.reached for r in runs), lr)
         return (1, -statistics.mean(r.best_accuracy or 0.0 for r in runs), lr)
@@ -144,7 +152,7 @@ def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]
 
 
 def _rounds(result: Result) -> str:
-    return targets_lib.describe(result.reached, result.rounds)
+    return targets_lib.describe(result.reached, result.rounds) + ("" if decided(result) else " (unfinished)")
 
 
 def _seconds(value: float | None, digits: int = 1) -> str:

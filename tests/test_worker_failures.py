@@ -176,11 +176,40 @@ def ctrl_c_with_a_stopped_worker(directory: Path) -> Ended:
     return Ended(directory, process.returncode, err, logged_workers(directory))
 
 
+def paused_past_the_timeout(directory: Path) -> Ended:
+    """The CLI and its worker stopped together (SIGSTOP, as a suspended machine stops both) for longer than
+    `worker_timeout_seconds`, after round 2 (round 3, ten epochs long, computing), then continued: the CLI
+    first, the worker a second later (a machine waking up does not wake every process at the same instant)."""
+    process = start(directory, "worker_timeout_seconds=3", "preprocess.epochs=10")
+    try:
+        read_until(process, "round  2,")
+        worker = logged_workers(directory)[0].pid
+        for pid in (process.pid, worker):
+            os.kill(pid, signal.SIGSTOP)
+        time.sleep(3 + 5)  # the pause itself, past the timeout: nothing runs to wait for
+        os.kill(process.pid, signal.SIGCONT)
+        time.sleep(1)
+        with contextlib.suppress(ProcessLookupError):  # a run that gave up on its worker has stopped it
+            os.kill(worker, signal.SIGCONT)
+        wait_process(process, "the CLI after its pause")
+    finally:
+        if process.poll() is None:
+            process.kill()
+        _, err = process.communicate()
+    return Ended(directory, process.returncode, err, logged_workers(directory))
+
+
 BACKGROUND = {
+    "paused": Background(paused_past_the_timeout),
     "killed_twice": Background(killed_after_every_restart),
     "timed_out": Background(stopped_worker_times_out),
     "interrupted": Background(ctrl_c_with_a_stopped_worker),
 }
+
+
+@pytest.fixture
+def paused(tmp_path_factory) -> Ended:
+    return BACKGROUND["paused"].result(tmp_path_factory)
 
 
 @pytest.fixture
@@ -221,6 +250,12 @@ def test_killed_again_after_every_restart_the_cli_stops_with_one_line_and_resume
         reference = tmp_path / "reference"
         loop.train(make_config(f"rounds={rounds}"), reference, echo=quiet, progress=False)
     assert_same_run(run_dir, reference)
+
+
+def test_a_run_paused_with_its_worker_past_the_timeout_goes_on_when_both_continue(paused):
+    # A worker's silence while the run's own process did not run is no verdict: a pause is not a stall.
+    assert paused.returncode == 0, paused.stderr
+    assert [r.round for r in MetricsLog(paused.run_dir).records()] == list(range(1, ROUNDS + 1))
 
 
 def test_a_stopped_worker_is_lost_after_the_timeout_and_not_left_behind(timed_out):

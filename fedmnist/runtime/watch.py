@@ -35,6 +35,7 @@ from fedmnist.runtime import bind
 from fedmnist.runtime.channels import GRPC_OPTIONS, PROBE_OPTIONS, PROBE_SECONDS, open_channel
 
 STARTUP_SECONDS = 60.0  # the longest a watch treats a silent worker as one still starting
+PAUSE_SECONDS = 5.0  # a watch pass this late (beyond its interval and probe) means the process was paused
 # TFF's stub methods and the gRPC methods they call; the codes TFF's own stub makes retryable.
 RPC_NAMES = {"get_executor": "GetExecutor", "create_value": "CreateValue", "create_struct": "CreateStruct",
              "create_call": "CreateCall", "create_selection": "CreateSelection", "compute": "Compute"}
@@ -91,7 +92,7 @@ class WorkerWatch:
         self.channel = open_channel(address, credentials)
         self.stub = WatchedStub(tff.framework.RemoteExecutorGrpcStub(self.channel), self)
         self.lost: WorkerLostError | None = None
-        self.last_answer = time.monotonic()
+        self.last_answer = self.last_tick = time.monotonic()
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._watch, name=f"watch {name}", daemon=True)
         self._thread.start()
@@ -110,8 +111,9 @@ class WorkerWatch:
         starting_until = time.monotonic() + self.startup
         while (not self._stopped.wait(self.interval) and not self.stub.is_ready
                and time.monotonic() < starting_until):
-            self.last_answer = time.monotonic()
+            self.last_answer = self.last_tick = time.monotonic()
         while not self._stopped.is_set():
+            self._tick()
             if self.check_process():
                 return
             foreign = foreign_listeners(self.address) if self._process is None else set()
@@ -125,10 +127,21 @@ class WorkerWatch:
                 return
             self._stopped.wait(max(0.0, min(self.interval, self.remaining())))
 
+    def _tick(self) -> None:
+        """Marks a pass of the watch. A gap of many intervals since the last one means this process did not
+        run (stopped with SIGSTOP, a suspended machine): the worker's silence across it says nothing, so
+        the worker gets a whole timeout from now."""
+        now = time.monotonic()
+        if now - self.last_tick > self.interval + PROBE_SECONDS + PAUSE_SECONDS:
+            self.last_answer = now
+        self.last_tick = now
+
     def overdue(self) -> bool:
-        """Lost, or silent past the timeout by more than a probe's interval: the verdict, declared here if
-        the watch's thread has not (a caller waiting on the worker never waits longer than this)."""
-        if self.lost is None and not self._stopped.is_set() and self.remaining() < -self.interval - PROBE_SECONDS:
+        """Lost, or silent past the timeout while the watch's thread has stopped watching (it ended, or has
+        not passed for longer than the timeout): the verdict, declared here. A caller waiting on the worker
+        waits no longer than this."""
+        watching = self._thread.is_alive() and time.monotonic() - self.last_tick <= self.timeout + PROBE_SECONDS
+        if self.lost is None and not self._stopped.is_set() and not watching and self.remaining() < 0:
             self._declare(f"did not answer for {self.timeout:g} s (worker_timeout_seconds)", restartable=False)
         return self.lost is not None
 

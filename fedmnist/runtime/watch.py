@@ -137,11 +137,10 @@ class WorkerWatch:
         self.last_tick = now
 
     def overdue(self) -> bool:
-        """Lost, or silent past the timeout while the watch's thread has stopped watching (it ended, or has
-        not passed for longer than the timeout): the verdict, declared here. A caller waiting on the worker
-        waits no longer than this."""
-        watching = self._thread.is_alive() and time.monotonic() - self.last_tick <= self.timeout + PROBE_SECONDS
-        if self.lost is None and not self._stopped.is_set() and not watching and self.remaining() < 0:
+        """Lost, or silent past the timeout with the watch's thread gone: the verdict, declared here. A caller
+        waiting on the worker waits no longer than this. While the thread lives the verdict is its own (a
+        caller cannot tell a silent worker from a paused process, and the thread can: `_tick`)."""
+        if self.lost is None and not self._stopped.is_set() and not self._thread.is_alive() and self.remaining() < 0:
             self._declare(f"did not answer for {self.timeout:g} s (worker_timeout_seconds)", restartable=False)
         return self.lost is not None
 

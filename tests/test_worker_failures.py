@@ -14,7 +14,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,21 +121,30 @@ class Ended:
     workers: list[LoggedWorker]
 
 
-def killed_after_every_restart(directory: Path) -> Ended:
-    """`worker_retries=1`: the worker killed after round 2, and its replacement killed too. The run is
-    planned far longer than ROUNDS so that it is still training when the kills land, however slowly
-    this test reads its output; the resume shortens it to ROUNDS."""
-    process = start(directory, "worker_retries=1", f"rounds={ROUNDS * 100}")
+def run_to_its_end(directory: Path, act: Callable[[subprocess.Popen], None], *overrides: str) -> Ended:
+    """Starts the CLI with `overrides`, lets `act(process)` do to it what the test does, and waits for it
+    to end: how it ended."""
+    process = start(directory, *overrides)
     try:
-        read_until(process, "round  2,")
-        os.kill(logged_workers(directory)[0].pid, signal.SIGKILL)
-        os.kill(wait_for_new_worker(directory, 2, process), signal.SIGKILL)
-        wait_process(process, "the CLI after its workers were killed")
+        act(process)
+        wait_process(process, "the CLI")
     finally:
         if process.poll() is None:
             process.kill()
         _, err = process.communicate()
     return Ended(directory, process.returncode, err, logged_workers(directory))
+
+
+def killed_after_every_restart(directory: Path) -> Ended:
+    """`worker_retries=1`: the worker killed after round 2, and its replacement killed too. The run is
+    planned far longer than ROUNDS so that it is still training when the kills land, however slowly
+    this test reads its output; the resume shortens it to ROUNDS."""
+    def kill_both(process: subprocess.Popen) -> None:
+        read_until(process, "round  2,")
+        os.kill(logged_workers(directory)[0].pid, signal.SIGKILL)
+        os.kill(wait_for_new_worker(directory, 2, process), signal.SIGKILL)
+
+    return run_to_its_end(directory, kill_both, "worker_retries=1", f"rounds={ROUNDS * 100}")
 
 
 @contextlib.contextmanager
@@ -180,8 +189,7 @@ def paused_past_the_timeout(directory: Path) -> Ended:
     """The CLI and its worker stopped together (SIGSTOP, as a suspended machine stops both) for longer than
     `worker_timeout_seconds`, after round 2 (round 3, ten epochs long, computing), then continued: the CLI
     first, the worker a second later (a machine waking up does not wake every process at the same instant)."""
-    process = start(directory, "worker_timeout_seconds=3", "preprocess.epochs=10")
-    try:
+    def pause(process: subprocess.Popen) -> None:
         read_until(process, "round  2,")
         worker = logged_workers(directory)[0].pid
         for pid in (process.pid, worker):
@@ -191,12 +199,8 @@ def paused_past_the_timeout(directory: Path) -> Ended:
         time.sleep(1)
         with contextlib.suppress(ProcessLookupError):  # a run that gave up on its worker has stopped it
             os.kill(worker, signal.SIGCONT)
-        wait_process(process, "the CLI after its pause")
-    finally:
-        if process.poll() is None:
-            process.kill()
-        _, err = process.communicate()
-    return Ended(directory, process.returncode, err, logged_workers(directory))
+
+    return run_to_its_end(directory, pause, "worker_timeout_seconds=3", "preprocess.epochs=10")
 
 
 BACKGROUND = {

@@ -15,6 +15,15 @@ from pathlib import Path
 import pytest
 
 
+def pytest_configure(config):
+    """Lets Python cache bytecode in this session and every process it starts (xdist's workers, CLIs,
+    kernels), as it does by default: an environment with PYTHONDONTWRITEBYTECODE (common in containers)
+    and no cached bytecode would have each of the suite's dozens of Python processes compile TensorFlow
+    from source again, about 5 s of CPU apiece (docs/testing.md). A test that needs no writes sets it."""
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    sys.dont_write_bytecode = False
+
+
 @pytest.fixture(scope="session", autouse=True)
 def package_runtime():
     """TFF's default context on a worker this package owns (`fedmnist.runtime.install()`), so that a TFF

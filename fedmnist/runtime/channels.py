@@ -6,10 +6,16 @@ from __future__ import annotations
 import grpc
 
 GRPC_MAX_MESSAGE_BYTES = 2 * 1000 * 1000 * 1000
+RECONNECT_BACKOFF_MS = (50, 2000)  # the first and the longest wait between connection attempts
 GRPC_OPTIONS = [
     ("grpc.max_message_length", GRPC_MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
+    # gRPC waits 1 s after a failed connection before it tries again, doubling up to 2 minutes: a worker
+    # that is still starting (it listens a few tens of milliseconds after its process starts) would cost
+    # every run a second, and a remote worker back after a network cut minutes.
+    ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
+    ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[1]),
 ]
 # A probe opens a connection of its own: sharing one with another channel to the same address, it could
 # see a connection that is still "ready" while the worker behind it no longer answers.

@@ -35,6 +35,8 @@ from fedmnist.runtime import bind
 from fedmnist.runtime.channels import GRPC_OPTIONS, PROBE_OPTIONS, PROBE_SECONDS, open_channel
 
 STARTUP_SECONDS = 60.0  # the longest a watch treats a silent worker as one still starting
+CLOSE_SECONDS = 5.0  # the longest a channel's close is waited for
+PROBE_METHOD = "/fedmnist.Probe/Answer"  # served by no worker: its UNIMPLEMENTED is the worker answering
 PAUSE_SECONDS = 5.0  # a watch pass this late (beyond its interval and probe) means the process was paused
 # TFF's stub methods and the gRPC methods they call; the codes TFF's own stub makes retryable.
 RPC_NAMES = {"get_executor": "GetExecutor", "create_value": "CreateValue", "create_struct": "CreateStruct",
@@ -61,6 +63,15 @@ def foreign_listeners(address: str) -> set[int]:
     if parts is None or not bind.is_loopback(parts[0]):
         return set()
     return bind.listener_owners(*parts) - {os.geteuid()}
+
+
+def close_channel(channel: grpc.Channel, wait: float = CLOSE_SECONDS) -> None:
+    """Closes `channel`, waiting for gRPC at most `wait` seconds: a close that raced another thread's
+    call on a channel to a black-holed worker was seen to block for good, and a run that cannot close a
+    channel must still end."""
+    closing = threading.Thread(target=channel.close, name="close a channel", daemon=True)
+    closing.start()
+    closing.join(wait)
 
 
 class WorkerLostError(RuntimeError):
@@ -94,6 +105,7 @@ class WorkerWatch:
         self.lost: WorkerLostError | None = None
         self.last_answer = self.last_tick = time.monotonic()
         self._stopped = threading.Event()
+        self._closing, self._closed = threading.Lock(), False
         self._thread = threading.Thread(target=self._watch, name=f"watch {name}", daemon=True)
         self._thread.start()
 
@@ -149,14 +161,17 @@ class WorkerWatch:
         return self.timeout - self.silent_for()
 
     def _answers(self, deadline: float) -> bool:
+        """Whether the worker answers a call within `deadline` seconds, on a new connection. The call, to a
+        method no worker serves, waits for the connection itself: gRPC's readiness future would leave a
+        thread watching the channel, which prints a traceback when the channel closes under it."""
         probe = open_channel(self.address, self.credentials, PROBE_OPTIONS)
         try:
-            grpc.channel_ready_future(probe).result(timeout=deadline)
-            return True
-        except grpc.FutureTimeoutError:
-            return False
+            probe.unary_unary(PROBE_METHOD)(b"", timeout=deadline, wait_for_ready=True)
+            return True  # no worker serves the method: never reached
+        except grpc.RpcError as error:
+            return error.code() is grpc.StatusCode.UNIMPLEMENTED  # the worker's answer
         finally:
-            probe.close()
+            close_channel(probe)
 
     def check_process(self) -> bool:
         """Declares the worker lost if its process has exited; True when lost."""
@@ -168,7 +183,7 @@ class WorkerWatch:
     def _declare(self, cause: str, restartable: bool) -> None:
         if self.lost is None:
             self.lost = WorkerLostError(self.name, self.address, cause, restartable)
-            self.channel.close()  # ends the calls in flight
+            self._close()  # ends the calls in flight
 
     def silent_for(self) -> float:
         return time.monotonic() - self.last_answer
@@ -181,7 +196,13 @@ class WorkerWatch:
     def stop(self) -> None:
         """Stops watching (the worker is being stopped on purpose) and closes the channel."""
         self._stopped.set()
-        self.channel.close()
+        self._close()
+
+    def _close(self) -> None:
+        with self._closing:
+            closed, self._closed = self._closed, True
+        if not closed:
+            close_channel(self.channel)
 
 
 class WatchedStub(tff.framework.RemoteExecutorStub):

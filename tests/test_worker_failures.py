@@ -282,3 +282,39 @@ def test_an_unreachable_workers_entry_fails_within_the_deadline_with_one_line(tm
     assert done.returncode == 1
     assert [line for line in done.stderr.splitlines() if line.strip()] == [
         f"error: TFF worker at 127.0.0.1:{port} did not answer within 2 s"]
+
+
+@pytest.mark.unit
+def test_a_probe_counts_any_answer_as_an_answer_and_nothing_listening_as_silence():
+    from concurrent import futures
+
+    import grpc
+
+    from fedmnist.runtime import watch
+
+    server = grpc.server(futures.ThreadPoolExecutor(1))  # serves no method: every call is UNIMPLEMENTED
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        assert watch.answers(f"127.0.0.1:{port}", 2.0)
+    finally:
+        server.stop(None)
+    assert not watch.answers(f"127.0.0.1:{port}", 0.3)  # nothing listens there now
+
+
+@pytest.mark.unit
+def test_closing_a_channel_waits_for_grpc_only_so_long():
+    from fedmnist.runtime import watch
+
+    class StuckChannel:  # gRPC's close blocked for good once, racing another thread's (black-holed TLS worker)
+        def __init__(self):
+            self.entered, self.release = threading.Event(), threading.Event()
+
+        def close(self):
+            self.entered.set()
+            self.release.wait()
+
+    channel = StuckChannel()
+    watch.close_channel(channel, wait=0.05)
+    assert channel.entered.is_set() and not channel.release.is_set()  # returned while the close still blocks
+    channel.release.set()

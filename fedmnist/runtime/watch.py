@@ -65,6 +65,20 @@ def foreign_listeners(address: str) -> set[int]:
     return bind.listener_owners(*parts) - {os.geteuid()}
 
 
+def answers(address: str, deadline: float, credentials: grpc.ChannelCredentials | None = None) -> bool:
+    """Whether the gRPC server at `address` answers a call within `deadline` seconds, on a new connection.
+    The call, to a method no worker serves, waits for the connection itself: gRPC's readiness future would
+    leave a thread watching the channel, which prints a traceback when the channel closes under it."""
+    probe = open_channel(address, credentials, PROBE_OPTIONS)
+    try:
+        probe.unary_unary(PROBE_METHOD)(b"", timeout=deadline, wait_for_ready=True)
+        return True  # no worker serves the method: not reached
+    except grpc.RpcError as error:
+        return error.code() is grpc.StatusCode.UNIMPLEMENTED  # the server's answer
+    finally:
+        close_channel(probe)
+
+
 def close_channel(channel: grpc.Channel, wait: float = CLOSE_SECONDS) -> None:
     """Closes `channel`, waiting for gRPC at most `wait` seconds: a close that raced another thread's
     call on a channel to a black-holed worker was seen to block for good, and a run that cannot close a
@@ -161,17 +175,7 @@ class WorkerWatch:
         return self.timeout - self.silent_for()
 
     def _answers(self, deadline: float) -> bool:
-        """Whether the worker answers a call within `deadline` seconds, on a new connection. The call, to a
-        method no worker serves, waits for the connection itself: gRPC's readiness future would leave a
-        thread watching the channel, which prints a traceback when the channel closes under it."""
-        probe = open_channel(self.address, self.credentials, PROBE_OPTIONS)
-        try:
-            probe.unary_unary(PROBE_METHOD)(b"", timeout=deadline, wait_for_ready=True)
-            return True  # no worker serves the method: never reached
-        except grpc.RpcError as error:
-            return error.code() is grpc.StatusCode.UNIMPLEMENTED  # the worker's answer
-        finally:
-            close_channel(probe)
+        return answers(self.address, deadline, self.credentials)
 
     def check_process(self) -> bool:
         """Declares the worker lost if its process has exited; True when lost."""

@@ -20,7 +20,7 @@ GRPC_OPTIONS = [
 # A probe opens a connection of its own: sharing one with another channel to the same address, it could
 # see a connection that is still "ready" while the worker behind it no longer answers.
 PROBE_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
-PROBE_SECONDS = 2.0  # a probe's longest wait for the handshake
+PROBE_SECONDS = 2.0  # a probe's longest wait for the connection and the answer
 
 
 def open_channel(address: str, credentials: grpc.ChannelCredentials | None = None,
@@ -31,13 +31,31 @@ def open_channel(address: str, credentials: grpc.ChannelCredentials | None = Non
     return grpc.secure_channel(address, credentials, options)
 
 
+PROBE_METHOD = "/fedmnist.Probe/Answer"  # served by no worker: its UNIMPLEMENTED is the worker answering
+
+
+def answers_on(channel: grpc.Channel, deadline: float) -> bool:
+    """Whether the server behind `channel` answers a call within `deadline` seconds. The call, to a method
+    no worker serves, waits for the connection itself. gRPC's own readiness (`subscribe`,
+    `channel_ready_future`) runs a thread that polls the channel and raises "Channel closed!" when the
+    channel closes between two polls: a traceback in the output of a run that ended normally."""
+    try:
+        channel.unary_unary(PROBE_METHOD)(b"", timeout=deadline, wait_for_ready=True)
+        return True  # no worker serves the method: not reached
+    except grpc.RpcError as error:
+        return error.code() is grpc.StatusCode.UNIMPLEMENTED  # the server's answer
+    except ValueError:  # the channel is closed
+        return False
+
+
 class ChannelReadiness:
-    """Whether a channel is connected, kept up to date by gRPC: what TFF's `RemoteExecutorGrpcStub.is_ready`
-    reports, without TFF."""
+    """Whether a channel's server has answered (`answers_on`), asked anew until it has: the `is_ready` of
+    TFF's `RemoteExecutorGrpcStub`, without gRPC's polling thread and without TFF."""
 
-    def __init__(self, channel: grpc.Channel):
-        self.is_ready = False
-        channel.subscribe(self._update, try_to_connect=True)
+    def __init__(self, channel: grpc.Channel, poll: float = 0.2):
+        self.channel, self.poll, self._answered = channel, poll, False
 
-    def _update(self, state: grpc.ChannelConnectivity) -> None:
-        self.is_ready = state is grpc.ChannelConnectivity.READY
+    @property
+    def is_ready(self) -> bool:
+        self._answered = self._answered or answers_on(self.channel, self.poll)
+        return self._answered

@@ -233,7 +233,7 @@ class OnDemandRuntime:
 
     def __init__(self):
         self.worker: LocalWorker | None = None
-        self.stub: tff.framework.RemoteExecutorGrpcStub | None = None
+        self.watch: WorkerWatch | None = None
         self._context_stack = tff.framework.get_context_stack()
         self._previous = self._context_stack.current
         factory = tff.framework.ResourceManagingExecutorFactory(executor_stack_fn=self._stack_fn)
@@ -245,15 +245,23 @@ class OnDemandRuntime:
 
     def _stack_fn(self, cardinalities):
         if self.worker is None or self.worker.process.poll() is not None:
-            self.worker = loopback_worker()
-            self.stub = self.worker.connect()
-        return _remote_executor(self.stub, cardinalities)
+            self._stop_worker()
+            worker = self.worker = loopback_worker()
+            self.watch = WorkerWatch("worker", worker.address, lambda: worker.process)
+            worker.wait_until_ready(self.watch.stub)
+        return _remote_executor(self.watch.stub, cardinalities)
 
-    def close(self) -> None:
-        self._context_stack.set_default_context(self._previous)
+    def _stop_worker(self) -> None:
+        if self.watch is not None:
+            self.watch.stop()
+            self.watch = None
         if self.worker is not None:
             self.worker.stop()
             self.worker = None
+
+    def close(self) -> None:
+        self._context_stack.set_default_context(self._previous)
+        self._stop_worker()
         atexit.unregister(self.close)
         if self in _installed:
             _installed.remove(self)

@@ -5,8 +5,8 @@ stops answering never returns: a killed `worker_binary` would hang the run. So e
 talks to gets a `WorkerWatch`, a thread that
 
 - notices at once when a worker this package started exits (its process is a child of ours), and
-- checks every `interval` seconds that the worker completes a fresh gRPC handshake, on a connection
-  of its own, within a deadline. A busy worker does (gRPC answers on its own threads while the clients
+- checks every `interval` seconds that the worker answers a call (to a method it does not serve, so
+  its answer is UNIMPLEMENTED) on a connection of its own, within a deadline. A busy worker does (gRPC answers on its own threads while the clients
   train); a stopped, hung or vanished one does not, nor one behind a route that drops packets.
   Progress is "the worker answers", never "the round is short", so a long round does not trip it;
   `timeout` seconds without an answer do, and the probes' deadlines are cut so that the verdict comes
@@ -32,11 +32,10 @@ import tensorflow_federated as tff
 from tensorflow_federated.proto.v0 import executor_pb2, executor_pb2_grpc
 
 from fedmnist.runtime import bind
-from fedmnist.runtime.channels import GRPC_OPTIONS, PROBE_OPTIONS, PROBE_SECONDS, open_channel
+from fedmnist.runtime.channels import PROBE_OPTIONS, PROBE_SECONDS, ChannelReadiness, answers_on, open_channel
 
 STARTUP_SECONDS = 60.0  # the longest a watch treats a silent worker as one still starting
 CLOSE_SECONDS = 5.0  # the longest a channel's close is waited for
-PROBE_METHOD = "/fedmnist.Probe/Answer"  # served by no worker: its UNIMPLEMENTED is the worker answering
 PAUSE_SECONDS = 5.0  # a watch pass this late (beyond its interval and probe) means the process was paused
 # TFF's stub methods and the gRPC methods they call; the codes TFF's own stub makes retryable.
 RPC_NAMES = {"get_executor": "GetExecutor", "create_value": "CreateValue", "create_struct": "CreateStruct",
@@ -66,15 +65,10 @@ def foreign_listeners(address: str) -> set[int]:
 
 
 def answers(address: str, deadline: float, credentials: grpc.ChannelCredentials | None = None) -> bool:
-    """Whether the gRPC server at `address` answers a call within `deadline` seconds, on a new connection.
-    The call, to a method no worker serves, waits for the connection itself: gRPC's readiness future would
-    leave a thread watching the channel, which prints a traceback when the channel closes under it."""
+    """Whether the gRPC server at `address` answers a call within `deadline` seconds, on a new connection."""
     probe = open_channel(address, credentials, PROBE_OPTIONS)
     try:
-        probe.unary_unary(PROBE_METHOD)(b"", timeout=deadline, wait_for_ready=True)
-        return True  # no worker serves the method: not reached
-    except grpc.RpcError as error:
-        return error.code() is grpc.StatusCode.UNIMPLEMENTED  # the server's answer
+        return answers_on(probe, deadline)
     finally:
         close_channel(probe)
 
@@ -115,7 +109,7 @@ class WorkerWatch:
         self.credentials, self.startup = credentials, startup
         self._process = process
         self.channel = open_channel(address, credentials)
-        self.stub = WatchedStub(tff.framework.RemoteExecutorGrpcStub(self.channel), self)
+        self.stub = WatchedStub(self)
         self.lost: WorkerLostError | None = None
         self.last_answer = self.last_tick = time.monotonic()
         self._stopped = threading.Event()
@@ -210,10 +204,13 @@ class WorkerWatch:
 
 
 class WatchedStub(tff.framework.RemoteExecutorStub):
-    """TFF's gRPC stub for one worker, raising `WorkerLostError` once its watch says it is lost."""
+    """TFF's executor service on one worker's channel, raising `WorkerLostError` once its watch says the
+    worker is lost. Not TFF's `RemoteExecutorGrpcStub`: its readiness subscribes to the channel
+    (`channels.answers_on` says why that is avoided)."""
 
-    def __init__(self, stub: tff.framework.RemoteExecutorGrpcStub, watch: WorkerWatch):
-        self._stub, self._watch = stub, watch
+    def __init__(self, watch: WorkerWatch):
+        self._watch = watch
+        self._readiness = ChannelReadiness(watch.channel)
         self._raw = executor_pb2_grpc.ExecutorGroupStub(watch.channel)
         self._disposals: set[grpc.Future] = set()  # held until answered: gRPC cancels a call whose future is collected
         self._lock = threading.Lock()
@@ -291,4 +288,5 @@ class WatchedStub(tff.framework.RemoteExecutorStub):
 
     @property
     def is_ready(self) -> bool:
-        return self._stub.is_ready
+        """The worker has answered (asked again until it has)."""
+        return self._readiness.is_ready

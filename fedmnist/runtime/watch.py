@@ -6,8 +6,9 @@ talks to gets a `WorkerWatch`, a thread that
 
 - notices at once when a worker this package started exits (its process is a child of ours), and
 - checks every `interval` seconds that the worker answers a call (to a method it does not serve, so
-  its answer is UNIMPLEMENTED) on a connection of its own, within a deadline. A busy worker does (gRPC answers on its own threads while the clients
-  train); a stopped, hung or vanished one does not, nor one behind a route that drops packets.
+  its answer is UNIMPLEMENTED) on a connection of its own, within a deadline. A busy worker does
+  (gRPC answers on its own threads while the clients train); a stopped, hung or vanished one does not,
+  nor one behind a route that drops packets.
   Progress is "the worker answers", never "the round is short", so a long round does not trip it;
   `timeout` seconds without an answer do, and the probes' deadlines are cut so that the verdict comes
   `timeout` seconds after the last answer, not later.

@@ -315,6 +315,11 @@ def test_closing_a_channel_waits_for_grpc_only_so_long():
             self.release.wait()
 
     channel = StuckChannel()
-    watch.close_channel(channel, wait=0.05)
-    assert channel.entered.is_set() and not channel.release.is_set()  # returned while the close still blocks
-    channel.release.set()
+    closing = threading.Thread(target=watch.close_channel, args=(channel,), kwargs={"wait": 0.05}, daemon=True)
+    closing.start()
+    closing.join(60)  # a close waited for without a bound would wait for good: fail, not hang
+    try:
+        assert not closing.is_alive(), "close_channel waited for a close that never ends"
+        assert channel.entered.is_set() and not channel.release.is_set()  # returned while the close still blocks
+    finally:
+        channel.release.set()

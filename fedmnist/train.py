@@ -231,7 +231,10 @@ def train_and_serve(args: argparse.Namespace, config: config_lib.Config, run_dir
     """The run, with TensorBoard serving it while it trains and afterwards when asked (--tensorboard)."""
     stop = StopRequest()
     print(f"run directory: {run_dir}", flush=True)
-    from fedmnist import loop  # TensorFlow starts here, after the config is known to be good.
+    from fedmnist.imports import long_lived_imports
+
+    with long_lived_imports():
+        from fedmnist import loop  # TensorFlow starts here, after the config is known to be good.
 
     server = None
     if args.tensorboard:

@@ -24,6 +24,16 @@ def pytest_configure(config):
     sys.dont_write_bytecode = False
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_collection(session):
+    """Collection imports TensorFlow and TFF (test modules import them): as the commands do, with the
+    garbage collector paused and their objects frozen out of its passes afterwards (`fedmnist.imports`)."""
+    from fedmnist.imports import long_lived_imports
+
+    with long_lived_imports():
+        yield
+
+
 @pytest.fixture(scope="session", autouse=True)
 def package_runtime():
     """TFF's default context on a worker this package owns (`fedmnist.runtime.install()`), so that a TFF

@@ -33,13 +33,16 @@ run_dir = Path(sys.argv[1])
 run_dir.mkdir(parents=True)
 mark("config")  # train.py prints the run directory here
 
-import tensorflow  # noqa: E402,F401
+from fedmnist.imports import long_lived_imports  # noqa: E402
 
-mark("tensorflow")
-import tensorflow_federated  # noqa: E402,F401
+with long_lived_imports():  # as train.py imports them
+    import tensorflow  # noqa: E402,F401
 
-mark("tff")
-from fedmnist import experiment, loop  # noqa: E402
+    mark("tensorflow")
+    import tensorflow_federated  # noqa: E402,F401
+
+    mark("tff")
+    from fedmnist import experiment, loop  # noqa: E402
 
 mark("fedmnist")
 

@@ -187,6 +187,13 @@ class PreparedClients:
         return self._bytes
 
 
+def untraced(method: Callable) -> Callable:
+    """The Python function behind `method` when it is a `tf.function` (TFF's Keras model wraps `forward_pass`
+    and its metrics methods in them): called inside `train`, which AutoGraph does not convert, its body is then
+    traced into `train`'s graph as written, not converted by AutoGraph first as a nested function."""
+    return getattr(method, "python_function", method)
+
+
 def train_on_prepared(model: tff.learning.models.VariableModel, optimizer: tff.learning.optimizers.Optimizer,
                       hparams, initial_weights, prepared: OrderedDict, batch_size: int,
                       weighted: bool = True, proximal_strength: float = 0.0,
@@ -218,7 +225,7 @@ def train_on_prepared(model: tff.learning.models.VariableModel, optimizer: tff.l
         indices = order[start:start + step]
         batch = OrderedDict(x=tf.gather(prepared["x"], indices), y=tf.gather(prepared["y"], indices))
         with tf.GradientTape() as tape:
-            output = model.forward_pass(batch, training=True)
+            output = untraced(model.forward_pass)(batch, training=True)
         gradients = tape.gradient(output.loss, weights.trainable)
         if proximal_strength > 0.0:
             gradients = tf.nest.map_structure(lambda g, w, w0: g + proximal_strength * (w - w0),
@@ -240,12 +247,12 @@ def train_on_prepared(model: tff.learning.models.VariableModel, optimizer: tff.l
         return update, weight
 
     def dropped():
-        model.reset_metrics()
+        untraced(model.reset_metrics)()
         return tf.nest.map_structure(tf.zeros_like, update), tf.constant(0.0, tf.float32)
 
     update, weight = tf.cond(finite, sent, dropped)
     return (tff.learning.templates.ClientResult(update=update, update_weight=weight),
-            model.report_local_unfinalized_metrics())
+            untraced(model.report_local_unfinalized_metrics)())
 
 
 def build_prepared_client_work(model_fn: Callable[[], tff.learning.models.VariableModel],

@@ -3,6 +3,10 @@ tf.data path, padded to a few size classes, cached within a byte budget, one dat
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -191,3 +195,23 @@ def test_the_client_work_is_traced_without_autograph():
     # Nor is the model's forward pass, which TFF's Keras model wraps in a tf.function of its own
     # (`client_tensors.untraced`): it cost about 0.8 s of a fresh run's build (docs/performance.md).
     assert not [name for name in names if "forward_pass" in name or "unfinalized_metrics" in name], names
+
+
+def test_reading_a_clients_examples_converts_nothing():
+    # In a fresh interpreter: this session may have traced `examples_dataset` already, and a traced function
+    # is not converted again.
+    program = textwrap.dedent("""
+        import numpy as np
+        from tensorflow.python.autograph.impl import api
+        from fedmnist.data import sources
+
+        converted = []
+        transform = api.PyToTF.transform
+        api.PyToTF.transform = lambda self, obj, context: (converted.append(obj.__qualname__),
+                                                          transform(self, obj, context))[1]
+        data = sources.client_data_from_arrays({"a": (np.zeros((3, 28, 28)), np.arange(3))})
+        print(len(list(data.create_tf_dataset_for_client("a"))), converted)
+    """)
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[-2] == "3 []"

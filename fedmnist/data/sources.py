@@ -39,12 +39,13 @@ EXAMPLES_SPEC = collections.OrderedDict(label=tf.TensorSpec([None], tf.int32),
                                         pixels=tf.TensorSpec([None, 28, 28], tf.float32))
 
 
-@tf.function(input_signature=[EXAMPLES_SPEC])
+@tf.function(input_signature=[EXAMPLES_SPEC], autograph=False)
 def examples_dataset(examples: collections.OrderedDict) -> tf.data.Dataset:
     """A client's examples, one EMNIST-like element each, from arrays of any length.
 
     Built eagerly, `from_tensor_slices` would record each client's length in its op and TensorFlow
     would keep a kernel per distinct length, so memory would grow with every new client size sampled.
+    No AutoGraph: there is no control flow to convert, and converting it cost a fresh process 0.3 s.
     """
     return tf.data.Dataset.from_tensor_slices(examples)
 

@@ -107,6 +107,10 @@ def check_model(name: str, num_classes: int) -> None:
 def build_model_fn(name: str = "linear", num_classes: int = 10) -> Callable[[], tff.learning.models.VariableModel]:
     """A no-argument `model_fn`, as `tff.learning` builders want it."""
 
+    # TFF calls it inside its own AutoGraph-converted functions (federated evaluation's client work), where
+    # AutoGraph would convert it and everything it calls (Keras model building, TFF's Keras wrapper) first,
+    # for the same graph: about 0.9 s of a fresh process's first build (docs/performance.md).
+    @tf.autograph.experimental.do_not_convert
     def model_fn() -> tff.learning.models.VariableModel:
         return tff.learning.models.from_keras_model(
             create_model(name, num_classes),

@@ -197,21 +197,29 @@ def test_the_client_work_is_traced_without_autograph():
     assert not [name for name in names if "forward_pass" in name or "unfinalized_metrics" in name], names
 
 
-def test_reading_a_clients_examples_converts_nothing():
-    # In a fresh interpreter: this session may have traced `examples_dataset` already, and a traced function
-    # is not converted again.
+
+def test_autograph_converts_none_of_the_packages_functions_reading_data_or_building_the_evaluation():
+    # In a fresh interpreter: this session may have traced them already, and a traced function is not
+    # converted again. TFF's federated evaluation calls `model_fn` inside functions AutoGraph converts.
     program = textwrap.dedent("""
         import numpy as np
+        import tensorflow_federated as tff
         from tensorflow.python.autograph.impl import api
+        from fedmnist import model
         from fedmnist.data import sources
 
         converted = []
         transform = api.PyToTF.transform
-        api.PyToTF.transform = lambda self, obj, context: (converted.append(obj.__qualname__),
+        api.PyToTF.transform = lambda self, obj, context: (converted.append(f"{obj.__module__}.{obj.__qualname__}"),
                                                           transform(self, obj, context))[1]
         data = sources.client_data_from_arrays({"a": (np.zeros((3, 28, 28)), np.arange(3))})
-        print(len(list(data.create_tf_dataset_for_client("a"))), converted)
+        print(len(list(data.create_tf_dataset_for_client("a"))))
+        tff.learning.algorithms.build_fed_eval(model.build_model_fn("cnn", 10))
+        print(sorted(set(converted)))
     """)
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split("\n")[-2] == "3 []"
+    examples, converted = done.stdout.strip().split("\n")[-2:]
+    assert examples == "3"
+    assert converted.startswith("['tensorflow_federated."), converted  # TFF's own still are: the recording works
+    assert "fedmnist" not in converted and "from_keras_model" not in converted, converted

@@ -465,3 +465,36 @@ def tensorboard_run(tmp_path_factory) -> Path:
 def test_train_with_tensorboard_serves_the_run_until_ctrl_c(tensorboard_run):
     assert (tensorboard_run / plots.CURVES_FILE).exists()
     assert [row["round"] for row in metrics_rows(tensorboard_run)] == [1, 2]
+
+
+@pytest.mark.unit
+def test_weight_histograms_are_the_records_tf_summary_histogram_writes(tmp_path):
+    # The package buckets histograms with TensorBoard's NumPy twin of tf.summary.histogram: the same record.
+    import tensorflow as tf
+
+    from fedmnist.outputs.tensorboard import TensorBoardLog
+
+    rng = np.random.default_rng(0)
+    arrays = {"weights/kernel": rng.standard_normal((784, 10)).astype(np.float32),
+              "weights/bias": np.zeros(10, np.float32),  # one value: every bucket edge the same
+              "weights/small": rng.uniform(-1, 1, 62).astype(np.float32)}
+    board = TensorBoardLog(tmp_path / "package")
+    board.write_histograms(3, arrays)
+    board.close()
+    writer = tf.summary.create_file_writer(str(tmp_path / "tf"))
+    with writer.as_default():
+        for tag, value in arrays.items():
+            tf.summary.histogram(tag, value, step=3)
+    writer.close()
+
+    def records(directory):
+        found = {}
+        for path in directory.glob("events.out.tfevents.*"):
+            for event in tf.compat.v1.train.summary_iterator(str(path)):
+                for value in event.summary.value:
+                    found[value.tag] = (event.step, tf.make_ndarray(value.tensor).tolist(),
+                                        value.metadata.plugin_data.plugin_name)
+        return found
+
+    package, reference = records(tmp_path / "package"), records(tmp_path / "tf")
+    assert set(package) == set(arrays) and package == reference

@@ -4,8 +4,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 # Run in a fresh interpreter: this test session froze its own imports at collection (conftest.py).
 PROGRAM = textwrap.dedent("""
     import atexit, gc
@@ -25,7 +23,6 @@ PROGRAM = textwrap.dedent("""
 """)
 
 
-@pytest.mark.unit
 def test_imports_are_frozen_once_with_the_collector_paused_and_unfrozen_at_exit():
     done = subprocess.run([sys.executable, "-c", PROGRAM], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -10,9 +10,19 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+
+MODULE_SECONDS = Path(__file__).parent / "module_seconds.json"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--measure-modules", action="store_true",
+                     help=f"measure each test module's seconds, its background work included, and write them to "
+                          f"tests/{MODULE_SECONDS.name} (the shard plan); a full run measures every module")
 
 
 def pytest_configure(config):
@@ -56,6 +66,13 @@ def package_runtime():
         runtime.install().close()  # the one installed now, if a test closed the first and installed another
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n logical` (pyproject's addopts): one shard more than the cores this process may use. A shard's
+    process often waits (on a CLI, a kernel, a worker, a signal's effect) with its core idle, and the
+    extra shard fills that time (docs/testing.md, "Shards")."""
+    return len(os.sched_getaffinity(0)) + 1
+
+
 def shard_of(item: pytest.Item) -> str | None:
     """The shard (an xdist_group) that runs `item`; None without pytest-xdist."""
     marker = item.get_closest_marker("xdist_group")
@@ -64,22 +81,26 @@ def shard_of(item: pytest.Item) -> str | None:
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`uv run pytest` starts one worker per core) every worker runs one shard of
+    """Under pytest-xdist (`uv run pytest` starts one worker per core, and one more) every worker runs one shard of
     whole test modules, planned alike in every worker from tests/module_seconds.json (each module's
     measured seconds, so that the shards end together). A shard known from its first test lets its
     worker start the background work of all its modules at once (`background_work`)."""
     shards = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if shards < 2:
         return
-    modules = list(dict.fromkeys(item.nodeid.split("::")[0] for item in items))
+    modules = list(dict.fromkeys(module_of(item) for item in items))
     plan = shard_plan(modules, shards)
     for item in items:
-        item.add_marker(pytest.mark.xdist_group(f"shard-{plan[item.nodeid.split('::')[0]]}"))
+        item.add_marker(pytest.mark.xdist_group(f"shard-{plan[module_of(item)]}"))
+
+
+def module_of(item: pytest.Item) -> str:
+    return item.nodeid.split("::")[0]
 
 
 def shard_plan(modules: list[str], shards: int) -> dict[str, int]:
     """Each module's shard: the longest modules first, each to the shard with the fewest seconds so far."""
-    measured = json.loads((Path(__file__).parent / "module_seconds.json").read_text())
+    measured = json.loads(MODULE_SECONDS.read_text())
     default = sorted(measured.values())[len(measured) // 2]  # a module not measured yet: the median
     load, plan = [0.0] * shards, {}
     for module in sorted(modules, key=lambda m: (-measured.get(m, default), m)):
@@ -113,6 +134,7 @@ def background_work(request, tmp_path_factory):
         for name, works in getattr(getattr(item, "module", None), "BACKGROUND", {}).items():
             for work in works if isinstance(works, tuple) else (works,):
                 if name in item.fixturenames and work not in scheduled:
+                    work.owner = module_of(item)
                     work.schedule(tmp_path_factory)
                     scheduled.append(work)
     yield
@@ -159,3 +181,60 @@ def prepared_run(tmp_path_factory) -> list[dict]:
     from helpers import small_config, small_run
 
     return small_run(small_config("client_input=prepared"), tmp_path_factory.mktemp("prepared"))
+
+
+# --- Measuring the modules for the shard plan (`--measure-modules`) --------------------------------
+
+MEASURED = pytest.StashKey[dict]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """A test's own seconds: its wall time less the background work the main thread ran while it waited
+    (that work counts to the module that owns it)."""
+    if not item.config.getoption("measure_modules"):
+        yield
+        return
+    from helpers import Background
+
+    start, lent = time.perf_counter(), Background.main_thread_seconds
+    yield
+    own = time.perf_counter() - start - (Background.main_thread_seconds - lent)
+    measured = item.config.stash.setdefault(MEASURED, {})
+    measured[module_of(item)] = measured.get(module_of(item), 0.0) + own
+
+
+def pytest_sessionfinish(session):
+    config = session.config
+    if not config.getoption("measure_modules"):
+        return
+    measured = dict(config.stash.get(MEASURED, {}))
+    if "helpers" in sys.modules:
+        for module, seconds in sys.modules["helpers"].Background.seconds.items():
+            measured[module] = measured.get(module, 0.0) + seconds
+    if hasattr(config, "workeroutput"):  # an xdist worker: the controller writes the file
+        config.workeroutput["module_seconds"] = measured
+        return
+    for node_measured in config.stash.get(WORKERS_MEASURED, []):
+        for module, seconds in node_measured.items():
+            measured[module] = measured.get(module, 0.0) + seconds
+    write_module_seconds(measured)
+
+
+WORKERS_MEASURED = pytest.StashKey[list]()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """xdist's controller: a worker's measurements."""
+    measured = getattr(node, "workeroutput", {}).get("module_seconds")
+    if measured:
+        node.config.stash.setdefault(WORKERS_MEASURED, []).append(measured)
+
+
+def write_module_seconds(measured: dict[str, float]) -> None:
+    """Updates the measured modules' seconds; modules this run did not measure keep theirs."""
+    known = json.loads(MODULE_SECONDS.read_text()) if MODULE_SECONDS.exists() else {}
+    known |= {module: round(seconds, 1) for module, seconds in measured.items() if module != "?"}
+    MODULE_SECONDS.write_text(json.dumps(dict(sorted(known.items())), indent=1) + "\n")
+    print(f"\nwrote {len(measured)} modules' seconds to tests/{MODULE_SECONDS.name}")

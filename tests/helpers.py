@@ -421,6 +421,10 @@ class Background:
     """
 
     PARALLEL = 1
+    # Seconds each test module's work took (its `owner`), and how many of them the main thread spent
+    # running work while a test waited: `--measure-modules` (conftest) counts them to the owner, not the test.
+    seconds: dict[str, float] = {}
+    main_thread_seconds = 0.0
     _queue: list[Background] = []
     _scheduled: list[Background] = []
     _lock = threading.Lock()
@@ -431,6 +435,7 @@ class Background:
         """`cleanup(value)` ends what the work leaves running (processes) when no test took its value."""
         self.function, self.name, self.cleanup = function, name or function.__name__, cleanup
         self.directory: Path | None = None
+        self.owner = "?"  # the test module whose `BACKGROUND` lists it (set when scheduled)
         self._taken = False
         self._claimed = False
         self._done = threading.Event()
@@ -476,11 +481,17 @@ class Background:
             return True
 
     def _run(self) -> None:
+        start = time.perf_counter()
         try:
             self._value = self.function(self.directory)
         except BaseException as error:  # noqa: BLE001 - handed to the test that asks for the result
             self._error = error
         finally:
+            spent = time.perf_counter() - start
+            with Background._lock:
+                Background.seconds[self.owner] = Background.seconds.get(self.owner, 0.0) + spent
+                if threading.current_thread() is threading.main_thread():
+                    Background.main_thread_seconds += spent
             self._done.set()
 
     @staticmethod

@@ -223,9 +223,8 @@ def build(config: Config, run_dir: Path, echo: Callable[[str], None] = print, re
             if line:
                 echo(line)
         checkpoints = Checkpoints(run_dir, keep=config.checkpoints_kept)
-        # The federated evaluation is built when first needed, overlapping the round before (fedmnist/evaluation.py).
+        # The federated evaluation is built when first needed (fedmnist/evaluation.py).
         run_evaluations = evaluations(config, model_fn, dataset, eval_ids, preprocessing.one_epoch())
-        stack.callback(run_evaluations.close)
         experiment = Experiment(
             run_dir=run_dir, rounds=config.rounds, dataset=dataset, mode=mode, training=training,
             participation=Participation(config, dataset.train.client_ids,

@@ -142,26 +142,35 @@ class Done:
     stderr: str
 
 
-def python_command(module: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", module, *args]
+def python_command(module: str, *args: str, before_exec: str | None = None) -> list[str]:
+    """`python -m MODULE ARGS`; with `before_exec`, see `exec_after`."""
+    command = [sys.executable, "-m", module, *args]
+    return command if before_exec is None else exec_after(before_exec, command)
+
+
+def exec_after(code: str, command: list[str]) -> list[str]:
+    """`command`, run by a fresh interpreter that first runs `code` (Python: a signal's disposition, a
+    resource limit) and then execs it, keeping its process id. What `preexec_fn` would do, without running
+    Python in a fork of this process: a fork runs gRPC's fork handlers in the child, and one of them
+    sometimes aborted it (docs/measurements.md, "Worker start aborts")."""
+    return [sys.executable, "-I", "-S", "-c", f"import os, sys\n{code}\nos.execv(sys.argv[1], sys.argv[1:])",
+            *map(str, command)]
 
 
 def run_cli(*args: str, cwd: Path, module: str = "fedmnist.train", env: dict | None = None,
-            stall: float = 120.0, preexec_fn=None) -> Done:
+            stall: float = 120.0, before_exec: str | None = None) -> Done:
     """Runs `python -m MODULE ARGS` as a user does, with stdout and stderr captured through pipes.
 
     The pipes matter: if a TFF worker outlived the command holding its stdout, the output would never
     end, and this call fails (after `stall` seconds without any CPU use) instead of returning.
     """
-    return run_command(python_command(module, *args), cwd=cwd, env=env, stall=stall, preexec_fn=preexec_fn)
+    return run_command(python_command(module, *args, before_exec=before_exec), cwd=cwd, env=env, stall=stall)
 
 
-def run_command(command: list[str], cwd: Path, env: dict | None = None, stall: float = 120.0,
-                preexec_fn=None) -> Done:
+def run_command(command: list[str], cwd: Path, env: dict | None = None, stall: float = 120.0) -> Done:
     """`run_cli` for any command line."""
     process = subprocess.Popen(command, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
-                               preexec_fn=preexec_fn)
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
     output: dict[str, str] = {}
     readers = [threading.Thread(target=lambda n=name, s=stream: output.__setitem__(n, s.read()), daemon=True)
                for name, stream in (("stdout", process.stdout), ("stderr", process.stderr))]
@@ -180,11 +189,12 @@ def run_command(command: list[str], cwd: Path, env: dict | None = None, stall: f
     return Done(command, process.returncode, output["stdout"], output["stderr"])
 
 
-def start_cli(*args: str, cwd: Path, module: str = "fedmnist.train", **popen) -> subprocess.Popen:
+def start_cli(*args: str, cwd: Path, module: str = "fedmnist.train", before_exec: str | None = None,
+              **popen) -> subprocess.Popen:
     """`python -m MODULE ARGS` started in the background, output piped as text."""
     popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True,
              "stdin": subprocess.DEVNULL} | popen
-    return subprocess.Popen(python_command(module, *args), cwd=cwd, **popen)
+    return subprocess.Popen(python_command(module, *args, before_exec=before_exec), cwd=cwd, **popen)
 
 
 @contextlib.contextmanager

@@ -1,8 +1,6 @@
 """Every mistake a user can type gets one line on stderr, the right exit code, and loses nothing."""
 
 import hashlib
-import resource
-import signal
 from pathlib import Path
 
 import pytest
@@ -100,16 +98,15 @@ def test_divergence_is_named_and_exit_1(workspace):
     assert "Traceback" not in done.stderr
 
 
-def _small_file_limit():
-    # Writes beyond 16 KiB fail with EFBIG (instead of a SIGXFSZ kill), as a full disk fails a save.
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, 16 * 1024))
+# Writes beyond 16 KiB fail with EFBIG (instead of a SIGXFSZ kill), as a full disk fails a save.
+SMALL_FILE_LIMIT = ("import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+                    "resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, 16 * 1024))")
 
 
 def full_disk_cli(directory: Path):
     workspace = make_workspace(directory)
     return workspace, run_cli("--dataset", "digits", "--rounds", "2", "--run-dir", "full", "--quiet", cwd=workspace,
-                              preexec_fn=_small_file_limit, env=_env())
+                              before_exec=SMALL_FILE_LIMIT, env=_env())
 
 
 BACKGROUND = {"full_disk_run": Background(full_disk_cli)}

@@ -97,7 +97,8 @@ def test_without_a_compiler_a_runs_workers_do_not_start_and_say_why_in_one_line(
 
 
 def test_a_worker_that_aborts_while_starting_is_started_once_more(monkeypatch, tmp_path):
-    # As worker_binary's gRPC rarely does: SIGABRT before it serves. The second start serves.
+    # A start that ends by SIGABRT before it serves (docs/measurements.md, "Worker start aborts"): the
+    # second start serves.
     aborted = tmp_path / "aborted"
     binary = tmp_path / "worker_binary"
     binary.write_text(f"#!/bin/sh\nif [ ! -e '{aborted}' ]; then touch '{aborted}'; kill -ABRT $$; fi\n"

@@ -1,5 +1,5 @@
-"""Evaluations (fedmnist.evaluation): federated evaluation built when first needed, in a thread overlapped
-with the rounds, never before round 1, and the centralized evaluation's Keras model kept valid around it."""
+"""Evaluations (fedmnist.evaluation): federated evaluation built when first needed, in the round that first
+runs it and never before round 1, and the centralized evaluation's Keras model kept valid around it."""
 
 from __future__ import annotations
 
@@ -13,24 +13,12 @@ class FakeFederated:
 
     def __init__(self):
         self.calls: list[str] = []
-        self.building = self.built = False
+        self.built = False
         self.data = {"train": ["a"], "test": ["b"]}
-
-    def start_building(self):
-        if not (self.building or self.built):
-            self.calls.append("start")
-            self.building = True
-
-    def settle(self):
-        self.calls.append("settle")
-        finished, self.building = self.building, False
-        self.built = self.built or finished
-        return finished
 
     def ready(self):
         self.calls.append("ready")
-        built_now = self.settle() or not self.built
-        self.built = True
+        built_now, self.built = not self.built, True
         return built_now
 
     def __call__(self, weights, data):
@@ -51,76 +39,58 @@ class FakeCentralized:
 
 
 @pytest.mark.unit
-def test_federated_evaluation_is_built_in_the_background_during_the_round_before_it_is_due():
+def test_federated_evaluation_is_built_in_the_first_round_that_runs_it_and_not_before():
+    # Not in a background thread during the round before: see FederatedEvaluator (AutoGraph in two threads).
     from fedmnist.evaluation import Evaluations
 
     federated = FakeFederated()
     evaluations = Evaluations(federated, every=0, last_round=5)
-    for round_num in (1, 2, 3):
+    for round_num in (1, 2, 3, 4):
         assert evaluations(round_num, None) is None and federated.calls == []
-    assert evaluations(4, None) is None and federated.calls == ["start"]
     assert evaluations(5, None) == {"train": {"loss": 1.0}, "test": {"loss": 1.0}}
-    assert federated.calls == ["start", "ready", "settle", "evaluate a", "evaluate b"]
+    assert federated.calls == ["ready", "evaluate a", "evaluate b"]
     federated = FakeFederated()
     evaluations = Evaluations(federated, every=3, last_round=7)
     evaluations(1, None)
     evaluations(2, None)
-    assert federated.calls == ["start"]      # due in round 3
-
-
-@pytest.mark.unit
-def test_federated_evaluation_due_in_the_first_round_is_built_there():
-    from fedmnist.evaluation import Evaluations
-
+    assert federated.calls == []
+    evaluations(3, None)
+    assert federated.calls[0] == "ready"
     for every, last_round in ((1, 5), (0, 1)):
         federated = FakeFederated()
         assert set(Evaluations(federated, every=every, last_round=last_round)(1, None)) == {"train", "test"}
-        assert federated.calls[:2] == ["ready", "settle"] and "start" not in federated.calls
+        assert federated.calls[0] == "ready"
 
 
 @pytest.mark.unit
-def test_no_eager_keras_model_is_used_while_the_federated_evaluation_is_built():
-    # Building it builds Keras models in graphs, which invalidates eager ones: the centralized evaluation
-    # waits for a build in progress and then builds its Keras model again.
+def test_the_centralized_keras_model_is_built_again_after_the_federated_evaluation_is_built():
+    # Building it builds Keras models in graphs, which invalidates eager ones.
     from fedmnist.evaluation import Evaluations
 
     federated, centralized = FakeFederated(), FakeCentralized()
-    evaluations = Evaluations(federated, every=0, last_round=4, centralized=centralized, centralized_every=1)
-    for round_num in (1, 2, 3):
-        assert evaluations(round_num, None) == {"centralized": {"loss": 2.0}}
-    assert centralized.calls == ["evaluate"] * 3 and federated.building
-    federated.building, federated.built = True, False    # still building when round 4 evaluates
-    assert set(evaluations(4, None)) == {"train", "test", "centralized"}
-    assert centralized.calls[3:] == ["forget", "evaluate"] and federated.built and not federated.building
-
-    # A build that the centralized evaluation waits for, before the federated one is due.
-    federated, centralized = FakeFederated(), FakeCentralized()
-    evaluations = Evaluations(federated, every=0, last_round=4, centralized=centralized, centralized_every=1)
-    federated.start_building()
-    evaluations(1, None)
-    assert centralized.calls == ["forget", "evaluate"] and not federated.building
-    evaluations(2, None)
-    assert centralized.calls[2:] == ["evaluate"]     # nothing built since: the model is kept
+    evaluations = Evaluations(federated, every=2, last_round=4, centralized=centralized, centralized_every=1)
+    assert evaluations(1, None) == {"centralized": {"loss": 2.0}}
+    assert set(evaluations(2, None)) == {"train", "test", "centralized"}
+    assert centralized.calls == ["evaluate", "forget", "evaluate"]
+    evaluations(3, None)
+    evaluations(4, None)
+    assert centralized.calls[3:] == ["evaluate", "evaluate"]     # nothing built since: the model is kept
 
 
-@pytest.mark.unit
-def test_a_federated_evaluator_builds_in_the_background_once():
+def test_a_federated_evaluator_builds_once_when_first_ready():
     from fedmnist.evaluation import FederatedEvaluator
     from fedmnist.model import build_model_fn
 
     made = []
     evaluator = FederatedEvaluator(build_model_fn(), data=lambda: made.append(1) or {"train": []})
-    assert evaluator.process is None and not evaluator.building
-    evaluator.start_building()
-    evaluator.start_building()
-    assert evaluator.building
-    assert evaluator.settle() is True and evaluator.settle() is False
-    assert made == [1] and evaluator.process is None      # initialized only where it is used (`ready`)
+    assert evaluator.process is None and made == []
+    assert evaluator.ready() is True and evaluator.ready() is False
+    assert made == [1] and evaluator.process is not None and evaluator.data == {"train": []}
 
 
 def run_with(run_dir, *overrides):
     """A 3-round run in this process; its metrics rows, and at each round whether the federated
-    evaluation was built or being built (0: once the experiment is built)."""
+    evaluation was built (0: once the experiment is built)."""
     from fedmnist import experiment, loop
 
     config = small_config("rounds=3", *overrides)
@@ -128,21 +98,21 @@ def run_with(run_dir, *overrides):
     run_dir.mkdir()
     with experiment.build(config, run_dir, echo=lambda line: None) as built:
         federated = built.evaluations.federated
-        seen[0] = federated.process is not None or federated.building
+        seen[0] = federated.process is not None
 
         def round_done(record):
-            seen[record.round] = federated.process is not None or federated.building
+            seen[record.round] = federated.process is not None
 
         loop.run(built, loop.Hooks(round_done=round_done))
     return metrics_rows(run_dir), seen
 
 
 def test_lazy_federated_evaluation_keeps_centralized_runs_and_their_numbers(tmp_path):
-    """`centralized_eval_every=1` with federated evaluation only after the last round (built in the background
-    while the centralized evaluation's Keras model is in use) and with it every round (built in round 1): the
-    same numbers; and no federated evaluation built before round 1."""
+    """`centralized_eval_every=1` with federated evaluation only after the last round (built then, after the
+    centralized evaluation's Keras model was in use) and with it every round (built in round 1): the same
+    numbers; and no federated evaluation built before the round that runs it."""
     lazy, seen = run_with(tmp_path / "lazy", "centralized_eval_every=1", "eval_every=0")
-    assert seen == {0: False, 1: False, 2: True, 3: True}
+    assert seen == {0: False, 1: False, 2: False, 3: True}
     every, seen_every = run_with(tmp_path / "every", "centralized_eval_every=1", "eval_every=1")
     assert seen_every[0] is False and seen_every[1] is True
     assert [sorted(r["eval"]) for r in lazy] == [["centralized"]] * 2 + [["centralized", "test", "train"]]

@@ -412,7 +412,7 @@ def train_with_tensorboard(directory: Path) -> Path:
     process = start_cli("--dataset", "synthetic", "--rounds", "2", "--set", "data.num_clients=4",
                         "--clients-per-round", "2", "--run-dir", str(run_dir), "--quiet", "--tensorboard",
                         cwd=directory, stderr=subprocess.STDOUT,
-                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                        before_exec="import signal; signal.signal(signal.SIGINT, signal.SIG_DFL)")
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
     seen: list[str] = []

@@ -177,7 +177,7 @@ def test_ctrl_c_in_a_terminal_reaches_the_whole_group_and_prints_only_the_interr
     run_dir = tmp_path / "run"
     code, err = signalled_after_round_1(run_dir, lambda process: os.killpg(process.pid, signal.SIGINT),
                                         start_new_session=True,  # the command leads a group, as in a terminal
-                                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                                        before_exec="import signal; signal.signal(signal.SIGINT, signal.SIG_DFL)")
     assert code == 130, err
     assert err.strip().splitlines() == [
         "SIGINT: stopping after the current round (signal again to stop at once)", resume_line(run_dir)]

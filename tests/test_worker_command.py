@@ -17,8 +17,8 @@ import pytest
 
 from fedmnist.runtime import worker
 from tls_files import tls_files
-from helpers import (LOOPBACK_IPS, Background, assert_same_rounds, listening_ips, read_until, small_config, small_run,
-                     wait_for, wait_gone, wait_process)
+from helpers import (LOOPBACK_IPS, Background, assert_same_rounds, listening_ips, python_command, read_until,
+                     small_config, small_run, wait_for, wait_gone, wait_process)
 
 
 def start_worker_commands(*arguments: list[str]) -> list[SimpleNamespace]:
@@ -168,9 +168,9 @@ def test_sigterm_stops_the_worker_command_even_when_its_worker_ignores_sigint(tm
     # ignored: worker_binary inherits that, so the SIGINT that asks it to stop does nothing. The command
     # used to wait for it forever; now it kills it after 5 s.
     port = portpicker.pick_unused_port()
-    command = subprocess.Popen([sys.executable, "-m", "fedmnist.worker", "--port", str(port)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    command = subprocess.Popen(python_command("fedmnist.worker", "--port", str(port), before_exec=(
+                                   "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN)")),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert f"port {port}" in read_until(command)[0]
         [binary] = psutil.Process(command.pid).children()

@@ -22,7 +22,7 @@ from pathlib import Path
 import portpicker
 
 from fedmnist.outputs import run_directory
-from fedmnist.runtime.processes import die_with_parent
+from fedmnist.runtime.processes import dying_with_parent
 
 DEFAULT_PORT = 6006
 LEARNING_CURVES_PAGE = "#custom_scalars&_smoothingWeight=0"  # appended to the URL; 10 rounds are too few to smooth
@@ -64,10 +64,10 @@ class TensorBoardServer:
             os.symlink(logdir.resolve(), named, target_is_directory=True)
             logdir = named.parent
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", host,
-             "--port", str(self.port), "--reload_interval", str(reload_interval)],
+            dying_with_parent([sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", host,
+                               "--port", str(self.port), "--reload_interval", str(reload_interval)]),
             stdin=subprocess.DEVNULL, stdout=self._output, stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent, process_group=0)  # stopped by us, not by the terminal's Ctrl-C
+            process_group=0)  # stopped by us, not by the terminal's Ctrl-C
 
     @property
     def url(self) -> str:

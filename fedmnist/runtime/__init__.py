@@ -22,7 +22,7 @@ _EXPORTS = {
     "LocalWorker": "workers", "RuntimeStartError": "workers", "loopback_worker": "workers",
     "connect": "workers", "LOOPBACK": "workers", "private_directory": "workers",
     "TlsFiles": "tls", "TlsError": "tls",
-    "die_with_parent": "processes", "worker_children": "processes",
+    "dying_with_parent": "processes", "worker_children": "processes",
 }
 __all__ = sorted(_EXPORTS)
 

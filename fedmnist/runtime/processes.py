@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-_PR_SET_PDEATHSIG = 1
-# Resolved here, not in the child: between fork and exec the child must not load libraries (a lock
-# another thread of this process held at the fork would never be released there).
-_prctl = ctypes.CDLL(None).prctl
+# Run by a fresh interpreter that then becomes the command: it asks the kernel to SIGKILL it when its parent
+# dies (PR_SET_PDEATHSIG, kept across exec), makes sure that parent is still the one that started it, and
+# execs the command. No Python code runs in a fork of this process: with `preexec_fn`, subprocess forks,
+# gRPC's fork handlers run in the child, and one of them sometimes aborted it before exec (docs/measurements.md,
+# "Worker start aborts"); without `preexec_fn`, subprocess starts the launcher without fork handlers.
+_LAUNCHER = """\
+import ctypes, os, signal, sys
+ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+if os.getppid() != int(sys.argv[1]):
+    os.kill(os.getpid(), signal.SIGKILL)
+try:
+    os.execv(sys.argv[2], sys.argv[2:])
+except OSError as error:
+    sys.stderr.write(f"cannot run {sys.argv[2]}: {error.strerror}\\n")
+    os._exit(127)
+"""
 
 
-def die_with_parent() -> None:
-    """For `subprocess.Popen(preexec_fn=...)`: runs in the child between fork and exec and asks the
-    kernel to SIGKILL it when the parent dies, even by SIGKILL."""
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+def dying_with_parent(command: Sequence[str]) -> list[str]:
+    """`command` (its first element a path) for `subprocess.Popen`, started so that the kernel SIGKILLs it
+    when this process dies, even by SIGKILL. The command keeps the process id Popen reports."""
+    return [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(os.getpid()), *map(str, command)]
 
 
 def worker_children() -> list[int]:

@@ -35,7 +35,7 @@ import psutil
 
 from fedmnist.runtime import bind
 from fedmnist.runtime.channels import ChannelReadiness, open_channel
-from fedmnist.runtime.processes import die_with_parent
+from fedmnist.runtime.processes import dying_with_parent
 
 if TYPE_CHECKING:
     import tensorflow_federated as tff
@@ -124,8 +124,8 @@ class LocalWorker:
             os.unlink(self.socket_path)  # a previous start's socket: bind would fail on it
         # A process group of its own: a terminal's Ctrl-C goes to the whole foreground group, and the worker
         # must hear about a stop from us (which stops it), not from the terminal, mid-round.
-        process = subprocess.Popen(self._args, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
-                                   env=self._env, preexec_fn=die_with_parent, process_group=0)
+        process = subprocess.Popen(dying_with_parent(self._args), stdin=subprocess.DEVNULL, stdout=self._log,
+                                   stderr=self._log, env=self._env, process_group=0)
         if hasattr(self._log, "write"):
             where = f"socket {self.socket_path}" if self.socket_path else f"host {self.host}"
             self._log.write(f"fedmnist: worker_binary pid {process.pid} port {self.port} {where}\n".encode())
@@ -166,9 +166,9 @@ class LocalWorker:
         except RuntimeStartError:
             if self.process.returncode != -signal.SIGABRT:
                 raise
-            # The gRPC inside worker_binary rarely aborts while starting (a failed check in its epoll
-            # poller; how rarely: docs/measurements.md, "Worker start aborts"). A second start has
-            # always worked.
+            # Starts ended by SIGABRT were gRPC's fork handlers aborting the fork before exec, which the
+            # start no longer does (docs/measurements.md, "Worker start aborts"); a start that aborts
+            # anyway gets one more try.
             self.process = self._spawn()
             wait_until_ready(stub, self.address, self.process)
         self.check_listening()

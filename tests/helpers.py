@@ -35,6 +35,19 @@ WILDCARD_IPS = {"0.0.0.0", "::"}
 
 SESSION_OVER = threading.Event()  # set as the session ends: background work still waiting gives up
 
+# The environment as the session began (this module is imported at collection, after conftest's
+# pytest_configure): background work starts its processes with it (`child_env`).
+SESSION_ENV = dict(os.environ)
+_WORK = threading.local()  # `_WORK.running`: this thread is running background work now
+
+
+def child_env(extra: dict | None = None) -> dict[str, str]:
+    """The environment for a process a test starts, with `extra`: this process's; in background work, the
+    session's as it began, so that a variable another test monkeypatched meanwhile (a missing C compiler,
+    another cache directory) never reaches a process of background work, which may run at any time."""
+    base = SESSION_ENV if getattr(_WORK, "running", False) else os.environ
+    return {**base, **(extra or {})}
+
 
 class Cancelled(Exception):
     """Background work stopped because the session ended."""
@@ -170,7 +183,7 @@ def run_cli(*args: str, cwd: Path, module: str = "fedmnist.train", env: dict | N
 def run_command(command: list[str], cwd: Path, env: dict | None = None, stall: float = 120.0) -> Done:
     """`run_cli` for any command line."""
     process = subprocess.Popen(command, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+                               stderr=subprocess.PIPE, text=True, env=child_env(env))
     output: dict[str, str] = {}
     readers = [threading.Thread(target=lambda n=name, s=stream: output.__setitem__(n, s.read()), daemon=True)
                for name, stream in (("stdout", process.stdout), ("stderr", process.stderr))]
@@ -193,7 +206,7 @@ def start_cli(*args: str, cwd: Path, module: str = "fedmnist.train", before_exec
               **popen) -> subprocess.Popen:
     """`python -m MODULE ARGS` started in the background, output piped as text."""
     popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True,
-             "stdin": subprocess.DEVNULL} | popen
+             "stdin": subprocess.DEVNULL, "env": child_env()} | popen
     return subprocess.Popen(python_command(module, *args, before_exec=before_exec), cwd=cwd, **popen)
 
 
@@ -492,11 +505,13 @@ class Background:
 
     def _run(self) -> None:
         start = time.perf_counter()
+        outer, _WORK.running = getattr(_WORK, "running", False), True
         try:
             self._value = self.function(self.directory)
         except BaseException as error:  # noqa: BLE001 - handed to the test that asks for the result
             self._error = error
         finally:
+            _WORK.running = outer
             spent = time.perf_counter() - start
             with Background._lock:
                 Background.seconds[self.owner] = Background.seconds.get(self.owner, 0.0) + spent

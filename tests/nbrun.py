@@ -54,7 +54,7 @@ def execute_notebook(path: str | Path, parameters: Mapping[str, object] | None =
     The kernel is shut down afterwards, and every TFF worker it started must be gone with it.
     `timeout` bounds one cell; it only guards against a hang (a loaded machine runs cells slowly).
     """
-    from helpers import children, wait_gone
+    from helpers import child_env, children, wait_gone
 
     notebook = nbformat.read(path, as_version=4)
     inject_parameters(notebook, parameters or {})
@@ -75,7 +75,7 @@ def execute_notebook(path: str | Path, parameters: Mapping[str, object] | None =
         try:
             # cleanup_kc: shut the kernel down afterwards, although this module made its manager
             # (nbclient would otherwise leave it running until the interpreter exits).
-            client.execute(cleanup_kc=True)
+            client.execute(cleanup_kc=True, env=child_env())  # notebooks run as background work
         finally:
             if kernel.has_kernel:  # it failed before nbclient took charge of the kernel
                 kernels.add(kernel.provisioner.process.pid)

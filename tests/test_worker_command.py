@@ -17,7 +17,7 @@ import pytest
 
 from fedmnist.runtime import worker
 from tls_files import tls_files
-from helpers import (LOOPBACK_IPS, Background, assert_same_rounds, listening_ips, python_command, read_until,
+from helpers import (LOOPBACK_IPS, Background, assert_same_rounds, child_env, listening_ips, python_command, read_until,
                      small_config, small_run, wait_for, wait_gone, wait_process)
 
 
@@ -30,7 +30,7 @@ def start_worker_commands(*arguments: list[str]) -> list[SimpleNamespace]:
         for extra in arguments:
             port = portpicker.pick_unused_port()
             command = subprocess.Popen([sys.executable, "-m", "fedmnist.worker", "--port", str(port), *extra],
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
             started.append(SimpleNamespace(port=port, command=command, binaries=[], stderr="", code=None))
         for one in started:
             one.serving = read_until(one.command)[0]

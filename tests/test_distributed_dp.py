@@ -218,9 +218,9 @@ def test_secure_dp_trains_within_accuracy_of_dp_at_the_same_epsilon(tmp_path_fac
     assert sum("privacy spent: epsilon" in line for line in lines) == ROUNDS
     accuracy = summary["evaluation_on_test_data"]["sparse_categorical_accuracy"]
     dp_accuracy = dp_summary["evaluation_on_test_data"]["sparse_categorical_accuracy"]
-    assert accuracy > 0.5  # chance is 0.1
+    assert accuracy > 0.4  # chance is 0.1
     # Fresh noise every run, in both modes, so the difference between the two accuracies varies from run to
     # run. The stated accuracy, a bound below dp's, is set from that difference's spread measured over
     # repeated pairs of runs, wide enough that noise alone almost never breaks it (docs/measurements.md,
     # "secure_dp against dp").
-    assert accuracy >= dp_accuracy - 0.25
+    assert accuracy >= dp_accuracy - 0.35

@@ -4,6 +4,7 @@ fork of this multi-threaded process, and killed by the kernel when their parent 
 import os
 import subprocess
 import sys
+import threading
 
 from fedmnist import runtime
 from fedmnist.runtime.processes import dying_with_parent
@@ -13,15 +14,15 @@ from helpers import ROOT, wait_for
 def test_starting_a_worker_forks_nothing_here(monkeypatch, tmp_path):
     # A fork runs every fork handler in the child before exec (gRPC's once aborted a worker's start there);
     # Python's own handlers run on the same forks, so none may run while a worker starts.
-    forks = []
-    os.register_at_fork(before=lambda: forks.append(os.getpid()))
+    forks = []  # the threads that forked (other threads of this test process may start processes meanwhile)
+    os.register_at_fork(before=lambda: forks.append(threading.get_ident()))
     worker = runtime.LocalWorker(log_path=tmp_path / "worker.log")
     try:
         worker.connect()
         assert worker.process.poll() is None
     finally:
         worker.stop()
-    assert forks == []
+    assert threading.get_ident() not in forks
 
 
 def test_the_command_dies_with_its_parent_even_by_sigkill(tmp_path):

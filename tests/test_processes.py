@@ -61,3 +61,15 @@ def _alive(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_background_work_starts_its_processes_with_the_sessions_environment(monkeypatch, tmp_path_factory, tmp_path):
+    # Background work runs while other tests run, some with monkeypatched variables (test_bind's missing
+    # compiler once reached another module's background CLI): its processes get the session's environment.
+    from helpers import Background, run_command
+
+    monkeypatch.setenv("FEDMNIST_TEST_VARIABLE", "this test's")
+    show = [sys.executable, "-c", "import os; print(os.environ.get('FEDMNIST_TEST_VARIABLE'))"]
+    work = Background(lambda directory: run_command(show, cwd=directory), "show_environment")
+    assert work.result(tmp_path_factory).stdout == "None\n"
+    assert run_command(show, cwd=tmp_path).stdout == "this test's\n"  # this test's own processes get its own

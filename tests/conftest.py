@@ -66,10 +66,12 @@ def package_runtime():
         runtime.install().close()  # the one installed now, if a test closed the first and installed another
 
 
-def pytest_xdist_auto_num_workers(config) -> int:
+def pytest_xdist_auto_num_workers(config) -> int | None:
     """`-n logical` (pyproject's addopts): one shard more than the cores this process may use. A shard's
     process often waits (on a CLI, a kernel, a worker, a signal's effect) with its core idle, and the
-    extra shard fills that time (docs/testing.md, "Shards")."""
+    extra shard fills that time (docs/testing.md, "Shards"). PYTEST_XDIST_AUTO_NUM_WORKERS still overrides it."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # xdist's own hook reads it
     return len(os.sched_getaffinity(0)) + 1
 
 

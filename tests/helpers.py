@@ -166,7 +166,10 @@ def exec_after(code: str, command: list[str]) -> list[str]:
     resource limit) and then execs it, keeping its process id. What `preexec_fn` would do, without running
     Python in a fork of this process: a fork runs gRPC's fork handlers in the child, and one of them
     sometimes aborted it (docs/measurements.md, "Worker start aborts")."""
-    return [sys.executable, "-I", "-S", "-c", f"import os, sys\n{code}\nos.execv(sys.argv[1], sys.argv[1:])",
+    # SIGPIPE and SIGXFSZ back to their defaults first, as subprocess gives its commands (Python ignores them).
+    reset = ("import signal; signal.signal(signal.SIGPIPE, signal.SIG_DFL); "
+             "signal.signal(signal.SIGXFSZ, signal.SIG_DFL)")
+    return [sys.executable, "-I", "-S", "-c", f"import os, sys\n{reset}\n{code}\nos.execv(sys.argv[1], sys.argv[1:])",
             *map(str, command)]
 
 
@@ -444,8 +447,9 @@ class Background:
     """
 
     PARALLEL = 1
-    # Seconds each test module's work took (its `owner`), and how many of them the main thread spent
-    # running work while a test waited: `--measure-modules` (conftest) counts them to the owner, not the test.
+    # Seconds each test module's work took (its `owner`), and how many seconds the main thread spent running
+    # work or waiting for it while a test waited: `--measure-modules` (conftest) counts them to the work's
+    # owner, not to the test.
     seconds: dict[str, float] = {}
     main_thread_seconds = 0.0
     _queue: list[Background] = []
@@ -486,7 +490,11 @@ class Background:
             # Running in the background still: do the next queued work here meanwhile, rather than idle.
             other = Background._next()
             if other is None:
+                waited = time.perf_counter()
                 self._done.wait()
+                if threading.current_thread() is threading.main_thread():  # counted to the work already
+                    with Background._lock:
+                        Background.main_thread_seconds += time.perf_counter() - waited
             else:
                 other._run()
         self._taken = True

@@ -77,7 +77,7 @@ def test_the_centralized_keras_model_is_built_again_after_the_federated_evaluati
     assert centralized.calls[3:] == ["evaluate", "evaluate"]     # nothing built since: the model is kept
 
 
-def test_a_federated_evaluator_builds_once_when_first_ready():
+def test_a_federated_evaluator_builds_once_when_first_ready(tff_runtime):
     from fedmnist.evaluation import FederatedEvaluator
     from fedmnist.model import build_model_fn
 

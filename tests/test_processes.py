@@ -11,7 +11,7 @@ from fedmnist.runtime.processes import dying_with_parent
 from helpers import ROOT, wait_for
 
 
-def test_starting_a_worker_forks_nothing_here(monkeypatch, tmp_path):
+def test_starting_a_worker_forks_nothing_here(tmp_path):
     # A fork runs every fork handler in the child before exec (gRPC's once aborted a worker's start there);
     # Python's own handlers run on the same forks, so none may run while a worker starts.
     forks = []  # the threads that forked (other threads of this test process may start processes meanwhile)
@@ -39,6 +39,14 @@ def test_the_command_dies_with_its_parent_even_by_sigkill(tmp_path):
     parent.kill()
     parent.wait()
     wait_for(lambda: not _alive(child), "the child outlived its parent's SIGKILL")
+
+
+def test_the_command_gets_the_signal_dispositions_a_plain_start_gives():
+    # The launcher is Python, which ignores SIGPIPE and SIGXFSZ; an exec keeps ignored signals ignored.
+    def ignored(command: list[str]) -> str:
+        return subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    status = ["/bin/grep", "^SigIgn", "/proc/self/status"]
+    assert ignored(dying_with_parent(status)) == ignored(status)
 
 
 def test_a_command_that_cannot_run_exits_127_with_one_line(tmp_path):

@@ -104,8 +104,8 @@ def _cores_line(c: dict) -> str:
 def _memory_growth(path: str, f: dict) -> str | None:
     """The tree's RSS around round 20 against the last rounds but two (the `scale` workload), or None.
 
-    The last two build and run the federated evaluation (built in the round before it is needed,
-    fedmnist/evaluation.py): a one-off allocation of tens of MB, not growth."""
+    The last round builds and runs the federated evaluation (fedmnist/evaluation.py): a one-off allocation
+    of tens of MB, not growth; the round before it is left out too."""
     rss = f.get("rss_gb_by_round", {})
     if 20 not in rss or max(rss) < 27:
         return None

@@ -11,7 +11,7 @@ reads TensorFlow's libraries from disk): `repeats` times, in this order,
 Phases, medians over the repeats: `start` (to the run directory line), `imports` (TensorFlow, TFF and the
 package), `data`, `build` (the experiment: process, workers, outputs), `first round` (the initial state,
 round 1 and its outputs), `rounds` (the later rounds, their evaluations left out), `evaluation` (every
-evaluation of the run, federated evaluation's building included when it is waited for), `outputs` (the end
+evaluation of the run, the federated evaluation's build included), `outputs` (the end
 of the run: final model, summary, curves), `stop` (workers stopped) and `exit`. The ratio package/bare is
 the median of the pairs' ratios, each pair measured side by side.
 """

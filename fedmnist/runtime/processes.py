@@ -14,6 +14,8 @@ from pathlib import Path
 # "Worker start aborts"); without `preexec_fn`, subprocess starts the launcher without fork handlers.
 _LAUNCHER = """\
 import ctypes, os, signal, sys
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # Python ignores them; subprocess gives its commands the defaults
+signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
 ctypes.CDLL(None).prctl(1, signal.SIGKILL)
 if os.getppid() != int(sys.argv[1]):
     os.kill(os.getpid(), signal.SIGKILL)

@@ -162,15 +162,13 @@ def python_command(module: str, *args: str, before_exec: str | None = None) -> l
 
 
 def exec_after(code: str, command: list[str]) -> list[str]:
-    """`command`, run by a fresh interpreter that first runs `code` (Python: a signal's disposition, a
-    resource limit) and then execs it, keeping its process id. What `preexec_fn` would do, without running
-    Python in a fork of this process: a fork runs gRPC's fork handlers in the child, and one of them
-    sometimes aborted it (docs/measurements.md, "Worker start aborts")."""
-    # SIGPIPE and SIGXFSZ back to their defaults first, as subprocess gives its commands (Python ignores them).
-    reset = ("import signal; signal.signal(signal.SIGPIPE, signal.SIG_DFL); "
-             "signal.signal(signal.SIGXFSZ, signal.SIG_DFL)")
-    return [sys.executable, "-I", "-S", "-c", f"import os, sys\n{reset}\n{code}\nos.execv(sys.argv[1], sys.argv[1:])",
-            *map(str, command)]
+    """`command`, run by a fresh interpreter that first runs `code` (a signal's disposition, a resource limit)
+    and then execs it, keeping its process id: the package's `processes.exec_after`, which does what
+    `preexec_fn` would without running Python in a fork of this process (whose gRPC fork handlers sometimes
+    aborted the fork: docs/measurements.md, "Worker start aborts")."""
+    from fedmnist.runtime.processes import exec_after as launched
+
+    return launched(code, command)
 
 
 def run_cli(*args: str, cwd: Path, module: str = "fedmnist.train", env: dict | None = None,

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import typing
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -182,6 +183,20 @@ class PreparedClients:
     def __call__(self, client_ids: Sequence[str], round_num: int = 1) -> list[tf.data.Dataset]:
         return [self.dataset(c, round_num) for c in client_ids]
 
+    def groups(self, client_ids: Sequence[str], max_bytes: int, round_num: int = 1) -> Iterator[list[tf.data.Dataset]]:
+        """The clients' inputs in groups of at most `max_bytes` of prepared examples (one client at least), so
+        that work on many clients can hold one group at a time."""
+        group, group_bytes = [], 0
+        for client_id in client_ids:
+            nbytes = self._client(client_id).nbytes
+            if group and group_bytes + nbytes > max_bytes:
+                yield group
+                group, group_bytes = [], 0
+            group.append(self.dataset(client_id, round_num))
+            group_bytes += nbytes
+        if group:
+            yield group
+
     @property
     def cached_bytes(self) -> int:
         return self._bytes
@@ -340,3 +355,65 @@ def build_prepared_fed_avg(model_fn: Callable[[], tff.learning.models.VariableMo
         build_prepared_client_work(model_fn, client_optimizer, batch_size, weighted, proximal_strength),
         aggregator,
         tff.learning.templates.build_apply_optimizer_finalizer(server_optimizer, weights_type))
+
+
+# --- Step 4, fast: federated evaluation on prepared tensors ------------------------------------------------
+
+def evaluate_on_prepared(model: tff.learning.models.VariableModel, weights, prepared: OrderedDict,
+                         batch_size: int) -> OrderedDict:
+    """One client's unfinalized metrics for `weights`, as TFF's `build_fed_eval` computes them: a forward pass
+    (not training) over each batch `order[i:i + batch_size]` (the whole client when `batch_size` is 0).
+    TensorFlow's own loop, traced without AutoGraph, like `train_on_prepared`."""
+    model_weights = tff.learning.models.ModelWeights.from_model(model)
+    tf.nest.map_structure(lambda v, t: v.assign(t), model_weights, weights)
+    order = prepared["order"]
+    step = tf.constant(batch_size) if batch_size else tf.maximum(tf.reduce_max(order) + 1, 1)
+
+    def forward(start):
+        indices = order[start:start + step]
+        batch = OrderedDict(x=tf.gather(prepared["x"], indices), y=tf.gather(prepared["y"], indices))
+        untraced(model.forward_pass)(batch, training=False)
+        return (start + step,)
+
+    tf.while_loop(lambda start: start < tf.size(order), forward, (tf.constant(0),))
+    return untraced(model.report_local_unfinalized_metrics)()
+
+
+class PreparedEvaluation(typing.NamedTuple):
+    """`evaluate(weights, client_inputs)`: the clients' unfinalized metrics, summed (TFF's `federated_sum`);
+    `finalize(sums)`: the model's metric finalizers applied to them. Together they are TFF's
+    `sum_then_finalize` aggregation, split so that sums over several calls (groups of clients) add up."""
+    evaluate: tff.Computation
+    finalize: tff.Computation
+
+
+def build_prepared_fed_eval(model_fn: Callable[[], tff.learning.models.VariableModel],
+                            batch_size: int) -> PreparedEvaluation:
+    """`build_fed_eval`'s evaluation of global weights on the clients' data (broadcast, a forward pass per
+    batch on each client, metrics summed and finalized at the server), reading prepared tensors."""
+    with tf.Graph().as_default():
+        whimsy_model = model_fn()
+        finalizers = whimsy_model.metric_finalizers()
+    weights_type = tff.learning.models.weights_type_from_model(whimsy_model)
+    data_type = tff.SequenceType(tff.types.tensorflow_to_type(PREPARED_SPEC))
+
+    @tff.tensorflow.computation(weights_type, data_type)
+    def client_eval(weights, prepared_sequence):
+        model = model_fn()
+        prepared = prepared_sequence.get_single_element()
+
+        @tf.function(autograph=False)
+        def evaluate():
+            return evaluate_on_prepared(model, weights, prepared, batch_size)
+
+        return evaluate()
+
+    @tff.federated_computation(tff.FederatedType(weights_type, tff.SERVER), tff.FederatedType(data_type, tff.CLIENTS))
+    def evaluate(weights, client_data):
+        return tff.federated_sum(tff.federated_map(client_eval, (tff.federated_broadcast(weights), client_data)))
+
+    @tff.tensorflow.computation(client_eval.type_signature.result)
+    def finalize(sums):
+        return OrderedDict((name, finalizer(sums[name])) for name, finalizer in finalizers.items())
+
+    return PreparedEvaluation(evaluate, finalize)

@@ -1,14 +1,17 @@
-"""Step 4 of the article: federated evaluation of a global model with `build_fed_eval`; and
-McMahan et al.'s measure, the server's centralized evaluation on a pooled test set."""
+"""Step 4 of the article: federated evaluation of a global model with `build_fed_eval` (and the same
+evaluation on prepared client tensors, `client_input: prepared`); and McMahan et al.'s measure, the
+server's centralized evaluation on a pooled test set."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from fedmnist.client_tensors import PreparedClients, PreparedEvaluation, build_prepared_fed_eval
 from fedmnist.model import to_keras
 from fedmnist.schedule import due
 from fedmnist.values import to_python
@@ -59,6 +62,47 @@ class FederatedEvaluator:
         state = self.process.set_model_weights(self._state, weights)
         output = self.process.next(state, list(federated_data))
         return to_python(output.metrics["client_work"]["eval"]["current_round_metrics"])
+
+
+@dataclasses.dataclass
+class PreparedSplit:
+    """The evaluation clients of one split, read as prepared tensors."""
+    clients: PreparedClients
+    client_ids: list[str]
+
+
+class PreparedFederatedEvaluator:
+    """The same federated evaluation as `FederatedEvaluator` (the same batches, forward passes and TFF metric
+    finalizers, metrics summed over the clients), on prepared client tensors: what `client_input: prepared`
+    runs. TFF's worker then gets each client's tensors, not a `tf.data` pipeline to rebuild per client and
+    call, and building it traces one forward pass instead of TFF's whole evaluation process
+    (docs/performance.md). Built when first needed, in the evaluating thread, like `FederatedEvaluator`
+    (whose notes on threads and on eager Keras models apply here as well). Clients are sent in groups of at
+    most `group_bytes` of examples, so memory stays bounded however many clients are evaluated.
+    """
+
+    def __init__(self, model_fn: Callable[[], tff.learning.models.VariableModel], batch_size: int,
+                 data: Callable[[], dict[str, PreparedSplit]] | None = None, group_bytes: int = 64 * 2**20):
+        self.model_fn, self.batch_size, self._make_data = model_fn, batch_size, data
+        self.group_bytes = group_bytes
+        self.process: PreparedEvaluation | None = None
+        self.data: dict[str, PreparedSplit] | None = None
+
+    def ready(self) -> bool:
+        """Builds the computations and the splits' clients, unless done already; True when it built now."""
+        if self.process is not None:
+            return False
+        self.process = build_prepared_fed_eval(self.model_fn, self.batch_size)
+        self.data = self._make_data() if self._make_data else None
+        return True
+
+    def __call__(self, weights: tff.learning.models.ModelWeights, split: PreparedSplit) -> dict:
+        self.ready()
+        sums = None
+        for group in split.clients.groups(split.client_ids, self.group_bytes):
+            group_sums = self.process.evaluate(weights, group)
+            sums = group_sums if sums is None else tf.nest.map_structure(np.add, sums, group_sums)
+        return to_python(self.process.finalize(sums))
 
 
 class CentralizedEvaluator:

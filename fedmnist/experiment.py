@@ -29,7 +29,8 @@ from fedmnist.data.preprocessing import Preprocessing, make_federated_data
 from fedmnist.data.sources import load_dataset, pooled_test_set
 from fedmnist.data.types import FederatedDataset
 from fedmnist.errors import ConfigError
-from fedmnist.evaluation import CentralizedEvaluator, Evaluations, FederatedEvaluator
+from fedmnist.evaluation import (CentralizedEvaluator, Evaluations, FederatedEvaluator, PreparedFederatedEvaluator,
+                                 PreparedSplit)
 from fedmnist.model import build_model_fn, check_model, create_model, initial_weights, to_keras
 from fedmnist.outputs import targets
 from fedmnist.outputs.checkpoint import Checkpoints
@@ -285,18 +286,29 @@ def evaluation_clients(count: int, client_ids: Sequence[str]) -> list[str]:
 
 def evaluations(config: Config, model_fn, dataset: FederatedDataset, eval_ids: list[str],
                 settings: Preprocessing) -> Evaluations:
-    """The run's evaluations. The federated one (process and client datasets) is built when first needed,
-    not here (`Evaluations`)."""
+    """The run's evaluations. The federated one (computations and client inputs) is built when first needed,
+    not here (`Evaluations`); it reads the clients' data as training does (`client_input`): the article's
+    pipelines, or prepared tensors visited in the same order."""
+    splits = (("train", dataset.train), ("test", dataset.test))
+
     def federated_data() -> dict[str, list[tf.data.Dataset]]:
         return {split: make_federated_data(client_data, eval_ids, epochs=settings.epochs,
                                            batch_size=settings.batch_size, shuffle_buffer=settings.shuffle_buffer,
                                            prefetch_buffer=settings.prefetch_buffer, seed=settings.shuffle_seed)
-                for split, client_data in (("train", dataset.train), ("test", dataset.test))}
+                for split, client_data in splits}
 
+    def prepared_data() -> dict[str, PreparedSplit]:
+        # One order per client, the article's evaluation datasets' (built with `shuffle_seed` every time).
+        fixed_order = dataclasses.replace(settings, per_round=False)
+        return {split: PreparedSplit(PreparedClients(client_data, fixed_order, num_classes=dataset.num_classes,
+                                                     origin=dataset.origin), eval_ids)
+                for split, client_data in splits}
+
+    federated = (PreparedFederatedEvaluator(model_fn, settings.batch_size, prepared_data)
+                 if config.client_input == "prepared" else FederatedEvaluator(model_fn, federated_data))
     centralized = (None if config.centralized_eval_every is None
                    else CentralizedEvaluator(config.model, dataset.num_classes, *pooled_test_set(dataset)))
-    return Evaluations(FederatedEvaluator(model_fn, federated_data), config.eval_every, config.rounds, centralized,
-                       config.centralized_eval_every)
+    return Evaluations(federated, config.eval_every, config.rounds, centralized, config.centralized_eval_every)
 
 
 def personalizer(config: Config, model_fn, dataset: FederatedDataset, eval_ids: list[str],

@@ -166,7 +166,7 @@ def test_clients_read_in_one_batch_or_in_batches_give_the_same_examples():
 
 
 @pytest.mark.unit
-def test_the_client_work_is_traced_without_autograph():
+def test_the_client_work_and_the_prepared_evaluation_are_traced_without_autograph():
     # Its loop is TensorFlow's own control flow; AutoGraph rewrote it (and, through it, what it calls) at every
     # build, for the same graph (docs/performance.md, "Start-up").
     import tensorflow_federated as tff
@@ -187,6 +187,7 @@ def test_the_client_work_is_traced_without_autograph():
         for proximal_strength in (0.0, 0.1):
             client_tensors.build_prepared_client_work(build_model_fn(), tff.learning.optimizers.build_sgdm(0.02),
                                                       batch_size=20, proximal_strength=proximal_strength)
+        client_tensors.build_prepared_fed_eval(build_model_fn(), batch_size=20)
     finally:
         autograph_api.PyToTF.transform = transform
     # TFF's own functions (its optimizer, model and metrics code) still are: the recording sees AutoGraph.

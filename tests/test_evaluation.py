@@ -122,3 +122,55 @@ def test_lazy_federated_evaluation_keeps_centralized_runs_and_their_numbers(tmp_
         assert a["eval"]["centralized"] == pytest.approx(b["eval"]["centralized"], abs=1e-6)
     for split in ("train", "test", "centralized"):
         assert lazy[-1]["eval"][split] == pytest.approx(every[-1]["eval"][split], abs=1e-6)
+
+
+@pytest.mark.parametrize("batch_size", [7, 0])
+def test_prepared_federated_evaluation_equals_tffs_build_fed_eval(tff_runtime, batch_size):
+    """The prepared evaluation (`client_input: prepared`) gives `build_fed_eval`'s metrics on the article's
+    one-epoch pipelines for the same weights: clients of several sizes (padded to size classes) and one without
+    examples, sent in one group or one client per group."""
+    import numpy as np
+    import tensorflow as tf
+
+    from fedmnist import data
+    from fedmnist.client_tensors import PreparedClients
+    from fedmnist.data.preprocessing import Preprocessing
+    from fedmnist.evaluation import FederatedEvaluator, PreparedFederatedEvaluator, PreparedSplit
+    from fedmnist.model import build_model_fn, initial_weights
+
+    rng = np.random.default_rng(3)
+    clients = {f"c{n}": (rng.uniform(size=(n, 28, 28)).astype(np.float32), rng.integers(0, 10, n)) for n in (0, 5, 23, 40)}
+    client_data = data.client_data_from_arrays(clients)
+    ids = list(clients)
+    settings = Preprocessing(epochs=1, batch_size=batch_size, shuffle_buffer=10, prefetch_buffer=2, shuffle_seed=4,
+                             per_round=False)
+    weights = initial_weights("linear", 10, seed=5)
+    tf.keras.utils.set_random_seed(1)
+    article = FederatedEvaluator(build_model_fn())(weights, [settings.pipeline(client_data.create_tf_dataset_for_client(c))
+                                                             for c in ids])
+    assert article["num_examples"] == 68 and article["num_batches"] == sum(
+        -(-n // (batch_size or n)) for n in (5, 23, 40))
+    for group_bytes in (2**30, 1):
+        prepared = PreparedFederatedEvaluator(build_model_fn(), batch_size, data=None, group_bytes=group_bytes)
+        tf.keras.utils.set_random_seed(1)
+        result = prepared(weights, PreparedSplit(PreparedClients(client_data, settings), ids))
+        assert set(result) == set(article)
+        for key, value in article.items():
+            assert result[key] == pytest.approx(value, rel=1e-6, abs=1e-7), (group_bytes, key)
+
+
+@pytest.mark.unit
+def test_prepared_client_groups_hold_at_most_the_byte_budget():
+    import numpy as np
+
+    from fedmnist import data
+    from fedmnist.client_tensors import PreparedClients
+    from fedmnist.data.preprocessing import Preprocessing
+
+    clients = {f"c{i}": (np.zeros((n, 28, 28), np.float32), np.zeros(n, np.int64)) for i, n in enumerate((4, 4, 8, 4))}
+    prepared = PreparedClients(data.client_data_from_arrays(clients), Preprocessing(epochs=1, per_round=False))
+    one = prepared._client("c0").nbytes
+    groups = list(prepared.groups(list(clients), max_bytes=2 * one))
+    assert [len(g) for g in groups] == [2, 1, 1]      # c2 is larger than two of the others: a group of its own
+    assert [len(g) for g in prepared.groups(list(clients), max_bytes=1)] == [1, 1, 1, 1]
+    assert [len(g) for g in prepared.groups(list(clients), max_bytes=2**30)] == [4]

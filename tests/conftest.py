@@ -42,6 +42,12 @@ def pytest_collection(session):
 
     with long_lived_imports():
         yield
+    if "tensorflow_federated" in sys.modules:
+        # Now, not only in `package_runtime`: a session that runs no test (`--collect-only`) runs no fixture,
+        # and TFF's own default context, frozen and left to interpreter shutdown, printed a traceback at exit.
+        from fedmnist import runtime
+
+        runtime.install()
 
 
 @pytest.fixture(scope="session", autouse=True)

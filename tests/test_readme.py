@@ -176,6 +176,7 @@ def test_the_unit_tier_command_selects_the_unit_tests():
     done = run_command([sys.executable, "-m", "pytest", "-m", "unit", "--collect-only", "-q",
                         "-p", "no:cacheprovider"], cwd=ROOT, stall=300)
     assert done.returncode == 0, done.stdout[-2000:]
+    assert "Traceback" not in done.stdout + done.stderr, (done.stdout + done.stderr)[-2000:]
     selected = [line for line in done.stdout.splitlines() if "::" in line]
     assert re.search(rf"{len(selected)}/\d+ tests collected \(\d+ deselected\)", done.stdout), done.stdout[-500:]
     assert "tests/test_readme.py::test_the_unit_tier_command_selects_the_unit_tests" not in selected

@@ -240,8 +240,11 @@ class OnDemandRuntime:
         self._context_stack.set_default_context(tff.framework.SyncExecutionContext(**_context_kwargs(factory)))
         # Collect TFF's replaced context now: left to interpreter shutdown, its finalizer fails noisily.
         gc.collect()
+        # atexit runs last in, first out: `close` first (it restores the context replaced here, TFF's own),
+        # then the release. In the other order `close` put TFF's own back after the release, and a process
+        # that never closed this runtime printed TFF's finalizer traceback at exit.
+        atexit.register(_release_default_context)
         atexit.register(self.close)
-        atexit.register(_release_default_context)  # runs after `close`: atexit is last in, first out
 
     def _stack_fn(self, cardinalities):
         if self.worker is None or self.worker.process.poll() is not None:

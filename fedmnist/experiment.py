@@ -72,7 +72,6 @@ class Experiment:
     resume: bool
     stack: contextlib.ExitStack
     created: float = dataclasses.field(default_factory=time.perf_counter)
-    _learning_rates: dict[str, float] | None = dataclasses.field(default=None, repr=False)
 
     def __enter__(self) -> Experiment:
         return self
@@ -100,18 +99,12 @@ class Experiment:
         return model_weights(self.training.process, state)
 
     def learning_rates(self, state) -> dict[str, float]:
-        """The client and server learning rates held in the training state (TFF's hparams).
+        """The client and server learning rates held in the training state (TFF's hparams)."""
+        from fedmnist.values import to_python
 
-        Read from the first state asked about, then kept: nothing in a run sets them (no schedule calls
-        `set_hparams`), and reading them is a call to the worker, about a tenth of a tutorial round."""
-        if self._learning_rates is None:
-            from fedmnist.values import to_python
-
-            hparams = to_python(self.training.process.get_hparams(state))
-            parts = {"client": hparams.get("client_work", {}), "server": hparams.get("finalizer", {})}
-            self._learning_rates = {side: float(values["learning_rate"]) for side, values in parts.items()
-                                    if "learning_rate" in values}
-        return dict(self._learning_rates)
+        hparams = to_python(self.training.process.get_hparams(state))
+        parts = {"client": hparams.get("client_work", {}), "server": hparams.get("finalizer", {})}
+        return {side: float(values["learning_rate"]) for side, values in parts.items() if "learning_rate" in values}
 
     def save_for_stop(self, state, round_num: int) -> int:
         """Checkpoints the state after `round_num` (unless it is saved already); returns `round_num`."""

@@ -64,6 +64,10 @@ class FederatedEvaluator:
         return to_python(output.metrics["client_work"]["eval"]["current_round_metrics"])
 
 
+# The most bytes of client examples sent to the worker in one evaluation call, and cached per split.
+EVALUATION_GROUP_BYTES = 64 * 2**20
+
+
 @dataclasses.dataclass
 class PreparedSplit:
     """The evaluation clients of one split, read as prepared tensors."""
@@ -82,7 +86,8 @@ class PreparedFederatedEvaluator:
     """
 
     def __init__(self, model_fn: Callable[[], tff.learning.models.VariableModel], batch_size: int,
-                 data: Callable[[], dict[str, PreparedSplit]] | None = None, group_bytes: int = 64 * 2**20):
+                 data: Callable[[], dict[str, PreparedSplit]] | None = None,
+                 group_bytes: int = EVALUATION_GROUP_BYTES):
         self.model_fn, self.batch_size, self._make_data = model_fn, batch_size, data
         self.group_bytes = group_bytes
         self.process: PreparedEvaluation | None = None
@@ -101,6 +106,7 @@ class PreparedFederatedEvaluator:
         sums = None
         for group in split.clients.groups(split.client_ids, self.group_bytes):
             group_sums = self.process.evaluate(weights, group)
+            del group  # before the next group is made: one group in memory at a time
             sums = group_sums if sums is None else tf.nest.map_structure(np.add, sums, group_sums)
         return to_python(self.process.finalize(sums))
 
@@ -134,13 +140,14 @@ class CentralizedEvaluator:
 
 
 class Evaluations:
-    """The evaluations a round runs: federated evaluation on the clients' data (`federated.data`, split ->
-    datasets) every `every` rounds, and the server's centralized evaluation every `centralized_every` rounds
-    (each also after the last round; None = never). The federated evaluation is built in the first round
-    that runs it (`FederatedEvaluator`), and the centralized evaluation's Keras model is built again after it.
+    """The evaluations a round runs: federated evaluation on the clients' data (`federated.data`: split ->
+    datasets, or prepared clients) every `every` rounds, and the server's centralized evaluation every
+    `centralized_every` rounds (each also after the last round; None = never). The federated evaluation is
+    built in the first round that runs it (`FederatedEvaluator`, `PreparedFederatedEvaluator`), and the
+    centralized evaluation's Keras model is built again after it.
     """
 
-    def __init__(self, federated: FederatedEvaluator, every: int | None, last_round: int,
+    def __init__(self, federated: FederatedEvaluator | PreparedFederatedEvaluator, every: int | None, last_round: int,
                  centralized: CentralizedEvaluator | None = None, centralized_every: int | None = None):
         self.federated, self.every, self.last_round = federated, every, last_round
         self.centralized, self.centralized_every = centralized, centralized_every

@@ -29,8 +29,8 @@ from fedmnist.data.preprocessing import Preprocessing, make_federated_data
 from fedmnist.data.sources import load_dataset, pooled_test_set
 from fedmnist.data.types import FederatedDataset
 from fedmnist.errors import ConfigError
-from fedmnist.evaluation import (CentralizedEvaluator, Evaluations, FederatedEvaluator, PreparedFederatedEvaluator,
-                                 PreparedSplit)
+from fedmnist.evaluation import (EVALUATION_GROUP_BYTES, CentralizedEvaluator, Evaluations, FederatedEvaluator,
+                                 PreparedFederatedEvaluator, PreparedSplit)
 from fedmnist.model import build_model_fn, check_model, create_model, initial_weights, to_keras
 from fedmnist.outputs import targets
 from fedmnist.outputs.checkpoint import Checkpoints
@@ -217,7 +217,8 @@ def build(config: Config, run_dir: Path, echo: Callable[[str], None] = print, re
         workers = stack.enter_context(runtime.local_runtime(
             log_path=run_dir / "worker.log", num_workers=config.num_workers, addresses=config.workers,
             timeout=config.worker_timeout_seconds))
-        builder = process_builder(config, model_fn, algorithm, dataset.train, dataset.num_classes, dataset.origin)
+        builder = process_builder(config, model_fn, algorithm, dataset.train, dataset.num_classes,
+                                  f"{dataset.origin} (train split)")
         mode.keep_releases(ReleaseLedger(run_dir))
         training = mode.build(builder)
         for line in (algorithm.describe(), mode.header()):
@@ -300,8 +301,11 @@ def evaluations(config: Config, model_fn, dataset: FederatedDataset, eval_ids: l
     def prepared_data() -> dict[str, PreparedSplit]:
         # One order per client, the article's evaluation datasets' (built with `shuffle_seed` every time).
         fixed_order = dataclasses.replace(settings, per_round=False)
-        return {split: PreparedSplit(PreparedClients(client_data, fixed_order, num_classes=dataset.num_classes,
-                                                     origin=dataset.origin), eval_ids)
+        # A cache as large as one group: a split that fits is read once per run, a larger one group by group
+        # at each evaluation (an LRU cache smaller than a cyclic scan would only hold memory).
+        return {split: PreparedSplit(PreparedClients(client_data, fixed_order, max_bytes=EVALUATION_GROUP_BYTES,
+                                                     num_classes=dataset.num_classes,
+                                                     origin=f"{dataset.origin} ({split} split)"), eval_ids)
                 for split, client_data in splits}
 
     federated = (PreparedFederatedEvaluator(model_fn, settings.batch_size, prepared_data)

@@ -106,6 +106,22 @@ def test_prepared_rounds_equal_the_articles_path(prepared_run, tmp_path):
     article = small_run(small_config("client_input=datasets"), tmp_path)
     assert_same_rounds(prepared_run, article, tolerance=1e-6)
     assert prepared_run[-1]["train"]["loss"] < prepared_run[0]["train"]["loss"]
+    # The final federated evaluation (prepared tensors against `build_fed_eval` on the article's datasets):
+    # the same batches in the same order, so bit for bit; with SMALL's per-round shuffling, evaluation visits
+    # each client in the order of the article's evaluation datasets (`preprocess.shuffle_seed`), not a round's.
+    assert prepared_run[-1]["eval"] == article[-1]["eval"]
+
+
+@pytest.mark.unit
+def test_runs_on_prepared_tensors_evaluate_on_them():
+    from fedmnist import experiment
+    from fedmnist.evaluation import FederatedEvaluator, PreparedFederatedEvaluator
+
+    dataset = data.load_dataset(small_config().data, 3)
+    for client_input, kind in (("prepared", PreparedFederatedEvaluator), ("datasets", FederatedEvaluator)):
+        config = small_config(f"client_input={client_input}")
+        evaluations = experiment.evaluations(config, None, dataset, ["a"], preprocessing_settings(config.preprocess))
+        assert type(evaluations.federated) is kind
 
 
 @pytest.mark.unit

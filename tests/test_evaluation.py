@@ -127,36 +127,44 @@ def test_lazy_federated_evaluation_keeps_centralized_runs_and_their_numbers(tmp_
 @pytest.mark.parametrize("batch_size", [7, 0])
 def test_prepared_federated_evaluation_equals_tffs_build_fed_eval(tff_runtime, batch_size):
     """The prepared evaluation (`client_input: prepared`) gives `build_fed_eval`'s metrics on the article's
-    one-epoch pipelines for the same weights: clients of several sizes (padded to size classes) and one without
-    examples, sent in one group or one client per group."""
+    one-epoch pipelines for the same weights, bit for bit (the same batches in the same order): a Keras model
+    and the hand-written `VariableModel`, random weights, clients of several sizes (padded to size classes) and
+    one without examples, sent in one group, one client per group, or groups of several."""
     import numpy as np
     import tensorflow as tf
+    import tensorflow_federated as tff
 
-    from fedmnist import data
+    from fedmnist import custom_model, data
     from fedmnist.client_tensors import PreparedClients
     from fedmnist.data.preprocessing import Preprocessing
     from fedmnist.evaluation import FederatedEvaluator, PreparedFederatedEvaluator, PreparedSplit
-    from fedmnist.model import build_model_fn, initial_weights
+    from fedmnist.model import build_model_fn
 
     rng = np.random.default_rng(3)
-    clients = {f"c{n}": (rng.uniform(size=(n, 28, 28)).astype(np.float32), rng.integers(0, 10, n)) for n in (0, 5, 23, 40)}
+    sizes = (0, 5, 23, 40, 3, 17)
+    clients = {f"c{i}": (rng.uniform(size=(n, 28, 28)).astype(np.float32), rng.integers(0, 10, n))
+               for i, n in enumerate(sizes)}
     client_data = data.client_data_from_arrays(clients)
     ids = list(clients)
     settings = Preprocessing(epochs=1, batch_size=batch_size, shuffle_buffer=10, prefetch_buffer=2, shuffle_seed=4,
                              per_round=False)
-    weights = initial_weights("linear", 10, seed=5)
-    tf.keras.utils.set_random_seed(1)
-    article = FederatedEvaluator(build_model_fn())(weights, [settings.pipeline(client_data.create_tf_dataset_for_client(c))
-                                                             for c in ids])
-    assert article["num_examples"] == 68 and article["num_batches"] == sum(
-        -(-n // (batch_size or n)) for n in (5, 23, 40))
-    for group_bytes in (2**30, 1):
-        prepared = PreparedFederatedEvaluator(build_model_fn(), batch_size, data=None, group_bytes=group_bytes)
+    weights = tff.learning.models.ModelWeights(
+        trainable=[rng.normal(0, 0.05, (784, 10)).astype(np.float32), rng.normal(0, 0.1, 10).astype(np.float32)],
+        non_trainable=[])
+    for model_fn in (build_model_fn(), custom_model.MnistModel):
         tf.keras.utils.set_random_seed(1)
-        result = prepared(weights, PreparedSplit(PreparedClients(client_data, settings), ids))
-        assert set(result) == set(article)
-        for key, value in article.items():
-            assert result[key] == pytest.approx(value, rel=1e-6, abs=1e-7), (group_bytes, key)
+        article = FederatedEvaluator(model_fn)(
+            weights, [settings.pipeline(client_data.create_tf_dataset_for_client(c)) for c in ids])
+        assert article["num_examples"] == sum(sizes)
+        accuracy = article.get("sparse_categorical_accuracy", article.get("accuracy"))  # Keras's name, or the model's
+        assert 0.02 < accuracy < 0.5 and article["loss"] != pytest.approx(np.log(10))  # not the zero model's
+        if "num_batches" in article:
+            assert article["num_batches"] == sum(-(-n // (batch_size or n)) for n in sizes if n)
+        for group_bytes in (2**30, 1, 100_000):
+            tf.keras.utils.set_random_seed(1)
+            prepared = PreparedFederatedEvaluator(model_fn, batch_size, group_bytes=group_bytes)
+            result = prepared(weights, PreparedSplit(PreparedClients(client_data, settings), ids))
+            assert result == article, (model_fn, group_bytes)
 
 
 @pytest.mark.unit

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -212,20 +213,23 @@ def test_mnist_pixels_that_are_not_finite_are_refused_naming_the_file(tmp_path):
     assert "mnist.npz in the MNIST cache is unreadable: x_train holds pixel values that are not finite" in one_line(done.stderr)
 
 
-def test_an_emnist_client_with_a_label_outside_the_classes_is_one_line_naming_client_and_file(tmp_path):
+@pytest.mark.parametrize("bad_split", ["train", "test"])
+def test_an_emnist_client_with_a_label_outside_the_classes_is_one_line_naming_client_file_and_split(tmp_path,
+                                                                                                     bad_split):
     rng = np.random.default_rng(0)
 
     def client(label_high: int):
         return rng.uniform(0, 1, (6, 28, 28)).astype(np.float32), rng.integers(0, label_high, 6)
 
-    clients = {f"f{i:04d}_{i:02d}": client(10) for i in range(4)}
-    clients["f0002_02"] = (clients["f0002_02"][0], np.array([1, 2, 3, 40, 5, 6]))
-    write_emnist_sqlite(tmp_path / "emnist_all.sqlite", {"digits_only_train": clients, "digits_only_test": clients})
+    splits = {split: {f"f{i:04d}_{i:02d}": client(10) for i in range(4)} for split in ("train", "test")}
+    splits[bad_split]["f0002_02"] = (splits[bad_split]["f0002_02"][0], np.array([1, 2, 3, 40, 5, 6]))
+    write_emnist_sqlite(tmp_path / "emnist_all.sqlite",
+                        {f"digits_only_{split}": clients for split, clients in splits.items()})
     done = train_main("--dataset", "emnist", "--set", f"data.cache_dir={tmp_path}", "--clients-per-round", "4",
-                      "--run-dir", str(tmp_path / "run"), "--quiet")
+                      "--rounds", "1", "--run-dir", str(tmp_path / "run"), "--quiet")
     assert done.returncode == 1
-    assert one_line(done.stderr) == (f"error: client f0002_02 of {tmp_path / 'emnist_all.sqlite'}: labels outside "
-                                     f"0..9 (found 1..40)")
+    assert one_line(done.stderr) == (f"error: client f0002_02 of {tmp_path / 'emnist_all.sqlite'} ({bad_split} split): "
+                                     f"labels outside 0..9 (found 1..40)")
 
 
 # --- 5. Plans too large for the machine ------------------------------------------------------------
@@ -273,4 +277,5 @@ def test_an_emnist_example_that_is_not_a_tf_example_is_one_line_naming_client_an
     done = train_main("--dataset", "emnist", "--set", f"data.cache_dir={path.parent}", "--clients-per-round", "3",
                       "--run-dir", str(tmp_path / "run"), "--quiet")
     assert done.returncode == 1
-    assert one_line(done.stderr).startswith(f"error: client f0001_01 of {path}: its examples cannot be read (")
+    assert re.match(rf"error: client f0001_01 of {re.escape(str(path))} \((train|test) split\): its examples cannot "
+                    rf"be read \(", one_line(done.stderr)), done.stderr

@@ -34,8 +34,8 @@ EVALUATION_ON_TEST_DATA = Measurement(("eval", "test"), "evaluation on test data
 CENTRALIZED_EVALUATION = Measurement(("eval", "centralized"), "centralized evaluation", "centralized_evaluation")
 # Local training: the metrics TFF's `client_work/train` reports, computed by the clients while they train
 # in a round (the model changes as they go). Evaluation on training / test data: federated evaluation
-# (`build_fed_eval`) of the global model on the evaluation clients' training / test data. Centralized
-# evaluation: the server evaluates the global model on the pooled test set.
+# (`build_fed_eval`, or the same on prepared tensors) of the global model on the evaluation clients'
+# training / test data. Centralized evaluation: the server evaluates the global model on the pooled test set.
 MEASUREMENTS = (LOCAL_TRAINING, EVALUATION_ON_TRAINING_DATA, EVALUATION_ON_TEST_DATA, CENTRALIZED_EVALUATION)
 # TensorBoard: learning curves are `<metric>/<measurement key>` (`loss/local_training`,
 # `accuracy/evaluation_on_test_data`), so they come first in TensorBoard's alphabetical groups; everything

@@ -22,8 +22,8 @@ def load(name: str, *overrides: str) -> config_lib.Config:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_server_optimizer_improves_over_20_rounds(tmp_path, name):
-    # A checkpoint (TFF's SavedModel, about 0.09 CPU-s) and histograms only after the last round: this
-    # test reads the metrics, and saving every round cost a third of its runs.
+    # A checkpoint (TFF's SavedModel) and histograms only after the last round: this test reads the metrics,
+    # and saving every round was a large part of its runs' time (docs/testing.md).
     config = load(name, "rounds=20", "eval_clients=0", "checkpoint_every=20", "histogram_every=0")
     quiet_train(config, tmp_path)
     rows = MetricsLog(tmp_path).rows()

@@ -112,6 +112,40 @@ def prepare_examples(dataset: tf.data.Dataset, size_classes: bool = True) -> tup
     return x, y, num_examples
 
 
+def read_examples(client_data: tff.simulation.datasets.ClientData, client_id: str, size_classes: bool = True,
+                  num_classes: int | None = None, origin: str = "the client data") -> tuple[np.ndarray, np.ndarray, int]:
+    """`prepare_examples` for one client of `client_data`; with `num_classes`, its examples checked
+    (`check_examples`). What cannot be read or is out of range raises DataUnavailableError naming the client
+    and `origin` (its file), in one line."""
+    where = f"client {client_id} of {origin}"
+    try:
+        x, y, num_examples = prepare_examples(client_data.create_tf_dataset_for_client(client_id), size_classes)
+    except (tf.errors.OpError, UnicodeDecodeError, ValueError) as error:
+        reason = str(getattr(error, "message", error)).splitlines()[0][:200]
+        raise DataUnavailableError(f"{where}: its examples cannot be read ({reason})") from error
+    if num_classes is not None:
+        check_examples(x[:num_examples], y[:num_examples], num_classes, where)
+    return x, y, num_examples
+
+
+class ExaminedClients:
+    """Reads and checks each client's examples once, the first time it is asked about (`read_examples`), for the
+    article's datasets path (`client_input: datasets`): there TFF's worker is the first to read a client's
+    examples, and a bad label or an unreadable example fails the round with the worker's multi-line error,
+    which names neither the client nor the file. Prepared clients are checked as they are prepared."""
+
+    def __init__(self, client_data: tff.simulation.datasets.ClientData, num_classes: int,
+                 origin: str = "the client data"):
+        self.client_data, self.num_classes, self.origin = client_data, num_classes, origin
+        self._examined: set[str] = set()
+
+    def __call__(self, client_ids: Sequence[str]) -> None:
+        for client_id in client_ids:
+            if client_id not in self._examined:
+                read_examples(self.client_data, client_id, False, self.num_classes, self.origin)
+                self._examined.add(client_id)
+
+
 @dataclasses.dataclass
 class _PreparedClient:
     x: tf.Tensor
@@ -151,15 +185,8 @@ class PreparedClients:
         if client_id in self._cache:
             self._cache.move_to_end(client_id)
             return self._cache[client_id]
-        where = f"client {client_id} of {self.origin}"
-        try:
-            x, y, num_examples = prepare_examples(self.client_data.create_tf_dataset_for_client(client_id),
-                                                  self.size_classes)
-        except (tf.errors.OpError, UnicodeDecodeError, ValueError) as error:
-            reason = str(getattr(error, "message", error)).splitlines()[0][:200]
-            raise DataUnavailableError(f"{where}: its examples cannot be read ({reason})") from error
-        if self.num_classes is not None:
-            check_examples(x[:num_examples], y[:num_examples], self.num_classes, where)
+        x, y, num_examples = read_examples(self.client_data, client_id, self.size_classes, self.num_classes,
+                                           self.origin)
         order_bytes = 4 * num_examples * self.epochs
         client = _PreparedClient(tf.constant(x), tf.constant(y), num_examples, x.nbytes + y.nbytes + order_bytes)
         self._cache[client_id] = client

@@ -40,7 +40,7 @@ from fedmnist.outputs import run_directory
 from fedmnist.outputs.records import LOCAL_TRAINING, MEASUREMENTS, RoundRecord, measurement
 from fedmnist.outputs.sink import SUMMARY_FILE, FinalResult, RunOutputs, run_outputs
 from fedmnist.outputs.tensorboard import weight_names
-from fedmnist.client_tensors import PreparedClients
+from fedmnist.client_tensors import ExaminedClients, PreparedClients
 from fedmnist.privacy.ledger import ReleaseLedger
 from fedmnist.process import ProcessBuilder
 
@@ -293,6 +293,8 @@ def evaluations(config: Config, model_fn, dataset: FederatedDataset, eval_ids: l
     splits = (("train", dataset.train), ("test", dataset.test))
 
     def federated_data() -> dict[str, list[tf.data.Dataset]]:
+        for split, client_data in splits:  # read only in the worker otherwise (`ExaminedClients`)
+            ExaminedClients(client_data, dataset.num_classes, f"{dataset.origin} ({split} split)")(eval_ids)
         return {split: make_federated_data(client_data, eval_ids, epochs=settings.epochs,
                                            batch_size=settings.batch_size, shuffle_buffer=settings.shuffle_buffer,
                                            prefetch_buffer=settings.prefetch_buffer, seed=settings.shuffle_seed)

@@ -11,10 +11,12 @@ import dataclasses
 import math
 from collections.abc import Callable
 
+import tensorflow as tf
 import tensorflow_federated as tff
 
 from fedmnist.algorithms.base import Algorithm
-from fedmnist.client_tensors import PreparedClients, build_prepared_client_work, build_prepared_fed_avg
+from fedmnist.client_tensors import (ExaminedClients, PreparedClients, build_prepared_client_work,
+                                     build_prepared_fed_avg)
 from fedmnist.config import OptimizerConfig
 from fedmnist.data.preprocessing import Preprocessing, count_examples, make_round_data
 from fedmnist.model import update_shapes
@@ -61,7 +63,7 @@ class ProcessBuilder:
     preprocessing: Preprocessing
     prepared: bool = True
     size_classes: bool = True
-    num_classes: int | None = None  # with `origin`: prepared clients' examples are checked (labels, pixels)
+    num_classes: int | None = None  # with `origin`: clients' examples are checked (labels, pixels)
     origin: str = "the client data"
 
     def __post_init__(self):
@@ -99,8 +101,14 @@ class ProcessBuilder:
         if self.prepared:
             return PreparedClients(self.client_data, self.preprocessing, size_classes=self.size_classes,
                                    num_classes=self.num_classes, origin=self.origin)
-        return lambda client_ids, round_num: make_round_data(self.client_data, client_ids, round_num,
-                                                             self.preprocessing)
+        examine = (ExaminedClients(self.client_data, self.num_classes, self.origin) if self.num_classes is not None
+                   else lambda client_ids: None)
+
+        def round_data(client_ids: list[str], round_num: int) -> list[tf.data.Dataset]:
+            examine(client_ids)
+            return make_round_data(self.client_data, client_ids, round_num, self.preprocessing)
+
+        return round_data
 
     def largest_client_weight(self) -> int:
         """The largest weight a client gets: its examples x epochs, which is what the example-weighted

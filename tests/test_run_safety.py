@@ -213,9 +213,11 @@ def test_mnist_pixels_that_are_not_finite_are_refused_naming_the_file(tmp_path):
     assert "mnist.npz in the MNIST cache is unreadable: x_train holds pixel values that are not finite" in one_line(done.stderr)
 
 
-@pytest.mark.parametrize("bad_split", ["train", "test"])
-def test_an_emnist_client_with_a_label_outside_the_classes_is_one_line_naming_client_file_and_split(tmp_path,
-                                                                                                     bad_split):
+@pytest.mark.parametrize("bad_split, client_input", [("train", "prepared"), ("test", "prepared"),
+                                                      ("train", "datasets"), ("test", "datasets")])
+def test_an_emnist_client_with_a_label_outside_the_classes_is_one_line_naming_client_file_and_split(
+        tmp_path, bad_split, client_input):
+    # The article's datasets path too: there only TFF's worker read the examples, and its error took 8 lines.
     rng = np.random.default_rng(0)
 
     def client(label_high: int):
@@ -226,7 +228,8 @@ def test_an_emnist_client_with_a_label_outside_the_classes_is_one_line_naming_cl
     write_emnist_sqlite(tmp_path / "emnist_all.sqlite",
                         {f"digits_only_{split}": clients for split, clients in splits.items()})
     done = train_main("--dataset", "emnist", "--set", f"data.cache_dir={tmp_path}", "--clients-per-round", "4",
-                      "--rounds", "1", "--run-dir", str(tmp_path / "run"), "--quiet")
+                      "--rounds", "1", "--set", f"client_input={client_input}", "--run-dir", str(tmp_path / "run"),
+                      "--quiet")
     assert done.returncode == 1
     assert one_line(done.stderr) == (f"error: client f0002_02 of {tmp_path / 'emnist_all.sqlite'} ({bad_split} split): "
                                      f"labels outside 0..9 (found 1..40)")
@@ -263,7 +266,8 @@ def test_secure_summary_counts_the_dropouts_of_every_round_across_a_resume(tmp_p
     assert summary["dropped_clients"] == sum(r["aggregation"]["dropped"] for r in rows)
 
 
-def test_an_emnist_example_that_is_not_a_tf_example_is_one_line_naming_client_and_file(tmp_path):
+@pytest.mark.parametrize("client_input", ["prepared", "datasets"])
+def test_an_emnist_example_that_is_not_a_tf_example_is_one_line_naming_client_and_file(tmp_path, client_input):
     import sqlite3
 
     rng = np.random.default_rng(1)
@@ -275,7 +279,7 @@ def test_an_emnist_example_that_is_not_a_tf_example_is_one_line_naming_client_an
         connection.execute("UPDATE examples SET serialized_example_proto = ? WHERE rowid = "
                            "(SELECT rowid FROM examples WHERE client_id = 'f0001_01' LIMIT 1)", (b"\xff\xfe garbage",))
     done = train_main("--dataset", "emnist", "--set", f"data.cache_dir={path.parent}", "--clients-per-round", "3",
-                      "--run-dir", str(tmp_path / "run"), "--quiet")
+                      "--set", f"client_input={client_input}", "--run-dir", str(tmp_path / "run"), "--quiet")
     assert done.returncode == 1
     assert re.match(rf"error: client f0001_01 of {re.escape(str(path))} \((train|test) split\): its examples cannot "
                     rf"be read \(", one_line(done.stderr)), done.stderr

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -323,3 +324,31 @@ def test_closing_a_channel_waits_for_grpc_only_so_long():
         assert channel.entered.is_set() and not channel.release.is_set()  # returned while the close still blocks
     finally:
         channel.release.set()
+
+
+@pytest.mark.unit
+def test_a_pause_that_lands_during_a_probe_is_no_silence(monkeypatch):
+    # The run's process stopped (SIGSTOP, a suspended machine) while its watch waited on a probe: the probe then
+    # fails at once (its deadline passed during the pause), and the worker must get a whole timeout from then,
+    # as after a pause between probes, not a verdict for the time the run itself did not run.
+    from fedmnist.runtime import watch as watch_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(watch_module, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    probes = []
+
+    def probe(self, deadline):
+        probes.append(clock[0])
+        if len(probes) == 1:
+            clock[0] += 60.0  # paused for a minute during this probe, which then fails
+            return False
+        return True
+
+    monkeypatch.setattr(watch_module.WorkerWatch, "_answers", probe)
+    monkeypatch.setattr(watch_module.WatchedStub, "is_ready", property(lambda self: True))
+    watch = watch_module.WorkerWatch("worker", "127.0.0.1:9", process=lambda: None, timeout=3.0, interval=0.01)
+    try:
+        wait_for(lambda: len(probes) >= 3 or watch.lost is not None, "the watch's probes", stall=30)
+        assert watch.lost is None, watch.lost
+    finally:
+        watch.stop()

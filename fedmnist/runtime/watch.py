@@ -143,9 +143,12 @@ class WorkerWatch:
                 return
             if self._answers(max(0.1, min(PROBE_SECONDS, self.remaining()))):
                 self.last_answer = time.monotonic()
-            elif self.remaining() <= 0:
-                self._declare(f"did not answer for {self.timeout:g} s (worker_timeout_seconds)", restartable=False)
-                return
+            else:
+                self._tick()  # a pause during the probe ends it at once, and is no silence either
+                if self.remaining() <= 0:
+                    self._declare(f"did not answer for {self.timeout:g} s (worker_timeout_seconds)",
+                                  restartable=False)
+                    return
             self._stopped.wait(max(0.0, min(self.interval, self.remaining())))
 
     def _tick(self) -> None:

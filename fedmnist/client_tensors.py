@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
+import threading
 import typing
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -73,13 +75,18 @@ def shuffle_order(num_examples: int, epochs: int, shuffle_buffer: int, seed: int
 def check_order_fits(num_examples: int, epochs: int) -> None:
     """PlanTooLargeError when one client's training order (`shuffle_order` builds it as int64, then int32)
     would not fit in this machine's memory."""
-    import psutil
-
-    needed, memory = 12 * num_examples * epochs, psutil.virtual_memory().total
+    needed, memory = 12 * num_examples * epochs, machine_memory_bytes()
     if needed > memory:
         raise PlanTooLargeError(f"preprocess.epochs: {epochs:,} epochs of a client's {num_examples:,} examples need "
                                 f"{needed / 1e9:,.3g} GB for the client's training order, more than this machine's "
                                 f"{memory / 1e9:.3g} GB; lower preprocess.epochs")
+
+
+@functools.cache
+def machine_memory_bytes() -> int:
+    import psutil
+
+    return psutil.virtual_memory().total
 
 
 def padded_rows(num_examples: int) -> int:
@@ -165,7 +172,8 @@ class PreparedClients:
     reused across rounds. The cache keeps memory flat when
     many clients are sampled: past `max_bytes` the least recently used clients are dropped and
     prepared again when next selected. `size_classes` pads them (see `SIZE_CLASSES_PER_DOUBLING`);
-    it only pays when the clients change from round to round.
+    it only pays when the clients change from round to round. `prefetch` prepares a coming round's
+    clients in a background thread, while the worker trains the current round.
     """
 
     def __init__(self, client_data: tff.simulation.datasets.ClientData, settings: Preprocessing,
@@ -180,6 +188,8 @@ class PreparedClients:
         self.max_bytes = max_bytes
         self._cache: collections.OrderedDict[str, _PreparedClient] = collections.OrderedDict()
         self._bytes = 0
+        self._lock = threading.Lock()  # the cache is shared with `prefetch`'s thread
+        self._prefetching: tuple[threading.Thread, threading.Event] | None = None
 
     def _client(self, client_id: str) -> _PreparedClient:
         if client_id in self._cache:
@@ -198,14 +208,45 @@ class PreparedClients:
 
     def dataset(self, client_id: str, round_num: int = 1) -> tf.data.Dataset:
         """The client's input for `round_num`: its examples in the order of that round's shuffle."""
-        client = self._client(client_id)
-        seed = self.settings.seed(round_num, client_id)
-        if client.seed != seed:
-            check_order_fits(client.num_examples, self.epochs)
-            order = shuffle_order(client.num_examples, self.epochs, self.shuffle_buffer, seed)
-            client.dataset = as_dataset(OrderedDict(x=client.x, y=client.y, order=order))
-            client.seed = seed
-        return client.dataset
+        with self._lock:
+            client = self._client(client_id)
+            seed = self.settings.seed(round_num, client_id)
+            if client.seed != seed:
+                check_order_fits(client.num_examples, self.epochs)
+                order = shuffle_order(client.num_examples, self.epochs, self.shuffle_buffer, seed)
+                client.dataset = as_dataset(OrderedDict(x=client.x, y=client.y, order=order))
+                client.seed = seed
+            return client.dataset
+
+    def prefetch(self, client_ids: Sequence[str], round_num: int) -> None:
+        """Prepares the clients' inputs for `round_num` in a background thread, while the worker trains the
+        round before it: the next call for them finds them ready. A client that fails here is left to that
+        call, which raises its error in its turn. Waits for the previous prefetch first."""
+        self.wait_for_prefetch()
+        if not client_ids:
+            return
+        cancelled = threading.Event()
+
+        def warm() -> None:
+            for client_id in client_ids:
+                if cancelled.is_set():
+                    return
+                try:
+                    self.dataset(client_id, round_num)
+                except Exception:  # noqa: BLE001 - raised again, in order, by the round that needs the client
+                    return
+
+        self._prefetching = (threading.Thread(target=warm, name="fedmnist-prefetch", daemon=True), cancelled)
+        self._prefetching[0].start()
+
+    def wait_for_prefetch(self, cancel: bool = False) -> None:
+        """Returns when no prefetch runs; with `cancel`, after the client being prepared (the run is ending)."""
+        if self._prefetching is not None:
+            thread, cancelled = self._prefetching
+            if cancel:
+                cancelled.set()
+            thread.join()
+            self._prefetching = None
 
     def __call__(self, client_ids: Sequence[str], round_num: int = 1) -> list[tf.data.Dataset]:
         return [self.dataset(c, round_num) for c in client_ids]
@@ -215,7 +256,8 @@ class PreparedClients:
         that work on many clients can hold one group at a time."""
         group, group_bytes = [], 0
         for client_id in client_ids:
-            nbytes = self._client(client_id).nbytes
+            with self._lock:
+                nbytes = self._client(client_id).nbytes
             if group and group_bytes + nbytes > max_bytes:
                 yield group
                 group, group_bytes = [], 0

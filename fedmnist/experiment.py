@@ -77,6 +77,7 @@ class Experiment:
         return self
 
     def __exit__(self, *exc_info) -> None:
+        self.training.close()
         self.outputs.close()
         self.stack.close()
 

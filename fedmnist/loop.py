@@ -138,7 +138,10 @@ def train_round(experiment: Experiment, state, plan: RoundPlan, record: RoundRec
     """Trains the plan's clients; fills in the record's train and aggregation parts."""
     training, mode = experiment.training, experiment.mode
     training.begin_round(plan.round_num)
-    result = training.process.next(state, training.client_inputs(plan.completed, plan.round_num))
+    client_inputs = training.client_inputs(plan.completed, plan.round_num)
+    if plan.round_num < experiment.rounds:  # the next round's clients are prepared while this one trains
+        training.prefetch(experiment.participation.upcoming(plan.round_num + 1), plan.round_num + 1)
+    result = training.process.next(state, client_inputs)
     record.train = to_python(result.metrics["client_work"]["train"])
     weights = experiment.weights_of(result.state)
     if plan.completed and record.train.get("num_examples", 1) == 0:

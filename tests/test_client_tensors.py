@@ -155,6 +155,65 @@ def test_each_round_shuffles_anew_and_reproducibly():
 
 
 @pytest.mark.unit
+def test_a_prefetched_round_is_the_round_prepared_when_asked_and_is_not_prepared_again(monkeypatch):
+    dataset = data.load_synthetic(num_clients=5, examples_per_client=30, seed=5)
+    ids = dataset.train.client_ids
+    settings = preprocessing_settings(small_config("preprocess.epochs=2").preprocess)
+
+    def contents(inputs):
+        return [{k: v.numpy() for k, v in d.get_single_element().items()} for d in inputs]
+
+    tf.keras.utils.set_random_seed(3)
+    asked = client_tensors.PreparedClients(dataset.train, settings)
+    expected = [contents(asked(ids[:3], 1)), contents(asked(ids[1:], 2))]
+
+    tf.keras.utils.set_random_seed(3)
+    clients = client_tensors.PreparedClients(dataset.train, settings)
+    round_1 = clients(ids[:3], 1)
+    clients.prefetch(ids[1:], 2)     # while round 1 would train
+    clients.wait_for_prefetch()
+    prepared = []
+    for name in ("shuffle_order", "read_examples"):
+        real = getattr(client_tensors, name)
+        monkeypatch.setattr(client_tensors, name, lambda *args, real=real, **kwargs: prepared.append(args)
+                            or real(*args, **kwargs))
+    round_2 = clients(ids[1:], 2)
+    assert prepared == []   # ready: nothing read or ordered again
+    for got, want in zip([contents(round_1), contents(round_2)], expected):
+        for a, b in zip(got, want, strict=True):
+            for key in ("x", "y", "order"):
+                np.testing.assert_array_equal(a[key], b[key])
+
+
+@pytest.mark.unit
+def test_a_client_that_fails_in_a_prefetch_fails_in_its_round_with_its_own_error():
+    from fedmnist.errors import DataUnavailableError
+
+    clients_arrays = {"good": (np.zeros((4, 28, 28)), np.arange(4)), "bad": (np.zeros((4, 28, 28)), np.full(4, 40))}
+    clients = client_tensors.PreparedClients(data.client_data_from_arrays(clients_arrays),
+                                             preprocessing_settings(small_config().preprocess), num_classes=10,
+                                             origin="a test file")
+    clients.prefetch(["bad", "good"], 2)   # raises nothing here
+    clients.wait_for_prefetch()
+    with pytest.raises(DataUnavailableError, match="client bad of a test file"):
+        clients(["bad", "good"], 2)
+
+
+@pytest.mark.unit
+def test_the_clients_of_a_coming_round_are_known_ahead_unless_the_sample_is_secret():
+    from fedmnist.clients.participation import Participation
+
+    ids = [f"c{i}" for i in range(20)]
+    config = small_config("clients_per_round=5", "client_selection=uniform", "availability.dropout=0.3")
+    participation = Participation(config, ids)
+    assert participation.upcoming(4) == participation.plan(4).completed != []
+    assert Participation(config, ids, secret_rate=0.5).upcoming(4) == []
+    skipping = Participation(small_config("clients_per_round=5", "availability.min_clients=5",
+                                          "availability.dropout=0.9"), ids)
+    assert skipping.plan(4).skipped and skipping.upcoming(4) == []
+
+
+@pytest.mark.unit
 def test_round_shuffle_seeds_depend_on_seed_round_and_client_only():
     seeds = {data.round_shuffle_seed(s, r, c) for s in (1, 2) for r in (1, 2) for c in ("a", "b")}
     assert len(seeds) == 8 and all(0 <= x < 2**63 for x in seeds)

@@ -42,6 +42,17 @@ class Training:
     client_inputs: ClientInputs
     begin_round: Callable[[int], None] = lambda round_num: None
 
+    def prefetch(self, client_ids: Sequence[str], round_num: int) -> None:
+        """Prepares a coming round's client inputs while the current round trains, when the client input can
+        (`PreparedClients.prefetch`); otherwise nothing."""
+        if prefetch := getattr(self.client_inputs, "prefetch", None):
+            prefetch(client_ids, round_num)
+
+    def close(self) -> None:
+        """Stops a prefetch still running."""
+        if wait := getattr(self.client_inputs, "wait_for_prefetch", None):
+            wait(cancel=True)
+
 
 class AggregationMode:
     """One way of combining client updates. Subclasses set `name` and, when they have settings, `section`

@@ -98,6 +98,14 @@ class Participation:
         rng = np.random.default_rng([self.seed, 12, round_num])
         return sorted(rng.choice(available, size=min(self.count, len(available)), replace=False).tolist())
 
+    def upcoming(self, round_num: int) -> list[str]:
+        """The clients that will train in `round_num`, when that can be known before it starts: none for a
+        secret sample (drawn when its round starts, and only then) or a round that will be skipped."""
+        if self.secret_rate is not None:
+            return []
+        plan = self.plan(round_num)
+        return [] if plan.skipped else plan.completed
+
     def plan(self, round_num: int) -> RoundPlan:
         available = self.available(round_num)
         selected = self.select(round_num, available)

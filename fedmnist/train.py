@@ -27,6 +27,10 @@ from fedmnist.outputs import run_directory
 
 RUNS_ROOT = Path("runs")
 STALL_POLL_SECONDS = 0.5
+# `uv run` without a terminal (a CI job, a supervisor or `kill` signalling the process group) forwards to the
+# command a SIGINT or SIGTERM that the command already received with its group: the same signal twice,
+# 0.2 s apart (SIGINT) or at once (SIGTERM). A repeat this soon is that same request, not "again".
+SAME_SIGNAL_SECONDS = 0.5
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,20 +140,26 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class StopRequest:
-    """First SIGINT/SIGTERM/SIGHUP: stop after the current round. Second: stop now. Stalled workers: stop now,
-    also when they stall after the first signal (the round it waits for would never end)."""
+    """First SIGINT/SIGTERM/SIGHUP: stop after the current round. Second (the same signal within
+    `SAME_SIGNAL_SECONDS` is the first one again): stop now. Stalled workers: stop now, also when they stall
+    after the first signal (the round it waits for would never end)."""
 
     def __init__(self):
         self.requested = False
+        self.first: tuple[int, float] | None = None  # the first signal and when it came
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame) -> None:
         if _workers_stalled():
             raise KeyboardInterrupt("interrupted: the round cannot finish, its worker does not answer")
+        now = time.monotonic()
         if self.requested:
+            first_signum, first_at = self.first
+            if signum == first_signum and now - first_at < SAME_SIGNAL_SECONDS:
+                return  # the first one again, forwarded by `uv run`
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.first = True, (signum, now)
         print(f"\n{signal.Signals(signum).name}: stopping after the current round "
               f"(signal again to stop at once)", file=sys.stderr)
         threading.Thread(target=self._signal_again_if_stalled, args=(signum,), name="stop when stalled",

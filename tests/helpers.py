@@ -155,9 +155,11 @@ class Done:
     stderr: str
 
 
-def python_command(module: str, *args: str, before_exec: str | None = None) -> list[str]:
-    """`python -m MODULE ARGS`; with `before_exec`, see `exec_after`."""
-    command = [sys.executable, "-m", module, *args]
+def python_command(module: str, *args: str, before_exec: str | None = None, through_uv: bool = False) -> list[str]:
+    """`python -m MODULE ARGS` (`uv run python -m MODULE ARGS` with `through_uv`, in this environment);
+    with `before_exec`, see `exec_after`."""
+    command = ([os.environ["UV"], "run", "--no-sync", "python"] if through_uv else [sys.executable]) + ["-m", module,
+                                                                                                    *args]
     return command if before_exec is None else exec_after(before_exec, command)
 
 
@@ -204,11 +206,13 @@ def run_command(command: list[str], cwd: Path, env: dict | None = None, stall: f
 
 
 def start_cli(*args: str, cwd: Path, module: str = "fedmnist.train", before_exec: str | None = None,
-              **popen) -> subprocess.Popen:
-    """`python -m MODULE ARGS` started in the background, output piped as text."""
+              through_uv: bool = False, **popen) -> subprocess.Popen:
+    """`python -m MODULE ARGS` (through `uv run` with `through_uv`) started in the background, output piped
+    as text."""
     popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True,
              "stdin": subprocess.DEVNULL, "env": child_env()} | popen
-    return subprocess.Popen(python_command(module, *args, before_exec=before_exec), cwd=cwd, **popen)
+    return subprocess.Popen(python_command(module, *args, before_exec=before_exec, through_uv=through_uv),
+                            cwd=cwd, **popen)
 
 
 @contextlib.contextmanager

@@ -142,7 +142,6 @@ def background_work(request, tmp_path_factory):
         for name, works in getattr(getattr(item, "module", None), "BACKGROUND", {}).items():
             for work in works if isinstance(works, tuple) else (works,):
                 if name in item.fixturenames and work not in scheduled:
-                    work.owner = module_of(item)
                     work.schedule(tmp_path_factory)
                     scheduled.append(work)
     yield
@@ -198,18 +197,17 @@ MEASURED = pytest.StashKey[dict]()
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    """A test's own seconds: its wall time less the background work the main thread ran while it waited
-    (that work counts to the module that owns it)."""
+    """A test's seconds in its shard's process: its wall time, the background work its process's main thread ran
+    or waited for meanwhile included. Work on the background thread is not counted: it runs while tests run,
+    so a shard's wall time is the sum of its tests' (a plan that counted that work too gave the shards with
+    little background work 100 s more, measured in docs/testing.md)."""
     if not item.config.getoption("measure_modules"):
         yield
         return
-    from helpers import Background
-
-    start, lent = time.perf_counter(), Background.main_thread_seconds
+    start = time.perf_counter()
     yield
-    own = time.perf_counter() - start - (Background.main_thread_seconds - lent)
     measured = item.config.stash.setdefault(MEASURED, {})
-    measured[module_of(item)] = measured.get(module_of(item), 0.0) + own
+    measured[module_of(item)] = measured.get(module_of(item), 0.0) + time.perf_counter() - start
 
 
 def pytest_sessionfinish(session):
@@ -217,9 +215,6 @@ def pytest_sessionfinish(session):
     if not config.getoption("measure_modules"):
         return
     measured = dict(config.stash.get(MEASURED, {}))
-    if "helpers" in sys.modules:
-        for module, seconds in sys.modules["helpers"].Background.seconds.items():
-            measured[module] = measured.get(module, 0.0) + seconds
     if hasattr(config, "workeroutput"):  # an xdist worker: the controller writes the file
         config.workeroutput["module_seconds"] = measured
         return
@@ -241,8 +236,11 @@ def pytest_testnodedown(node, error):
 
 
 def write_module_seconds(measured: dict[str, float]) -> None:
-    """Updates the measured modules' seconds; modules this run did not measure keep theirs."""
+    """Updates the measured modules' seconds, each the mean of this run's figure and the one before (a module
+    whose tests wait on background work varies by a minute from run to run); modules this run did not measure
+    keep theirs."""
     known = json.loads(MODULE_SECONDS.read_text()) if MODULE_SECONDS.exists() else {}
-    known |= {module: round(seconds, 1) for module, seconds in measured.items() if module != "?"}
+    known |= {module: round((seconds + known.get(module, seconds)) / 2, 1) for module, seconds in measured.items()
+              if module != "?"}
     MODULE_SECONDS.write_text(json.dumps(dict(sorted(known.items())), indent=1) + "\n")
     print(f"\nwrote {len(measured)} modules' seconds to tests/{MODULE_SECONDS.name}")

@@ -449,11 +449,6 @@ class Background:
     """
 
     PARALLEL = 1
-    # Seconds each test module's work took (its `owner`), and how many seconds the main thread spent running
-    # work or waiting for it while a test waited: `--measure-modules` (conftest) counts them to the work's
-    # owner, not to the test.
-    seconds: dict[str, float] = {}
-    main_thread_seconds = 0.0
     _queue: list[Background] = []
     _scheduled: list[Background] = []
     _lock = threading.Lock()
@@ -464,7 +459,6 @@ class Background:
         """`cleanup(value)` ends what the work leaves running (processes) when no test took its value."""
         self.function, self.name, self.cleanup = function, name or function.__name__, cleanup
         self.directory: Path | None = None
-        self.owner = "?"  # the test module whose `BACKGROUND` lists it (set when scheduled)
         self._taken = False
         self._claimed = False
         self._done = threading.Event()
@@ -492,11 +486,7 @@ class Background:
             # Running in the background still: do the next queued work here meanwhile, rather than idle.
             other = Background._next()
             if other is None:
-                waited = time.perf_counter()
                 self._done.wait()
-                if threading.current_thread() is threading.main_thread():  # counted to the work already
-                    with Background._lock:
-                        Background.main_thread_seconds += time.perf_counter() - waited
             else:
                 other._run()
         self._taken = True
@@ -514,7 +504,6 @@ class Background:
             return True
 
     def _run(self) -> None:
-        start = time.perf_counter()
         outer, _WORK.running = getattr(_WORK, "running", False), True
         try:
             self._value = self.function(self.directory)
@@ -522,11 +511,6 @@ class Background:
             self._error = error
         finally:
             _WORK.running = outer
-            spent = time.perf_counter() - start
-            with Background._lock:
-                Background.seconds[self.owner] = Background.seconds.get(self.owner, 0.0) + spent
-                if threading.current_thread() is threading.main_thread():
-                    Background.main_thread_seconds += spent
             self._done.set()
 
     @staticmethod

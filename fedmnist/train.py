@@ -29,8 +29,9 @@ RUNS_ROOT = Path("runs")
 STALL_POLL_SECONDS = 0.5
 # `uv run` without a terminal (a CI job, a supervisor or `kill` signalling the process group) forwards to the
 # command a SIGINT or SIGTERM that the command already received with its group: the same signal twice,
-# 0.2 s apart (SIGINT) or at once (SIGTERM). A repeat this soon is that same request, not "again".
-SAME_SIGNAL_SECONDS = 0.5
+# 0.2 s apart (SIGINT) or at once (SIGTERM), and later when the machine is busy (more than 0.5 s once in a
+# test suite's run, docs/runs.md). A repeat this soon is that same request, not "again".
+SAME_SIGNAL_SECONDS = 1.0
 
 
 def build_parser() -> argparse.ArgumentParser:

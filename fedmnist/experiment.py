@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import datetime
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -169,7 +170,8 @@ class Experiment:
         if last.round < self.rounds:  # stopped by stop_after_target
             summary["stopped_after_target"] = {"round": last.round, "rounds_after": self.stop_after_target}
         summary |= {"personalization": personalized, "aggregation": self.mode.summary(),
-                    "total_seconds": time.perf_counter() - self.created}
+                    "total_seconds": time.perf_counter() - self.created,
+                    "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         self.outputs.finish(FinalResult(summary, weights, lambda: self.keras_model(weights)))
         if last.eval and "train" in last.eval and "test" in last.eval:
             self.echo(format_final(summary, self.mode.not_covered, self.run_dir))

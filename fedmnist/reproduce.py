@@ -6,7 +6,10 @@ Each (row, learning rate, seed) is a normal run directory, `OUT/<row>-lr<lr>-see
 and reported by `fedmnist report`. Running the command again skips finished runs (they have a summary.json),
 resumes unfinished ones with the package's own resume, and starts the missing ones. Then it writes
 `OUT/table.md` (fedmnist/paper/table.py) and `OUT/curves.png` for every row of the paper found in OUT (rows
-without runs say so); `--table-only` only rewrites those two from the run directories there.
+without runs say so); `--table-only` only rewrites those two from the run directories there. `--export DIR`
+also copies each run's records (config.yaml, metrics.jsonl, summary.json; not its checkpoints) to
+`DIR/<run>/` and writes DIR's table and figure from them: small enough to keep with the table
+(docs/mcmahan2017-runs/), where `--table-only --out DIR` rebuilds it.
 
 `--stop-after-target N` stops each run N rounds after its centralized test accuracy first reaches the row's
 target (config `stop_after_target`): rounds to target depend only on the rounds up to the crossing, so they are
@@ -32,8 +35,6 @@ from fedmnist.paper import mcmahan2017, table
 PAPERS = {"mcmahan2017": (mcmahan2017.ROWS, Path("configs") / "mcmahan2017")}
 DEFAULT_OUT = Path("runs") / "mcmahan2017"
 INTERRUPTED = 130
-# fedmnist.outputs.sink.SUMMARY_FILE, whose module would start TensorFlow before the arguments are checked.
-SUMMARY_FILE = "summary.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="another config override for every new run, e.g. data.cache_dir=DIR")
     parser.add_argument("--table-only", action="store_true",
                         help="train nothing: rewrite table.md and curves.png from the run directories in --out")
+    parser.add_argument("--export", type=Path, metavar="DIR",
+                        help="also copy each run's records (config.yaml, metrics.jsonl, summary.json; no "
+                             "checkpoints) to DIR/<run>/ and write DIR's table.md and curves.png from them")
     parser.add_argument("--quiet", action="store_true", help="only this command's own lines, not each round's")
     return parser
 
@@ -96,8 +100,11 @@ def check_args(args: argparse.Namespace) -> tuple[dict, list[str], Path]:
         if missing:
             raise UsageError(f"no config {configs / (missing[0] + '.yaml')}; run from the project folder "
                              f"or pass --configs")
-    if args.out.exists() and not args.out.is_dir():
-        raise UsageError(f"--out {args.out} is a file, not a directory")
+    for flag, path in (("--out", args.out), ("--export", args.export)):
+        if path is not None and path.exists() and not path.is_dir():
+            raise UsageError(f"{flag} {path} is a file, not a directory")
+    if args.export is not None and args.export.resolve() == args.out.resolve():
+        raise UsageError(f"--export {args.export} is --out itself; give another directory")
     return rows, wanted, configs
 
 
@@ -155,7 +162,7 @@ def run_grid(args: argparse.Namespace, rows: dict, wanted: list[str], configs: P
         for lr in lrs[row]:
             for seed in seeds:
                 run_dir = args.out / run_name(row, lr, seed)
-                if (run_dir / SUMMARY_FILE).is_file():
+                if (run_dir / table.SUMMARY_FILE).is_file():
                     print(f"done already: {run_dir}", flush=True)
                     continue
                 if run_directory.has_rounds(run_dir):
@@ -193,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             if code == INTERRUPTED:
                 return code
         written = table.write(args.out, rows)  # every row: those not run yet say so
+        if args.export is not None:
+            written += table.export(args.out, args.export, rows)
         for path in written:
             print(f"wrote {path}")
         return code

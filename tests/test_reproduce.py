@@ -8,6 +8,7 @@ import contextlib
 import datetime
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,32 @@ def test_table_only_rebuilds_table_and_figure_without_training(grid):
     assert (out / "table.md").is_file() and (out / "curves.png").is_file()
     assert "training" not in done.stdout and "resuming" not in done.stdout
     assert stamps == {p: (p / "metrics.jsonl").stat().st_mtime_ns for p in stamps}
+
+
+def test_export_keeps_each_runs_records_and_rebuilds_the_same_table_from_them(grid):
+    out, exported = grid["out"], grid["root"] / "kept"
+    done = reproduce_main("mcmahan2017", "--rows", ROW, "--out", str(out), "--table-only", "--export", str(exported))
+    assert done.returncode == 0, done.stderr
+    runs = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert sorted(p.name for p in exported.iterdir() if p.is_dir()) == runs
+    for name in runs:  # the records only: no checkpoints, no event files
+        assert sorted(p.name for p in (exported / name).iterdir()) == sorted(table.RECORD_FILES)
+        assert (exported / name / "metrics.jsonl").read_bytes() == (out / name / "metrics.jsonl").read_bytes()
+        finished = json.loads((out / name / "summary.json").read_text())["finished_at"]
+        assert datetime.datetime.fromisoformat(finished).tzinfo is not None
+    # Rebuilt from the copies alone, whose file times say nothing (as in a fresh checkout): the same table.
+    for path in exported.rglob("*"):
+        os.utime(path, (0, 0))
+    rebuilt = reproduce_main("mcmahan2017", "--rows", ROW, "--out", str(exported), "--table-only")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+
+    def rows_of(folder):
+        return [line for line in (folder / "table.md").read_text().splitlines() if line.startswith(f"| {ROW}")]
+
+    assert rows_of(exported) == rows_of(out) and len(rows_of(out)) == 1 + len(runs)
+    assert all(finished[:10] in line for line in rows_of(exported))
+    refused = reproduce_main("mcmahan2017", "--out", str(out), "--table-only", "--export", str(out))
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "--export" in refused.stderr
 
 
 def test_stop_after_target_ends_the_run_with_rounds_to_target_exact(tmp_path):

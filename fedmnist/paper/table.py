@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import os
 import re
 import statistics
 import sys
@@ -24,11 +25,13 @@ from matplotlib.ticker import ScalarFormatter
 from fedmnist.outputs import targets as targets_lib
 from fedmnist.outputs.metrics_log import replace_atomically
 from fedmnist.outputs.plots import RunError, png_bytes, series
-from fedmnist.outputs.records import ACCURACY, CENTRALIZED_EVALUATION
-from fedmnist.outputs.report import run_facts
+from fedmnist.outputs.records import ACCURACY, CENTRALIZED_EVALUATION, METRICS_FILE
+from fedmnist.outputs.report import CONFIG_FILE, run_facts
 from fedmnist.paper.mcmahan2017 import PAPER, Row
 
 TABLE_FILE = "table.md"
+SUMMARY_FILE = "summary.json"  # fedmnist.outputs.sink.SUMMARY_FILE, whose module starts TensorFlow
+RECORD_FILES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE)  # what a run's row is read from
 CURVES_FILE = "curves.png"
 RUN_NAME = re.compile(r"^(?P<row>.+)-lr(?P<lr>[0-9.eE+-]+)-seed(?P<seed>[0-9]+)$")
 
@@ -78,22 +81,37 @@ def read_result(row: Row, lr: float, seed: int, path: Path) -> Result:
     else:
         status = f"unfinished ({records[-1].round} of {facts['planned_rounds'] or '?'} rounds)"
     timed = [r.seconds for r in records if isinstance(r.seconds, (int, float))]
-    mtime = (path / "metrics.jsonl").stat().st_mtime
     return Result(row.name, lr, seed, path, facts["targets"]["targets"][f"{row.target:g}"], records[-1].round,
                   facts["planned_rounds"], facts["targets"]["best_accuracy"], status,
                   statistics.median(timed) if timed else None,
                   # The rounds' own times: a resumed run's summary times only its last process.
                   sum(timed) if timed and len(timed) == len(records) else None,
-                  datetime.datetime.fromtimestamp(mtime, datetime.timezone.utc).date().isoformat(), records)
+                  _measured(path), records)
+
+
+def _summary(path: Path) -> dict:
+    """The run's summary.json; {} when it has none (unfinished) or it cannot be read."""
+    try:
+        summary = json.loads((path / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
 
 
 def _stopped_after_target(path: Path) -> int | None:
     """`stop_after_target` when the run stopped early for it (summary.json says so), else None."""
-    try:
-        stopped = json.loads((path / "summary.json").read_text()).get("stopped_after_target")
-    except (OSError, ValueError, AttributeError):
-        return None
+    stopped = _summary(path).get("stopped_after_target")
     return stopped.get("rounds_after") if isinstance(stopped, dict) else None
+
+
+def _measured(path: Path) -> str:
+    """The UTC date the run finished (summary.json's `finished_at`), else of its metrics file's last change
+    (an unfinished run, or one finished before summaries had the date)."""
+    finished = _summary(path).get("finished_at")
+    if isinstance(finished, str) and len(finished) >= 10:
+        return finished[:10]
+    mtime = (path / METRICS_FILE).stat().st_mtime
+    return datetime.datetime.fromtimestamp(mtime, datetime.timezone.utc).date().isoformat()
 
 
 def collect(out: Path, rows: Mapping[str, Row]) -> dict[str, list[Result]]:
@@ -263,3 +281,24 @@ def write(out: Path, rows: Mapping[str, Row], now: datetime.datetime | None = No
     replace_atomically(table_path, render(rows, results, now).encode())
     replace_atomically(curves_path, png_bytes(plot(rows, results)))
     return [table_path, curves_path]
+
+
+def export(out: Path, dest: Path, rows: Mapping[str, Row]) -> list[Path]:
+    """Copies each run's records in `out` (RECORD_FILES: no checkpoints, no event files) to `dest/<run>/`,
+    replacing older copies there, and writes `dest`'s table.md and curves.png from them: the table's runs,
+    small enough to keep with the table (docs/mcmahan2017-runs/) and rebuild it with `--table-only`."""
+    out, dest = Path(out), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for results in collect(out, rows).values():
+        for result in results:
+            copy = dest / result.path.name
+            copy.mkdir(parents=True, exist_ok=True)
+            for name in RECORD_FILES:
+                source = result.path / name
+                if source.is_file():
+                    replace_atomically(copy / name, source.read_bytes())
+                    stat = source.stat()
+                    os.utime(copy / name, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the date of an unfinished run
+                elif (copy / name).is_file():  # a summary copied before the run was resumed
+                    (copy / name).unlink()
+    return write(dest, rows)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import datetime
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path

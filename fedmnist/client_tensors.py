@@ -278,6 +278,14 @@ def untraced(method: Callable) -> Callable:
     return getattr(method, "python_function", method)
 
 
+def unconverted_finalizers(model: tff.learning.models.VariableModel) -> OrderedDict:
+    """The model's metric finalizers, traced without AutoGraph. TFF's Keras finalizers are `tf.function`s,
+    which AutoGraph converts again at every build; their bodies assign the sums to a new metric's variables
+    and read its result, with no Python control flow on tensors, so the graph is the same without it."""
+    return OrderedDict((name, tf.function(untraced(finalizer), autograph=False) if untraced(finalizer) is not finalizer
+                        else finalizer) for name, finalizer in model.metric_finalizers().items())
+
+
 def train_on_prepared(model: tff.learning.models.VariableModel, optimizer: tff.learning.optimizers.Optimizer,
                       hparams, initial_weights, prepared: OrderedDict, batch_size: int,
                       weighted: bool = True, proximal_strength: float = 0.0,
@@ -351,7 +359,7 @@ def build_prepared_client_work(model_fn: Callable[[], tff.learning.models.Variab
     """
     with tf.Graph().as_default():
         whimsy_model = model_fn()
-        metrics_aggregation_fn = tff.learning.metrics.sum_then_finalize(whimsy_model.metric_finalizers())
+        metrics_aggregation_fn = tff.learning.metrics.sum_then_finalize(unconverted_finalizers(whimsy_model))
     weights_type = tff.learning.models.weights_type_from_model(whimsy_model)
     data_type = tff.SequenceType(tff.types.tensorflow_to_type(PREPARED_SPEC))
     initial_hparams = optimizer.get_hparams(optimizer.initialize(tf.TensorSpec((), tf.float32)))
@@ -462,7 +470,7 @@ def build_prepared_fed_eval(model_fn: Callable[[], tff.learning.models.VariableM
     batch on each client, metrics summed and finalized at the server), reading prepared tensors."""
     with tf.Graph().as_default():
         whimsy_model = model_fn()
-        finalizers = whimsy_model.metric_finalizers()
+        finalizers = unconverted_finalizers(whimsy_model)
     weights_type = tff.learning.models.weights_type_from_model(whimsy_model)
     data_type = tff.SequenceType(tff.types.tensorflow_to_type(PREPARED_SPEC))
 

@@ -86,8 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     name, args = argv[0], argv[1:]
     module = importlib.import_module(COMMANDS[name][0])
+    # These load TensorFlow: they skip its slow teardown, with their temporary files in their own directory.
+    train = importlib.import_module("fedmnist.train") if name in ("train", "reproduce") else None
+    if train:
+        train.use_own_temporary_directory()
     with program(f"fedmnist {name}"):
         code = module.main(args)
-    if name in ("train", "reproduce"):  # TensorFlow is loaded: skip its slow teardown
-        importlib.import_module("fedmnist.train").exit_now(code)
+    if train:
+        train.exit_now(code)
     return code

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +34,24 @@ def pytest_configure(config):
     from source again, about 5 s of CPU apiece (docs/testing.md). A test that needs no writes sets it."""
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     sys.dont_write_bytecode = False
+    use_session_temporary_directory(config)
+
+
+def use_session_temporary_directory(config) -> None:
+    """The session's temporary files, and those of every process it starts, go to a directory of its own,
+    removed when the session ends. TensorFlow's AutoGraph writes a module to the temporary directory for every
+    function it converts and Python caches its bytecode beside it, in `__pycache__`, which nothing removes:
+    the suite left about 500 files in /tmp on every run. pytest's own `tmp_path` root stays where it was
+    (`PYTEST_DEBUG_TEMPROOT`), so a failed test's files are kept as usual. xdist's workers inherit it."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+    directory = tempfile.mkdtemp(prefix="fedmnist-tests-")
+    # Open to look into (not to write): the tests acting as another user must meet the package's own
+    # private directories inside it, not this one.
+    os.chmod(directory, 0o755)
+    os.environ["TMPDIR"] = tempfile.tempdir = directory
+    config.add_cleanup(lambda: shutil.rmtree(directory, ignore_errors=True))
 
 
 @pytest.hookimpl(hookwrapper=True)

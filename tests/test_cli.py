@@ -59,8 +59,10 @@ def test_console_script_runs_the_commands(tmp_path, command):
     done = run_command([*command, "--help"], cwd=tmp_path)
     assert done.returncode == 0 and "commands:" in done.stdout
     # `train` leaves the process through its own fast exit (fedmnist.train.exit_now), keeping its code.
-    done = run_command([*command, "train", "--rounds", "0"], cwd=tmp_path)
-    assert done.returncode == 2
+    temporary = tmp_path.parent / f"{tmp_path.name}-tmp"  # the command's own temporary directory goes too
+    temporary.mkdir()
+    done = run_command([*command, "train", "--rounds", "0"], cwd=tmp_path, env={"TMPDIR": str(temporary)})
+    assert done.returncode == 2 and list(temporary.iterdir()) == []
     [line] = done.stderr.strip().splitlines()
     assert line.startswith("error: rounds: must be at least 1")
     done = run_command([*command, "bench", "--help"], cwd=tmp_path)

@@ -1,17 +1,22 @@
 """What every fedmnist command shares: one-line usage errors (exit 2) instead of argparse's two, with a
-"did you mean" for a mistyped option, and usage lines that name the command as the user typed it."""
+"did you mean" for a mistyped option, usage lines that name the command as the user typed it, and a
+temporary directory of its own."""
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import difflib
+import shutil
+import tempfile
 from collections.abc import Iterator
 
 from fedmnist.errors import UsageError
 
 _UNRECOGNIZED = "unrecognized arguments: "
 _program: str | None = None  # "fedmnist train" while the `fedmnist` command runs `train`
+_own_temporary_directory: str | None = None  # `use_own_temporary_directory`'s
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -45,6 +50,24 @@ class ArgumentParser(argparse.ArgumentParser):
             return f" (did you mean {next(iter(hints.values()))}?)"
         return (" (did you mean " + ", ".join(f"{right} for {wrong}" for wrong, right in hints.items()) + "?)"
                 if hints else "")
+
+
+def use_own_temporary_directory() -> None:
+    """Sends this command's temporary files to a directory of its own, removed on the way out.
+
+    TensorFlow's AutoGraph writes every function it converts to a module file in the temporary directory,
+    which an `atexit` handler deletes (`fedmnist.train.exit_now` skips it), and Python caches the module's
+    bytecode beside it, in `__pycache__`, which nothing deletes: without this, every run left a dozen
+    files or more in /tmp for good. Python's `tempfile.tempdir` is the documented way to move them; the
+    environment, and so the workers and other programs, keep theirs."""
+    global _own_temporary_directory
+    _own_temporary_directory = tempfile.tempdir = tempfile.mkdtemp(prefix="fedmnist-")
+    atexit.register(remove_own_temporary_directory)
+
+
+def remove_own_temporary_directory() -> None:
+    if _own_temporary_directory is not None:
+        shutil.rmtree(_own_temporary_directory, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -86,12 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     name, args = argv[0], argv[1:]
     module = importlib.import_module(COMMANDS[name][0])
-    # These load TensorFlow: they skip its slow teardown, with their temporary files in their own directory.
-    train = importlib.import_module("fedmnist.train") if name in ("train", "reproduce") else None
-    if train:
-        train.use_own_temporary_directory()
+    use_own_temporary_directory()
     with program(f"fedmnist {name}"):
         code = module.main(args)
-    if train:
-        train.exit_now(code)
+    if name in ("train", "reproduce"):  # TensorFlow is loaded: skip its slow teardown
+        importlib.import_module("fedmnist.train").exit_now(code)
     return code

@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from fedmnist.train import exit_now, use_own_temporary_directory  # as `fedmnist train`
+    from fedmnist.cli import use_own_temporary_directory
+    from fedmnist.train import exit_now  # TensorFlow is loaded: skip its slow teardown, as `fedmnist train`
 
     use_own_temporary_directory()
     exit_now(main())

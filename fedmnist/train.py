@@ -9,14 +9,11 @@ one line on stderr; `--debug` shows the traceback as well.
 from __future__ import annotations
 
 import argparse
-import atexit
 import datetime
 import os
 import shlex
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -24,7 +21,7 @@ from pathlib import Path
 
 from fedmnist import config as config_lib
 from fedmnist import registry
-from fedmnist.cli import ArgumentParser
+from fedmnist.cli import ArgumentParser, remove_own_temporary_directory, use_own_temporary_directory
 from fedmnist.errors import FedmnistError, Interrupted, TrainingDivergedError, UsageError, WorkerFailedError
 from fedmnist.outputs import run_directory
 
@@ -35,7 +32,6 @@ STALL_POLL_SECONDS = 0.5
 # 0.2 s apart (SIGINT) or at once (SIGTERM), and later when the machine is busy (more than 0.5 s once in a
 # test suite's run, docs/runs.md). A repeat this soon is that same request, not "again".
 SAME_SIGNAL_SECONDS = 1.0
-_OWN_TEMPORARY_DIRECTORY: str | None = None  # `use_own_temporary_directory`'s, removed by `exit_now`
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -307,27 +303,15 @@ def _fail(error: Exception | str, code: int, args: argparse.Namespace | None,
     return code
 
 
-def use_own_temporary_directory() -> None:
-    """Sends this command's temporary files to a directory of its own, which `exit_now` removes.
-
-    TensorFlow's AutoGraph writes every function it converts to a file in the temporary directory and
-    deletes it from an `atexit` handler, which `exit_now` skips: without this, every run left a dozen
-    files in /tmp for good. Python's `tempfile.tempdir` is the documented way to move them; the
-    environment, and so the workers and other commands, keep theirs."""
-    global _OWN_TEMPORARY_DIRECTORY
-    _OWN_TEMPORARY_DIRECTORY = tempfile.tempdir = tempfile.mkdtemp(prefix="fedmnist-")
-    atexit.register(shutil.rmtree, _OWN_TEMPORARY_DIRECTORY, ignore_errors=True)  # an exit not through exit_now
-
-
 def exit_now(code: int) -> None:
     """Exits without Python's interpreter teardown, which with TensorFlow loaded takes over a second
     and does nothing a finished command needs: by now every file is written and closed and every
     worker stopped (and a worker outliving us would be killed by the kernel, see fedmnist.runtime).
-    What it would have removed, the command's own temporary directory, goes here."""
+    What it would have removed, the command's own temporary directory (`cli.use_own_temporary_directory`),
+    goes here."""
     sys.stdout.flush()
     sys.stderr.flush()
-    if _OWN_TEMPORARY_DIRECTORY is not None:
-        shutil.rmtree(_OWN_TEMPORARY_DIRECTORY, ignore_errors=True)
+    remove_own_temporary_directory()
     os._exit(code)
 
 

@@ -108,4 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from fedmnist.cli import use_own_temporary_directory
+
+    use_own_temporary_directory()
     sys.exit(main())

@@ -282,8 +282,11 @@ def unconverted_finalizers(model: tff.learning.models.VariableModel) -> OrderedD
     """The model's metric finalizers, traced without AutoGraph. TFF's Keras finalizers are `tf.function`s,
     which AutoGraph converts again at every build; their bodies assign the sums to a new metric's variables
     and read its result, with no Python control flow on tensors, so the graph is the same without it."""
-    return OrderedDict((name, tf.function(untraced(finalizer), autograph=False) if untraced(finalizer) is not finalizer
-                        else finalizer) for name, finalizer in model.metric_finalizers().items())
+    finalizers = OrderedDict()
+    for name, finalizer in model.metric_finalizers().items():
+        body = untraced(finalizer)
+        finalizers[name] = finalizer if body is finalizer else tf.function(body, autograph=False)
+    return finalizers
 
 
 def train_on_prepared(model: tff.learning.models.VariableModel, optimizer: tff.learning.optimizers.Optimizer,

@@ -5,7 +5,6 @@ temporary directory of its own."""
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
 import difflib
 import shutil
@@ -16,7 +15,7 @@ from fedmnist.errors import UsageError
 
 _UNRECOGNIZED = "unrecognized arguments: "
 _program: str | None = None  # "fedmnist train" while the `fedmnist` command runs `train`
-_own_temporary_directory: str | None = None  # `use_own_temporary_directory`'s
+_own_temporary_directory: str | None = None  # `own_temporary_directory`'s, while a command runs
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -52,22 +51,31 @@ class ArgumentParser(argparse.ArgumentParser):
                 if hints else "")
 
 
-def use_own_temporary_directory() -> None:
-    """Sends this command's temporary files to a directory of its own, removed on the way out.
+@contextlib.contextmanager
+def own_temporary_directory() -> Iterator[None]:
+    """Sends the command's temporary files to a directory of its own, removed on the way out (and by
+    `fedmnist.train.exit_now`, which leaves without unwinding this).
 
     TensorFlow's AutoGraph writes every function it converts to a module file in the temporary directory,
-    which an `atexit` handler deletes (`fedmnist.train.exit_now` skips it), and Python caches the module's
-    bytecode beside it, in `__pycache__`, which nothing deletes: without this, every run left a dozen
-    files or more in /tmp for good. Python's `tempfile.tempdir` is the documented way to move them; the
-    environment, and so the workers and other programs, keep theirs."""
+    which an `atexit` handler deletes (`exit_now` skips it), and Python caches the module's bytecode beside
+    it, in `__pycache__`, which nothing deletes: without this, every run left a dozen files or more in /tmp
+    for good. Python's `tempfile.tempdir` is the documented way to move them; the environment, and so the
+    workers and other programs, keep theirs."""
     global _own_temporary_directory
+    saved = tempfile.tempdir
     _own_temporary_directory = tempfile.tempdir = tempfile.mkdtemp(prefix="fedmnist-")
-    atexit.register(remove_own_temporary_directory)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = saved
+        remove_own_temporary_directory()
 
 
 def remove_own_temporary_directory() -> None:
+    global _own_temporary_directory
     if _own_temporary_directory is not None:
         shutil.rmtree(_own_temporary_directory, ignore_errors=True)
+        _own_temporary_directory = None
 
 
 @contextlib.contextmanager
@@ -109,9 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     name, args = argv[0], argv[1:]
     module = importlib.import_module(COMMANDS[name][0])
-    use_own_temporary_directory()
-    with program(f"fedmnist {name}"):
+    with own_temporary_directory(), program(f"fedmnist {name}"):
         code = module.main(args)
-    if name in ("train", "reproduce"):  # TensorFlow is loaded: skip its slow teardown
-        importlib.import_module("fedmnist.train").exit_now(code)
+        if name in ("train", "reproduce"):  # TensorFlow is loaded: skip its slow teardown
+            importlib.import_module("fedmnist.train").exit_now(code)
     return code

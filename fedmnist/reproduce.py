@@ -218,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from fedmnist.cli import use_own_temporary_directory
+    from fedmnist.cli import own_temporary_directory
     from fedmnist.train import exit_now  # TensorFlow is loaded: skip its slow teardown, as `fedmnist train`
 
-    use_own_temporary_directory()
-    exit_now(main())
+    with own_temporary_directory():
+        exit_now(main())

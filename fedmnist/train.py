@@ -21,7 +21,7 @@ from pathlib import Path
 
 from fedmnist import config as config_lib
 from fedmnist import registry
-from fedmnist.cli import ArgumentParser, remove_own_temporary_directory, use_own_temporary_directory
+from fedmnist.cli import ArgumentParser, own_temporary_directory, remove_own_temporary_directory
 from fedmnist.errors import FedmnistError, Interrupted, TrainingDivergedError, UsageError, WorkerFailedError
 from fedmnist.outputs import run_directory
 
@@ -307,7 +307,7 @@ def exit_now(code: int) -> None:
     """Exits without Python's interpreter teardown, which with TensorFlow loaded takes over a second
     and does nothing a finished command needs: by now every file is written and closed and every
     worker stopped (and a worker outliving us would be killed by the kernel, see fedmnist.runtime).
-    What it would have removed, the command's own temporary directory (`cli.use_own_temporary_directory`),
+    What it would have removed, the command's own temporary directory (`cli.own_temporary_directory`),
     goes here."""
     sys.stdout.flush()
     sys.stderr.flush()
@@ -316,5 +316,5 @@ def exit_now(code: int) -> None:
 
 
 if __name__ == "__main__":
-    use_own_temporary_directory()
-    exit_now(main())
+    with own_temporary_directory():
+        exit_now(main())

@@ -3,8 +3,9 @@
 import sys
 
 from fedmnist.bench.main import main
-from fedmnist.cli import use_own_temporary_directory
+from fedmnist.cli import own_temporary_directory
 
 if __name__ == "__main__":
-    use_own_temporary_directory()
-    sys.exit(main())
+    with own_temporary_directory():
+        code = main()
+    sys.exit(code)

@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from fedmnist.cli import use_own_temporary_directory
+    from fedmnist.cli import own_temporary_directory
 
-    use_own_temporary_directory()
-    sys.exit(main())
+    with own_temporary_directory():
+        code = main()
+    sys.exit(code)

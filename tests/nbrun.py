@@ -75,11 +75,7 @@ def execute_notebook(path: str | Path, parameters: Mapping[str, object] | None =
         try:
             # cleanup_kc: shut the kernel down afterwards, although this module made its manager
             # (nbclient would otherwise leave it running until the interpreter exits).
-            # The kernel's temporary files, and the scratch directories some notebooks keep their runs in
-            # for the reader (tempfile.mkdtemp), go with `kernel_dir`: left in /tmp, each suite added 40 MB.
-            temporary = Path(kernel_dir) / "tmp"
-            temporary.mkdir()
-            client.execute(cleanup_kc=True, env=child_env({"TMPDIR": str(temporary)}))  # background work too
+            client.execute(cleanup_kc=True, env=child_env())  # notebooks run as background work
         finally:
             if kernel.has_kernel:  # it failed before nbclient took charge of the kernel
                 kernels.add(kernel.provisioner.process.pid)

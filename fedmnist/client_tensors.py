@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import threading
 import typing
 from collections import OrderedDict
@@ -28,6 +27,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from fedmnist.data.preprocessing import Preprocessing, batch_format_fn, check_examples
+from fedmnist import machine
 from fedmnist.errors import DataUnavailableError, PlanTooLargeError
 
 # A client's prepared data: all its examples (as `batch_format_fn` shapes a batch) and the order of
@@ -72,21 +72,21 @@ def shuffle_order(num_examples: int, epochs: int, shuffle_buffer: int, seed: int
     return stream.batch(total).get_single_element().numpy().astype(np.int32)
 
 
-def check_order_fits(num_examples: int, epochs: int) -> None:
-    """PlanTooLargeError when one client's training order (`shuffle_order` builds it as int64, then int32)
-    would not fit in this machine's memory."""
-    needed, memory = 12 * num_examples * epochs, machine_memory_bytes()
+# A round's training orders (int32, one per example and epoch) are held this many times at once: the round's
+# own here, the next round's prepared beside them, the copy TFF serializes for the worker and the worker's.
+ORDER_COPIES = 4
+
+
+def check_orders_fit(num_examples: int, round_examples: int, epochs: int) -> None:
+    """PlanTooLargeError when the training orders of a round's clients so far (`round_examples` examples, this
+    client's `num_examples` the last of them) would not fit in this machine's memory: each is held
+    `ORDER_COPIES` times, and `shuffle_order` builds this client's as int64 first."""
+    needed, memory = (4 * ORDER_COPIES * round_examples + 8 * num_examples) * epochs, machine.memory_bytes()
     if needed > memory:
-        raise PlanTooLargeError(f"preprocess.epochs: {epochs:,} epochs of a client's {num_examples:,} examples need "
-                                f"{needed / 1e9:,.3g} GB for the client's training order, more than this machine's "
-                                f"{memory / 1e9:.3g} GB; lower preprocess.epochs")
-
-
-@functools.cache
-def machine_memory_bytes() -> int:
-    import psutil
-
-    return psutil.virtual_memory().total
+        raise PlanTooLargeError(f"preprocess.epochs: {epochs:,} epochs of a round's {round_examples:,} examples "
+                                f"need {machine.gigabytes(needed)} GB for the clients' training orders, more "
+                                f"than this machine's {machine.gigabytes(memory)} GB; lower preprocess.epochs or "
+                                f"clients_per_round")
 
 
 def padded_rows(num_examples: int) -> int:
@@ -208,15 +208,28 @@ class PreparedClients:
 
     def dataset(self, client_id: str, round_num: int = 1) -> tf.data.Dataset:
         """The client's input for `round_num`: its examples in the order of that round's shuffle."""
+        return self._prepare(client_id, round_num, 0)[0]
+
+    def _prepare(self, client_id: str, round_num: int, held_examples: int) -> tuple[tf.data.Dataset, int]:
+        """The client's input and its number of examples; `held_examples`: those of the round's clients
+        prepared before it, whose orders are held too (`check_orders_fit`)."""
         with self._lock:
             client = self._client(client_id)
             seed = self.settings.seed(round_num, client_id)
             if client.seed != seed:
-                check_order_fits(client.num_examples, self.epochs)
+                check_orders_fit(client.num_examples, held_examples + client.num_examples, self.epochs)
                 order = shuffle_order(client.num_examples, self.epochs, self.shuffle_buffer, seed)
                 client.dataset = as_dataset(OrderedDict(x=client.x, y=client.y, order=order))
                 client.seed = seed
-            return client.dataset
+            return client.dataset, client.num_examples
+
+    def _round(self, client_ids: Sequence[str], round_num: int) -> Iterator[tf.data.Dataset]:
+        """The round's inputs one by one, each checked with the orders of the ones before it."""
+        held = 0
+        for client_id in client_ids:
+            dataset, num_examples = self._prepare(client_id, round_num, held)
+            held += num_examples
+            yield dataset
 
     def prefetch(self, client_ids: Sequence[str], round_num: int) -> None:
         """Prepares the clients' inputs for `round_num` in a background thread, while the worker trains the
@@ -228,13 +241,12 @@ class PreparedClients:
         cancelled = threading.Event()
 
         def warm() -> None:
-            for client_id in client_ids:
-                if cancelled.is_set():
-                    return
-                try:
-                    self.dataset(client_id, round_num)
-                except Exception:  # noqa: BLE001 - raised again, in order, by the round that needs the client
-                    return
+            try:
+                for _ in self._round(client_ids, round_num):
+                    if cancelled.is_set():
+                        return
+            except Exception:  # noqa: BLE001 - raised again, in order, by the round that needs the client
+                return
 
         self._prefetching = (threading.Thread(target=warm, name="fedmnist-prefetch", daemon=True), cancelled)
         self._prefetching[0].start()
@@ -249,7 +261,7 @@ class PreparedClients:
             self._prefetching = None
 
     def __call__(self, client_ids: Sequence[str], round_num: int = 1) -> list[tf.data.Dataset]:
-        return [self.dataset(c, round_num) for c in client_ids]
+        return list(self._round(client_ids, round_num))
 
     def groups(self, client_ids: Sequence[str], max_bytes: int, round_num: int = 1) -> Iterator[list[tf.data.Dataset]]:
         """The clients' inputs in groups of at most `max_bytes` of prepared examples (one client at least), so

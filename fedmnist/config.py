@@ -17,9 +17,11 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from fedmnist import registry
-from fedmnist.errors import ConfigError
+from fedmnist import machine, registry
+from fedmnist.errors import ConfigError, PlanTooLargeError
 from fedmnist.schema import setting
+
+INT32_MAX = 2**31 - 1  # TensorFlow's sizes and batch dimensions
 
 
 def _choice(default: str, choices: registry.Registry) -> Any:
@@ -49,8 +51,9 @@ class DataConfig:
 class PreprocessConfig:
     epochs: int = setting(5, minimum=1)
     # 0 = each batch is the client's whole dataset: McMahan et al.'s B = inf (FedSGD with epochs 1).
-    batch_size: int = setting(20, minimum=0)
-    shuffle_buffer: int = setting(100, minimum=1)
+    batch_size: int = setting(20, minimum=0, maximum=INT32_MAX)
+    # tf.data's shuffle reserves its whole buffer when it starts (`check_plan_memory`).
+    shuffle_buffer: int = setting(100, minimum=1, maximum=INT32_MAX)
     prefetch_buffer: int = setting(10, minimum=1)
     shuffle_seed: int = setting(1, minimum=0, maximum=2**63 - 1)  # tf.data's int64 seed
     # per_round: a client's order changes every round, derived from (shuffle_seed, round, client);
@@ -85,7 +88,7 @@ class PersonalizationConfig:
     enabled: bool = False
     epochs: int = setting(2, minimum=1)
     learning_rate: float = setting(0.02, above=0)
-    batch_size: int = setting(20, minimum=1)
+    batch_size: int = setting(20, minimum=1, maximum=INT32_MAX)
     clients: int = setting(0, minimum=0)
 
 
@@ -290,9 +293,34 @@ def check_consistency(config: Config) -> None:
     if config.stop_after_target is not None and not config.accuracy_targets:
         raise ConfigError("stop_after_target: set accuracy_targets too (it stops after the highest one)")
     check_model_name(config.model)
+    check_plan_memory(config)
     registry.SOURCES.get(config.data.dataset).check(config)
     registry.ALGORITHMS.get(config.algorithm).check(config)
     registry.AGGREGATIONS.get(config.aggregation).check(config)
+
+
+# Memory that settings reserve whatever the data holds (measured in docs/runs.md, "Limits").
+SHUFFLE_SLOT_BYTES = 24       # a slot of tf.data's shuffle buffer, reserved when the pipeline starts
+LOCAL_WORKER_BYTES = 250e6    # a local TFF worker training a round's clients
+
+
+def check_plan_memory(config: Config) -> None:
+    """PlanTooLargeError when the memory that `preprocess.shuffle_buffer` or `num_workers` reserves up front
+    would exceed this machine's. With `client_input: datasets` TFF's worker runs a round's pipelines, or an
+    evaluation's, at once; prepared clients build their orders two at a time (a round's, and the next one's)."""
+    memory, buffer = machine.memory_bytes(), config.preprocess.shuffle_buffer
+    pipelines = max(config.clients_per_round, config.eval_clients, 2) if config.client_input == "datasets" else 2
+    shuffle = SHUFFLE_SLOT_BYTES * buffer * pipelines
+    if shuffle > memory:
+        raise PlanTooLargeError(f"preprocess.shuffle_buffer: {pipelines} shuffle buffers of {buffer:,} examples need "
+                                f"{machine.gigabytes(shuffle)} GB, more than this machine's "
+                                f"{machine.gigabytes(memory)} GB; lower it (a buffer as large as a client's examples times preprocess.epochs "
+                                f"already shuffles them all)")
+    workers = LOCAL_WORKER_BYTES * config.num_workers
+    if workers > memory:
+        raise PlanTooLargeError(f"num_workers: {config.num_workers:,} local TFF workers need about "
+                                f"{machine.gigabytes(workers)} GB, more than this machine's "
+                                f"{machine.gigabytes(memory)} GB; at most {int(memory // LOCAL_WORKER_BYTES)} fit")
 
 
 BUILT_IN_MODELS = ("linear", "cnn", "2nn")

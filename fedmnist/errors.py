@@ -57,6 +57,26 @@ class WorkerFailedError(FedmnistError, RuntimeError):
     saved_round = 0
 
 
+class RunError(FedmnistError, ValueError):
+    """A directory that is not a readable fedmnist run (`fedmnist report`, the paper's table)."""
+
+    exit_code = 2
+
+
+class TlsError(ConfigError):
+    """The TLS files are missing, unreadable, unprotected, or do not fit together (one line; a command
+    exits 2, as for any other setting it cannot use)."""
+
+
+class RuntimeStartError(FedmnistError, RuntimeError):
+    """A TFF worker could not be started or reached, or listens where it should not."""
+
+
+class ShimBuildError(FedmnistError, RuntimeError):
+    """The bind shim that keeps a worker to its address and user could not be built (no C compiler, a compile
+    error, an unusable cache directory) or cannot work on this system."""
+
+
 class Interrupted(FedmnistError):
     """A stop was requested (SIGINT/SIGTERM); the state after `round_num` is saved."""
 

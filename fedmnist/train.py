@@ -64,8 +64,8 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
     return [f"{key}={value}" for key, value in named.items() if value is not None] + args.set
 
 
-def make_run_dir(requested: Path | None, name: str) -> tuple[Path, bool]:
-    """The run directory, created if missing, and whether this command created it."""
+def make_run_dir(requested: Path | None, name: str) -> Path:
+    """The run directory, created if missing."""
     if requested is None:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         base = RUNS_ROOT / f"{name}-{stamp}"
@@ -73,24 +73,23 @@ def make_run_dir(requested: Path | None, name: str) -> tuple[Path, bool]:
             candidate = Path(f"{base}{suffix}")
             try:
                 candidate.mkdir(parents=True)
-                return candidate, True
+                return candidate
             except FileExistsError:
                 continue
         raise UsageError(f"too many runs named {base}; pass --run-dir")
     if requested.exists() and not requested.is_dir():
         raise UsageError(f"--run-dir {requested} is a file, not a directory")
-    existed = requested.exists()
     try:
         requested.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UsageError(f"cannot create run directory {requested}: {error.strerror}") from None
-    return requested, not existed
+    return requested
 
 
 def prepare_run_dir(requested: Path | None, name: str, overwrite: bool) -> Path:
     """A new, empty run directory, for notebooks and scripts that write a run themselves (the command also
     locks it while it trains): an existing run in it is replaced only with `overwrite`."""
-    run_dir, _ = make_run_dir(requested, name)
+    run_dir = make_run_dir(requested, name)
     if check_new_run_dir(run_dir, overwrite):
         run_directory.clear(run_dir)
     return run_dir
@@ -102,6 +101,9 @@ def check_new_run_dir(run_dir: Path, overwrite: bool) -> bool:
     is taken, so a refused command leaves the directory as it was."""
     if not any(entry.name != run_directory.LOCK_FILE for entry in run_dir.iterdir()):
         return False
+    holder = run_directory.holder(run_dir)
+    if holder:
+        raise run_directory.in_use(run_dir, holder)
     if not overwrite:
         raise UsageError(f"run directory {run_dir} already exists; choose another --run-dir "
                          f"or pass --overwrite to replace it")
@@ -193,7 +195,6 @@ def _workers_stalled() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = run_dir = None
-    created = False
     try:
         args = build_parser().parse_args(argv)
         if not args.debug:
@@ -202,18 +203,23 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
         if args.resume:
             check_resume_args(args)
-            run_dir = args.resume
+            run_dir, replace = args.resume, False
             config = load_run_config(run_dir, args.rounds)
         else:
             config = config_lib.load(args.config, overrides_from_args(args))
-            run_dir, created = make_run_dir(args.run_dir, config.name)
+            run_dir = make_run_dir(args.run_dir, config.name)
             replace = check_new_run_dir(run_dir, args.overwrite)
         with run_directory.locked(run_dir):
-            if not args.resume:
-                if replace:
-                    run_directory.clear(run_dir)
-                created = True  # what is in it now is this command's
-            train_and_serve(args, config, run_dir)
+            # Only now is what the directory holds this command's: a command refused the lock leaves it alone,
+            # and a failed start removes its own files while it still holds the lock.
+            created = not args.resume
+            if replace:
+                run_directory.clear(run_dir)
+            try:
+                train_and_serve(args, config, run_dir)
+            finally:
+                if created and not run_directory.has_rounds(run_dir):
+                    remove_unstarted(run_dir)
         return 0
     except KeyboardInterrupt as error:
         return _interrupted(str(error) or "interrupted during a round", run_dir)
@@ -233,9 +239,6 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"cannot write{where}: {error.strerror or error}", 1, args, error)
     except Exception as error:  # noqa: BLE001 - the CLI's last line of defence: one line, exit 1.
         return _fail(error, 1, args)
-    finally:
-        if created and run_dir is not None and not run_directory.has_rounds(run_dir):
-            remove_unstarted(run_dir)
 
 
 def train_and_serve(args: argparse.Namespace, config: config_lib.Config, run_dir: Path) -> None:

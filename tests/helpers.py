@@ -543,3 +543,10 @@ class Background:
         for work in Background._scheduled:
             if work.cleanup is not None and work._done.is_set() and not work._taken and work._error is None:
                 work.cleanup(work._value)
+
+
+def file_size_limit(nbytes: int) -> str:
+    """Python code that makes this process's writes past `nbytes` of a file fail with EFBIG (instead of a
+    SIGXFSZ kill), as a full disk fails them: for `before_exec` or the start of a script."""
+    return ("import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({nbytes}, {nbytes}))")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from fedmnist import train
-from helpers import ROOT, Background, run_cli, train_main
+from helpers import ROOT, Background, file_size_limit, run_cli, train_main
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -98,9 +98,8 @@ def test_divergence_is_named_and_exit_1(workspace):
     assert "Traceback" not in done.stderr
 
 
-# Writes beyond 16 KiB fail with EFBIG (instead of a SIGXFSZ kill), as a full disk fails a save.
-SMALL_FILE_LIMIT = ("import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-                    "resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, 16 * 1024))")
+# Writes beyond 16 KiB fail, as a full disk fails a save.
+SMALL_FILE_LIMIT = file_size_limit(16 * 1024)
 
 
 def full_disk_cli(directory: Path):

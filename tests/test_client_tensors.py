@@ -186,6 +186,29 @@ def test_a_prefetched_round_is_the_round_prepared_when_asked_and_is_not_prepared
 
 
 @pytest.mark.unit
+def test_a_round_whose_clients_orders_together_exceed_the_memory_is_refused_though_each_one_fits(monkeypatch):
+    from fedmnist import machine
+    from fedmnist.errors import PlanTooLargeError
+
+    dataset = data.load_synthetic(num_clients=5, examples_per_client=30, seed=5)
+    ids, epochs = dataset.train.client_ids, 1000
+    settings = preprocessing_settings(small_config(f"preprocess.epochs={epochs}").preprocess)
+    size = len(list(dataset.train.create_tf_dataset_for_client(ids[0])))   # every client's
+    # One client's order, held as int32 `ORDER_COPIES` times and built as int64 first, takes half the memory;
+    # with a second one's it still fits; a third one's does not.
+    one_client = (4 * client_tensors.ORDER_COPIES + 8) * size * epochs
+    monkeypatch.setattr(machine, "memory_bytes", lambda: 2 * one_client)
+    clients = client_tensors.PreparedClients(dataset.train, settings)
+    assert len(clients(ids[:2], 1)) == 2
+    with pytest.raises(PlanTooLargeError, match=f"preprocess.epochs: 1,000 epochs of a round's {3 * size} examples"):
+        clients(ids, 1)
+    clients.prefetch(ids, 2)   # refused there too: the round meets the error when it asks
+    clients.wait_for_prefetch()
+    with pytest.raises(PlanTooLargeError):
+        clients(ids, 2)
+
+
+@pytest.mark.unit
 def test_a_client_that_fails_in_a_prefetch_fails_in_its_round_with_its_own_error():
     from fedmnist.errors import DataUnavailableError
 

@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from fedmnist import data
 from fedmnist.config import DataConfig
+from fedmnist.errors import ConfigError
 from fedmnist.data import preprocessing, sources
 from helpers import write_emnist_sqlite
 
@@ -135,6 +136,13 @@ def test_auto_falls_back_to_digits_with_one_warning(tmp_path, monkeypatch, capsy
     assert dataset.name == "digits"
     warning = capsys.readouterr().err.strip().splitlines()
     assert len(warning) == 1 and warning[0].startswith("warning:")
+
+
+def test_auto_falling_back_to_digits_refuses_more_clients_than_the_digits_hold(tmp_path, monkeypatch):
+    # The config's check could not know the digits would stand in: it was a ValueError from the split, exit 1.
+    monkeypatch.setattr(sources, "can_download", lambda timeout=3.0: False)
+    with pytest.raises(ConfigError, match=r"data.num_clients: digits has 1,797 examples, too few for 1,000 clients"):
+        data.load_dataset(DataConfig(dataset="auto", cache_dir=str(tmp_path), num_clients=1000))
 
 
 def test_explicit_emnist_without_cache_or_network_fails_clearly(tmp_path, monkeypatch):

@@ -152,11 +152,20 @@ def test_a_failed_download_leaves_nothing_and_is_one_error(tmp_path, monkeypatch
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("content", ["not a zip", "wrong shape", "missing key", "bad label"])
+@pytest.mark.parametrize("content", ["not a zip", "wrong shape", "missing key", "bad label", "int pixel 300",
+                                     "int pixel -5", "float pixel 255.5", "infinite pixel"])
 def test_an_unreadable_file_is_named(tmp_path, content):
     path = tmp_path / mnist.MNIST_FILE
     (x_train, y_train), (x_test, y_test) = fake_arrays()
-    if content == "not a zip":
+    if content.endswith("pixel 300") or content.endswith("pixel -5"):
+        pixels = x_train.astype(np.int32)
+        pixels[1, 5, 5] = int(content.rsplit(" ", 1)[1])
+        np.savez(path, x_train=x_train, y_train=y_train, x_test=pixels[:len(x_test)], y_test=y_test)
+    elif "pixel" in content:
+        pixels = x_train.astype(np.float32)
+        pixels[1, 5, 5] = 255.5 if content.startswith("float") else np.inf
+        np.savez(path, x_train=pixels, y_train=y_train, x_test=x_test, y_test=y_test)
+    elif content == "not a zip":
         path.write_bytes(b"this is not an npz")
     elif content == "wrong shape":
         np.savez(path, x_train=x_train[:, :20], y_train=y_train, x_test=x_test, y_test=y_test)
@@ -164,7 +173,8 @@ def test_an_unreadable_file_is_named(tmp_path, content):
         np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test)
     else:
         np.savez(path, x_train=x_train, y_train=y_train + 10, x_test=x_test, y_test=y_test)
-    with pytest.raises(sources.DataUnavailableError, match="unreadable"):
+    expected = "holds pixel values" if "pixel" in content else "unreadable"
+    with pytest.raises(sources.DataUnavailableError, match=expected):
         mnist.load_mnist(cache_dir=tmp_path, allow_download=False)
 
 

@@ -30,3 +30,20 @@ def test_fine_tuning_helps_on_shards(tff_runtime):
     assert summary["clients"] == 10
     assert summary["gain_mean"] > 0.05 and summary["gain_median"] > 0
     assert summary["accuracy_after"] > summary["accuracy_before"]
+
+
+@pytest.mark.unit
+def test_fine_tuning_epochs_are_a_graph_loop_so_a_large_count_cannot_fill_memory_while_tracing():
+    # `personalization.epochs=10**12` once grew the process by gigabytes a minute: each epoch was unrolled
+    # into the graph as it was traced.
+    from fedmnist.clients.personalization import as_example, build_personalize_fn
+
+    dataset = data.load_digits(num_clients=4, method="iid", seed=0)
+    client = dataset.train.create_tf_dataset_for_client(dataset.train.client_ids[0]).map(as_example)
+
+    def graph_size(epochs: int) -> int:
+        personalize = build_personalize_fn(PersonalizationConfig(epochs=epochs))()
+        graph = personalize.get_concrete_function(model.build_model_fn()(), client, client).graph.as_graph_def()
+        return len(graph.node) + sum(len(function.node_def) for function in graph.library.function)
+
+    assert graph_size(1) == graph_size(12)

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import (ROOT, THROUGH_UV, metrics_rows, run_cli, start_cli, train_main, tree_progress, wait_for,
-                     wait_process, write_emnist_sqlite)
+from helpers import (ROOT, THROUGH_UV, file_size_limit, metrics_rows, run_cli, start_cli, train_main, tree_progress,
+                     wait_for, wait_process, write_emnist_sqlite)
 
 FAST = ["--dataset", "digits", "--quiet", "--set", "histogram_every=0"]
 
@@ -56,7 +56,8 @@ def test_a_second_command_on_a_run_in_use_is_refused_naming_the_process_and_the_
     try:
         wait_for(lambda: len(rounds_of(run_dir)) >= 2 if (run_dir / "metrics.jsonl").exists() else False,
                  "the first run's second round", progress=tree_progress(first.pid))
-        for second in (["--resume", str(run_dir)], [*FAST, "--run-dir", str(run_dir), "--overwrite"]):
+        for second in (["--resume", str(run_dir)], [*FAST, "--run-dir", str(run_dir), "--overwrite"],
+                       [*FAST, "--run-dir", str(run_dir)]):
             done = train_main(*second)
             assert done.returncode == 2
             assert one_line(done.stderr) == (f"error: run directory {run_dir} is in use by process {first.pid}; "
@@ -124,6 +125,33 @@ def test_a_log_damaged_before_its_end_is_one_line_naming_the_file(finished_run, 
     done = train_main("--resume", str(run_dir), "--rounds", "4", "--quiet")
     assert done.returncode == 1
     assert f"{run_dir / 'metrics.jsonl'} line 2 is not a round record" in one_line(done.stderr)
+
+
+def test_a_rewrite_that_fails_part_way_leaves_each_file_as_it_was(finished_run, tmp_path):
+    # A resume after round 1 rewrites metrics.jsonl and the events file without rounds 2-3. Here every write
+    # past 512 bytes fails (EFBIG, as a full disk fails it), so each rewrite fails part way: the files must
+    # be the old ones, whole (a rewrite in place would have cut them), and no partial file left.
+    run_dir = copy_of(finished_run, tmp_path)
+    (events,) = run_dir.glob("events.out.tfevents.*")
+    before = {path: path.read_bytes() for path in (run_dir / "metrics.jsonl", events)}
+    script = (f"{file_size_limit(512)}\n"
+              "import sys\n"
+              "from pathlib import Path\n"
+              "from fedmnist.outputs.metrics_log import MetricsLog\n"
+              "from fedmnist.outputs.tensorboard import drop_events_after\n"
+              "run_dir = Path(sys.argv[1])\n"
+              "for drop in (MetricsLog(run_dir).drop_after, lambda r: drop_events_after(run_dir, r)):\n"
+              "    try:\n"
+              "        drop(1)\n"
+              "        print('rewritten')\n"
+              "    except Exception as error:\n"
+              "        print('failed:', type(error).__name__)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(run_dir)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert [line.split()[0] for line in done.stdout.splitlines()] == ["failed:", "failed:"], done.stdout
+    assert all(path.read_bytes() == content for path, content in before.items())
+    assert not list(run_dir.glob(".partial-*"))
 
 
 # --- 3. An interrupted end of the run ---------------------------------------------------------------
@@ -217,6 +245,33 @@ def test_divergence_stops_the_run_with_one_line_not_success(tmp_path, overrides,
     assert not run_dir.exists()  # nothing to resume: the directory went with the failed start
 
 
+def test_a_run_that_diverges_after_good_rounds_stops_there_keeping_the_last_good_round(tmp_path):
+    # Server momentum keeps adding round 1's step after the clients' updates vanish in float32 next to weights
+    # this large: the largest weight is about 1.5e19 after round 2 and 2.2e19 after round 3 (the limit, 1.8e19).
+    run_dir = tmp_path / "run"
+    done = train_main(*FAST, "--rounds", "5", "--run-dir", str(run_dir), "--set", "server_optimizer.momentum=0.9",
+                      "--set", "server_optimizer.learning_rate=3.5e20")
+    assert done.returncode == 1
+    line = one_line(done.stderr)
+    assert line.startswith("error: training diverged at round 3") and "largest global weight" in line
+    assert line.endswith(f"the state after round 2, the last good one, is saved in {run_dir}")
+    assert [r["round"] for r in metrics_rows(run_dir)] == [1, 2]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round_1", "round_2"]
+    assert not (run_dir / "summary.json").exists()
+
+
+def test_a_global_model_whose_evaluation_loss_is_not_finite_stops_the_run(tmp_path):
+    # Weights below the limit can still overflow a CNN's activations: training loss finite (it is measured
+    # from the weights before the round), evaluation loss NaN.
+    run_dir = tmp_path / "run"
+    done = train_main(*FAST, "--rounds", "2", "--run-dir", str(run_dir), "--set", "model=cnn", "--set",
+                      "eval_every=1", "--set", "server_optimizer.learning_rate=1e12")
+    assert done.returncode == 1
+    assert one_line(done.stderr) == ("error: the global model diverged at round 1: its evaluation loss on train data "
+                                     "is nan; lower the learning rates; no round completed")
+    assert not run_dir.exists()
+
+
 def test_mnist_pixels_that_are_not_finite_are_refused_naming_the_file(tmp_path):
     from fedmnist.data import mnist
 
@@ -256,10 +311,15 @@ def test_an_emnist_client_with_a_label_outside_the_classes_is_one_line_naming_cl
 
 @pytest.mark.parametrize("args, message", [
     (["--set", "preprocess.epochs=1000000000000", "--rounds", "1"],
-     "error: preprocess.epochs: 1,000,000,000,000 epochs of a client's"),
+     "error: preprocess.epochs: 1,000,000,000,000 epochs of a round's"),
     (["--dataset", "synthetic", "--set", "data.examples_per_client=1000000000"],
      "error: data.examples_per_client: 20 clients x 1,000,000,000 synthetic examples need"),
     (["--seed", str(10**20)], "error: seed: must be at most 4294967295, got 100000000000000000000"),
+    (["--set", "preprocess.batch_size=1000000000000"],
+     "error: preprocess.batch_size: must be at most 2147483647, got 1000000000000"),
+    (["--set", "client_input=datasets", "--set", "preprocess.shuffle_buffer=2147483647", "--set", "eval_clients=20"],
+     "error: preprocess.shuffle_buffer: 20 shuffle buffers of 2,147,483,647 examples need 1,031 GB, more than"),
+    (["--set", "num_workers=100000"], "error: num_workers: 100,000 local TFF workers need about 25,000 GB"),
 ])
 def test_sizes_beyond_the_machine_are_refused_at_once_and_leave_no_run_directory(tmp_path, args, message):
     done = run_cli(*FAST, *args, cwd=tmp_path, env={"TF_CPP_MIN_LOG_LEVEL": "2"})

@@ -111,9 +111,9 @@ def split_attack(clients: int, threshold: int, target: int = 3) -> np.ndarray:
         {v: shamir.share_from_bytes(r.key_shares[target]) for v, r in told_dropped.items()}, threshold))
     recovered = secagg.unpack(masked[target], 16, BITS) - secagg.prg(seed, 16, BITS)
     for v in everyone - {target}:
-        pairwise = secagg.prg(secagg._kdf(key.exchange(X25519PublicKey.from_public_bytes(roster[v].masking)),
-                                          b"mask"), 16, BITS)
-        recovered = recovered - pairwise if secagg._sign(target, v) > 0 else recovered + pairwise
+        shared = key.exchange(X25519PublicKey.from_public_bytes(roster[v].masking))
+        pairwise = secagg.prg(secagg.derive_key(shared, b"mask"), 16, BITS)
+        recovered = recovered - pairwise if secagg.mask_sign(target, v) > 0 else recovered + pairwise
     np.testing.assert_array_equal(recovered & secagg.modulus_mask(BITS), inputs[target])
     return recovered
 

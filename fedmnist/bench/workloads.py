@@ -11,7 +11,7 @@ from fedmnist import runtime
 from fedmnist.bench.figures import summarize
 from fedmnist.bench.memory import TreeMemory
 from fedmnist.config import Config
-from fedmnist.outputs.metrics_log import MetricsLog
+from fedmnist.outputs.records import RoundRecord
 
 if TYPE_CHECKING:
     from fedmnist.data.sources import FederatedDataset
@@ -77,27 +77,27 @@ PATH_OVERRIDES = {
 
 def run_package(config: Config, dataset: FederatedDataset | None = None) -> dict:
     """The package's experiment built from `config` (on `dataset` instead of the configured data when given)
-    and run by `loop.run`, timed by its own per-round seconds, with the process tree's RSS sampled throughout
-    and as each round ends."""
+    and run by `loop.run`, timed by each round's record as the `round_done` hook hands it over, with the
+    process tree's RSS sampled throughout and as each round ends."""
     # Imported here: the command line answers --help before TensorFlow loads.
     from fedmnist import experiment, loop
 
+    records: list[RoundRecord] = []
     rss_by_round: dict[int, int] = {}
     workers_rss_by_round: dict[int, int] = {}
     with TreeMemory() as memory, tempfile.TemporaryDirectory(prefix="fedmnist-bench-") as run_dir:
-        def round_done(record) -> None:
+        def round_done(record: RoundRecord) -> None:
+            records.append(record)
             rss_by_round[record.round] = memory.current()
             workers_rss_by_round[record.round] = rss_by_round[record.round] - memory.root.memory_info().rss
 
         with experiment.build(config, Path(run_dir), echo=lambda line: None, dataset=dataset) as built:
             loop.run(built, loop.Hooks(round_done=round_done))
-        rows = MetricsLog(Path(run_dir)).rows()
     leftover = runtime.worker_children()
     if leftover:
         raise RuntimeError(f"worker_binary processes left running: {leftover}")
-    per_round = [{"loss": r["train"]["loss"], "accuracy": r["train"]["sparse_categorical_accuracy"]}
-                 for r in rows]
-    figures = summarize([r["seconds"] for r in rows], rows[-1]["train"]["num_examples"], memory.peak,
+    per_round = [{"loss": r.train["loss"], "accuracy": r.train["sparse_categorical_accuracy"]} for r in records]
+    figures = summarize([r.seconds for r in records], records[-1].train["num_examples"], memory.peak,
                         per_round[-1]["accuracy"], per_round)
     figures["rss_gb_by_round"] = {k: v / 1e9 for k, v in sorted(rss_by_round.items())}
     figures["workers_rss_gb_by_round"] = {k: v / 1e9 for k, v in sorted(workers_rss_by_round.items())}

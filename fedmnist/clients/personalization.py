@@ -17,7 +17,7 @@ import tensorflow_federated as tff
 from fedmnist.config import PersonalizationConfig
 
 
-def _as_example(element):
+def as_example(element):
     return collections.OrderedDict(x=tf.reshape(element["pixels"], [784]),
                                    y=tf.reshape(element["label"], [1]))
 
@@ -46,7 +46,7 @@ def build_personalize_fn(cfg: PersonalizationConfig) -> Callable[[], Callable]:
             del context
             weights = model.trainable_variables
             state = optimizer.initialize(tf.nest.map_structure(lambda v: tf.TensorSpec(v.shape, v.dtype), weights))
-            for _ in range(cfg.epochs):
+            for _ in tf.range(cfg.epochs):  # a graph loop: a Python range would unroll every epoch into the graph
                 for batch in train_data.batch(cfg.batch_size):
                     with tf.GradientTape() as tape:
                         loss = model.forward_pass(batch, training=True).loss
@@ -81,8 +81,8 @@ class PersonalizationEvaluator:
     def __call__(self, weights: tff.learning.models.ModelWeights, train: tff.simulation.datasets.ClientData,
                  test: tff.simulation.datasets.ClientData, client_ids: Sequence[str]) -> dict:
         inputs = [collections.OrderedDict(
-            train_data=train.create_tf_dataset_for_client(cid).map(_as_example),
-            test_data=test.create_tf_dataset_for_client(cid).map(_as_example)) for cid in client_ids]
+            train_data=train.create_tf_dataset_for_client(cid).map(as_example),
+            test_data=test.create_tf_dataset_for_client(cid).map(as_example)) for cid in client_ids]
         metrics = self.computation(weights, inputs)
         before = np.asarray(metrics["baseline_metrics"]["accuracy"], dtype=np.float64)
         after = np.asarray(metrics["finetuned"]["accuracy"], dtype=np.float64)

@@ -44,18 +44,18 @@ class Synthetic(DataSource):
 
     @classmethod
     def check(cls, config) -> None:
-        import psutil
-
+        from fedmnist import machine
         from fedmnist.errors import PlanTooLargeError
 
         super().check(config)
         data = config.data
         # Generated in memory: float64 noise and pixels, then a float32 copy per client.
-        needed, memory = 20 * 784 * data.num_clients * data.examples_per_client, psutil.virtual_memory().total
+        needed, memory = 20 * 784 * data.num_clients * data.examples_per_client, machine.memory_bytes()
         if needed > memory:
             raise PlanTooLargeError(f"data.examples_per_client: {data.num_clients:,} clients x "
-                                    f"{data.examples_per_client:,} synthetic examples need about {needed / 1e9:,.3g} GB, "
-                                    f"more than this machine's {memory / 1e9:.3g} GB; lower it or data.num_clients")
+                                    f"{data.examples_per_client:,} synthetic examples need about "
+                                    f"{machine.gigabytes(needed)} GB, more than this machine's "
+                                    f"{machine.gigabytes(memory)} GB; lower it or data.num_clients")
 
     @classmethod
     def load(cls, data: DataConfig, seed: int) -> FederatedDataset:
@@ -86,4 +86,5 @@ class Auto(DataSource):
             return Emnist.load(data, seed)
         print("warning: federated EMNIST is not cached and there is no network; "
               "using scikit-learn's digits instead (--dataset digits)", file=sys.stderr)
+        Digits.check_clients(data)  # `check` could not know that the digits would stand in
         return Digits.load(data, seed)

@@ -65,7 +65,8 @@ def read_npz(path: Path) -> tuple[Split, Split]:
         if x.ndim != 3 or x.shape[1:] != (28, 28) or y.shape != (len(x),) or len(x) < 2:
             raise DataUnavailableError(f"{MNIST_FILE} in the MNIST cache is unreadable: x_{name} {x.shape} "
                                        f"and y_{name} {y.shape} are not 28x28 images with one label each")
-        if not np.issubdtype(x.dtype, np.integer) and not (np.isfinite(x).all() and 0 <= x.min() and x.max() <= 255):
+        finite = np.issubdtype(x.dtype, np.integer) or np.isfinite(x).all()
+        if not (finite and 0 <= x.min() and x.max() <= 255):  # an int32 array can hold 300 or -5 too
             raise DataUnavailableError(f"{MNIST_FILE} in the MNIST cache is unreadable: x_{name} holds pixel values "
                                        f"that are not finite or outside 0..255")
         if y.min() < 0 or y.max() > 9:
@@ -124,7 +125,7 @@ def federate(train: Split, test: Split, num_clients: int = 100, method: str = "i
     clients_train = {cid: (convert(x_train[p]), y_train[p]) for cid, p in zip(ids, train_parts)}
     clients_test = {cid: (convert(x_test[p]), y_test[p]) for cid, p in zip(ids, test_parts)}
     return FederatedDataset("mnist", client_data_from_arrays(clients_train), client_data_from_arrays(clients_test),
-                            10, central_test=(convert(x_test), y_test))
+                            10, central_test=(convert(x_test), y_test), partition=method)
 
 
 def load_mnist(num_clients: int = 100, method: str = "iid", seed: int = 0, alpha: float = 0.5,

@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     counts = label_counts(dataset.train, dataset.train.client_ids, dataset.num_classes)
-    name = f"{dataset.name}, partition {config.data.partition}" if dataset.name != "emnist" else "emnist"
+    name = dataset.name if dataset.partition is None else f"{dataset.name}, partition {dataset.partition}"
     print(format_description(name, describe(counts)))
     try:
         if output.parent == RUNS_ROOT:

@@ -63,7 +63,7 @@ def client_data_from_arrays(clients: dict[str, tuple[np.ndarray, np.ndarray]]
 
 
 def _split_clients(pixels: np.ndarray, labels: np.ndarray, parts: list[np.ndarray],
-                   test_fraction: float, seed: int, name: str, num_classes: int) -> FederatedDataset:
+                   test_fraction: float, seed: int, name: str, num_classes: int, method: str) -> FederatedDataset:
     rng = np.random.default_rng([seed, 1])
     width = len(str(len(parts) - 1))
     train, test = {}, {}
@@ -73,7 +73,7 @@ def _split_clients(pixels: np.ndarray, labels: np.ndarray, parts: list[np.ndarra
         train[client_id] = (pixels[train_idx], labels[train_idx])
         test[client_id] = (pixels[test_idx], labels[test_idx])
     return FederatedDataset(name, client_data_from_arrays(train), client_data_from_arrays(test),
-                            num_classes)
+                            num_classes, partition=method)
 
 
 # --- digits: real handwriting that ships with scikit-learn ------------------------------------
@@ -97,7 +97,7 @@ def load_digits(num_clients: int = 20, method: str = "iid", seed: int = 0, alpha
                 test_fraction: float = 0.2) -> FederatedDataset:
     pixels, labels = digits_as_emnist()
     parts = partition.partition(labels, num_clients, method, seed, alpha=alpha)
-    return _split_clients(pixels, labels, parts, test_fraction, seed, "digits", 10)
+    return _split_clients(pixels, labels, parts, test_fraction, seed, "digits", 10, method)
 
 
 # --- synthetic: learnable random data --------------------------------------------------------
@@ -112,7 +112,7 @@ def load_synthetic(num_clients: int = 20, examples_per_client: int = 50, seed: i
     noise = rng.normal(0.0, 0.35, size=(len(labels), *IMAGE_SHAPE))
     pixels = np.clip(prototypes[labels] + noise, 0.0, 1.0).astype(np.float32)
     parts = partition.partition(labels, num_clients, method, seed, alpha=alpha)
-    return _split_clients(pixels, labels, parts, test_fraction, seed, "synthetic", num_classes)
+    return _split_clients(pixels, labels, parts, test_fraction, seed, "synthetic", num_classes, method)
 
 
 # --- emnist: the real federated EMNIST ---------------------------------------------------------

@@ -24,6 +24,7 @@ class FederatedDataset:
     # centralized evaluation pools the clients' test data (`sources.pooled_test_set`).
     central_test: tuple[np.ndarray, np.ndarray] | None = None
     origin: str = "the generated data"  # where the examples come from, for error messages (a file, a source)
+    partition: str | None = None  # how a pool of examples was dealt to the clients; None: the source's own clients
 
 
 class DataSource:
@@ -44,9 +45,16 @@ class DataSource:
         if config.clients_per_round > data.num_clients:
             raise ConfigError(f"clients_per_round: {config.clients_per_round} is more than the "
                               f"{data.num_clients} clients of data.num_clients")
-        if data.num_clients > cls.max_clients:
-            raise ConfigError(f"data.num_clients: {cls.examples_note}, too few for {data.num_clients} clients "
-                              f"(at most {cls.max_clients})")
+        cls.check_clients(data)
+
+    @classmethod
+    def check_clients(cls, data: DataConfig) -> None:
+        """ConfigError when the source's examples cannot be split into `data.num_clients` clients."""
+        from fedmnist.errors import ConfigError
+
+        if cls.max_clients is not None and data.num_clients > cls.max_clients:
+            raise ConfigError(f"data.num_clients: {cls.examples_note}, too few for {data.num_clients:,} clients "
+                              f"(at most {cls.max_clients:,})")
 
     @classmethod
     def load(cls, data: DataConfig, seed: int) -> FederatedDataset:

@@ -63,19 +63,24 @@ class MetricsLog:
         return [RoundRecord.from_json(row) for row in self.rows()]
 
 
-def replace_atomically(path: Path, content: bytes) -> None:
-    """Writes `content` to a new file beside `path` and renames it over `path` once it is on disk: a crash
-    or a full disk leaves the old file or the new one, whole, never a cut one."""
-    temporary = path.with_name(f".{path.name}.tmp")
+def replace_with(path: Path, write: Callable[[Path], Any]) -> None:
+    """Has `write` make a new file beside `path`, syncs it to disk and renames it over `path`: a crash or a
+    full disk leaves the old file or the new one, whole, never a cut one. The new file's name keeps the
+    suffix (`.partial-model.keras`), which some writers require."""
+    temporary = path.with_name(f".partial-{path.name}")
     try:
-        with open(temporary, "wb") as stream:
-            stream.write(content)
-            stream.flush()
+        write(temporary)
+        with open(temporary, "rb+") as stream:
             os.fsync(stream.fileno())
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def replace_atomically(path: Path, content: bytes) -> None:
+    """`path` replaced by `content`, whole or not at all (`replace_with`)."""
+    replace_with(path, lambda temporary: temporary.write_bytes(content))
 
 
 def write_json(path: Path, value: Any) -> None:

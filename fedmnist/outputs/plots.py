@@ -13,9 +13,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from fedmnist.errors import DamagedFileError
+from fedmnist.errors import DamagedFileError, RunError
 from fedmnist.outputs.metrics_log import MetricsLog, replace_atomically
-
 from fedmnist.outputs.records import (ACCURACY, CENTRALIZED_EVALUATION, EVALUATION_ON_TEST_DATA,
                                       EVALUATION_ON_TRAINING_DATA, LOCAL_TRAINING, METRICS_FILE, RoundRecord,
                                       accuracy_key)
@@ -24,10 +23,6 @@ CURVES_FILE = "curves.png"
 # (what is measured, line style); the legend says its name
 _SERIES = ((LOCAL_TRAINING, "-"), (EVALUATION_ON_TRAINING_DATA, "--"), (EVALUATION_ON_TEST_DATA, ":"),
            (CENTRALIZED_EVALUATION, "-."))
-
-
-class RunError(ValueError):
-    """A directory that is not a readable fedmnist run."""
 
 
 def read_records(run_dir: str | Path) -> list[RoundRecord]:

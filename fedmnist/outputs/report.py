@@ -25,9 +25,10 @@ from pathlib import Path
 
 import yaml
 
-from fedmnist.cli import ArgumentParser, UsageError
+from fedmnist.cli import ArgumentParser
+from fedmnist.errors import RunError, UsageError
 from fedmnist.outputs import targets as targets_lib
-from fedmnist.outputs.plots import RunError, plot_accuracy_overlay, read_records, series
+from fedmnist.outputs.plots import plot_accuracy_overlay, read_records, series
 from fedmnist.outputs.records import (ACCURACY, CENTRALIZED_EVALUATION, EVALUATION_ON_TEST_DATA,
                                       EVALUATION_ON_TRAINING_DATA, LOCAL_TRAINING, RoundRecord, accuracy_key,
                                       measurement)
@@ -327,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except (UsageError, RunError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return error.exit_code
     except OSError as error:
         print(f"error: cannot write the plot: {error}", file=sys.stderr)
         return 1

@@ -41,9 +41,7 @@ def locked(run_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
-            raise UsageError(f"run directory {run_dir} is in use by process {holder}; wait for it to end "
-                             f"or stop it, then try again") from None
+            raise in_use(run_dir, _holder_of(fd)) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         _held[key] = 1
@@ -53,6 +51,30 @@ def locked(run_dir: Path) -> Iterator[None]:
             del _held[key]
     finally:
         os.close(fd)
+
+
+def holder(run_dir: Path) -> str | None:
+    """The process that holds `run_dir`'s lock, or None when no process does (the lock is not taken)."""
+    try:
+        fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        return _holder_of(fd)
+    finally:
+        os.close(fd)  # releases the shared lock, if it was taken
+
+
+def in_use(run_dir: Path, holder: str) -> UsageError:
+    return UsageError(f"run directory {run_dir} is in use by process {holder}; wait for it to end or stop it, "
+                      f"then try again")
+
+
+def _holder_of(fd: int) -> str:
+    return os.read(fd, 64).decode(errors="replace").strip() or "another process"
 
 
 def clear(run_dir: Path) -> None:

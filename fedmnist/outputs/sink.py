@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import os
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 import tensorflow_federated as tff
 
 from fedmnist.outputs.checkpoint import Checkpoints
-from fedmnist.outputs.metrics_log import MetricsLog, write_json
+from fedmnist.outputs.metrics_log import MetricsLog, replace_with, write_json
 from fedmnist.outputs.records import RoundRecord
 from fedmnist.outputs.tensorboard import TensorBoardLog, drop_events_after, scalar_tags, weight_arrays
 from fedmnist.schedule import due
@@ -127,12 +126,10 @@ class ModelFile(RunOutput):
         self.path = run_dir / MODEL_FILE
 
     def finish(self, result: FinalResult) -> None:
-        partial = self.path.with_name(f".partial-{self.path.name}")  # renamed when whole
         keras_model = result.keras_model()
         if getattr(keras_model, "optimizer", None) is not None:
             keras_model.optimizer.build(keras_model.trainable_variables)
-        keras_model.save(partial)
-        os.replace(partial, self.path)
+        replace_with(self.path, keras_model.save)
 
 
 class SummaryFile(RunOutput):

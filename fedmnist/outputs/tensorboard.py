@@ -11,7 +11,6 @@ each named by its directory).
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -25,6 +24,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import metadata as layout_metadata
 from tensorboard.plugins.histogram import summary_v2 as histogram_summary
 
+from fedmnist.outputs.metrics_log import replace_with
 from fedmnist.outputs.records import MEASUREMENTS, ROUND_GROUP, flatten
 
 LEARNING_CURVES = "learning curves: local training and evaluation"
@@ -138,15 +138,13 @@ def drop_events_after(run_dir: Path, round_num: int, warn: Callable[[str], None]
         if torn:
             warn(f"warning: {path.name}: its last record was cut short, as by a crash while writing it; dropped")
         if len(kept) != len(records) or torn:
-            temporary = path.with_name(f".{path.name}.tmp")
-            try:
-                with tf.io.TFRecordWriter(str(temporary)) as writer:
-                    for record in kept:
-                        writer.write(record)
-                os.replace(temporary, path)
-            except BaseException:
-                temporary.unlink(missing_ok=True)
-                raise
+            replace_with(path, lambda temporary, kept=kept: write_records(temporary, kept))
+
+
+def write_records(path: Path, records: Iterable[bytes]) -> None:
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for record in records:
+            writer.write(record)
 
 
 def read_records(path: Path) -> tuple[list[bytes], bool]:

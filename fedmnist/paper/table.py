@@ -22,9 +22,10 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import ScalarFormatter
 
+from fedmnist.errors import RunError
 from fedmnist.outputs import targets as targets_lib
 from fedmnist.outputs.metrics_log import replace_atomically
-from fedmnist.outputs.plots import RunError, png_bytes, series
+from fedmnist.outputs.plots import png_bytes, series
 from fedmnist.outputs.records import ACCURACY, CENTRALIZED_EVALUATION, METRICS_FILE
 from fedmnist.outputs.report import CONFIG_FILE, run_facts
 from fedmnist.paper.mcmahan2017 import PAPER, Row

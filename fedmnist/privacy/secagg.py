@@ -64,7 +64,8 @@ class SecureAggregationError(RuntimeError):
 
 # --- Building blocks -------------------------------------------------------------------------
 
-def _kdf(shared_secret: bytes, purpose: bytes) -> bytes:
+def derive_key(shared_secret: bytes, purpose: bytes) -> bytes:
+    """The key for `purpose` (a pairwise mask's seed, a channel) from a Diffie-Hellman shared secret."""
     return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None,
                 info=b"fedmnist secagg " + purpose).derive(shared_secret)
 
@@ -105,7 +106,7 @@ def unpack(data: bytes, length: int, bits: int) -> np.ndarray:
     return fields.view("<u8").reshape(length).astype(np.uint64)
 
 
-def _sign(u: int, v: int) -> int:
+def mask_sign(u: int, v: int) -> int:
     """+1 when u adds the pairwise mask shared with v, -1 when it subtracts it."""
     return 1 if u < v else -1
 
@@ -212,10 +213,10 @@ class Client:
         masked = values + prg(self._self_mask_seed, len(values), self.bits)
         for v in self._held:  # the clients that completed round 1 (U2)
             if v != self.index:
-                seed = _kdf(self._masking_key.exchange(X25519PublicKey.from_public_bytes(self._roster[v].masking)),
-                            b"mask")
+                peer = X25519PublicKey.from_public_bytes(self._roster[v].masking)
+                seed = derive_key(self._masking_key.exchange(peer), b"mask")
                 mask = prg(seed, len(values), self.bits)
-                masked = masked + mask if _sign(self.index, v) > 0 else masked - mask
+                masked = masked + mask if mask_sign(self.index, v) > 0 else masked - mask
         return pack(masked & modulus_mask(self.bits), self.bits)
 
     def unmasking_response(self, survivors: Collection[int], dropped: Collection[int]) -> UnmaskingResponse:
@@ -239,7 +240,7 @@ class Client:
 
     def _channel(self, other: int) -> ChaCha20Poly1305:
         peer = X25519PublicKey.from_public_bytes(self._roster[other].encryption)
-        return ChaCha20Poly1305(_kdf(self._encryption_key.exchange(peer), b"channel"))
+        return ChaCha20Poly1305(derive_key(self._encryption_key.exchange(peer), b"channel"))
 
     def _encrypt(self, recipient: int, key_share: int, seed_share: int) -> bytes:
         header = _INDEX.pack(self.index) + _INDEX.pack(recipient)
@@ -290,10 +291,10 @@ def server_aggregate(view: ServerView) -> np.ndarray:
     for u in sorted(dropped):
         key = X25519PrivateKey.from_private_bytes(_reconstruct(view, u, "key_shares"))
         for v in sorted(survivors):
-            seed = _kdf(key.exchange(X25519PublicKey.from_public_bytes(view.public_keys[v].masking)), b"mask")
+            seed = derive_key(key.exchange(X25519PublicKey.from_public_bytes(view.public_keys[v].masking)), b"mask")
             mask_uv = prg(seed, view.length, view.bits)
-            # Survivor v added _sign(v, u) * PRG(s_uv) to its input: take it back out.
-            total = total - mask_uv if _sign(v, u) > 0 else total + mask_uv
+            # Survivor v added mask_sign(v, u) * PRG(s_uv) to its input: take it back out.
+            total = total - mask_uv if mask_sign(v, u) > 0 else total + mask_uv
     return total & mask
 
 

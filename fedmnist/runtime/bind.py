@@ -25,15 +25,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fedmnist.errors import ShimBuildError
+
 SOURCE = Path(__file__).with_name("loopback_bind.c")
 ADDRESS_VARIABLE = "FEDMNIST_BIND_ADDRESS"
 SOCKET_VARIABLE = "FEDMNIST_UNIX_SOCKET"
 PEER_VARIABLE = "FEDMNIST_PEER_UID"
 _COMPILE_TIMEOUT_SECONDS = 60
-
-
-class ShimBuildError(RuntimeError):
-    """The bind shim could not be built (no C compiler, a compile error, an unusable cache directory)."""
 
 
 def is_all_interfaces(host: str) -> bool:

@@ -21,14 +21,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedmnist.errors import ConfigError
+from fedmnist.errors import TlsError
 
 ENVIRONMENT = {"ca": "FEDMNIST_TLS_CA", "cert": "FEDMNIST_TLS_CERT", "key": "FEDMNIST_TLS_KEY"}
-
-
-class TlsError(ConfigError):
-    """The TLS files are missing, unreadable, unprotected, or do not fit together (one line; a command
-    exits 2, as for any other setting it cannot use)."""
 
 
 @dataclass(frozen=True)

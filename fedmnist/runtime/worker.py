@@ -31,7 +31,8 @@ import sys
 import time
 from pathlib import Path
 
-from fedmnist.cli import ArgumentParser, UsageError
+from fedmnist.cli import ArgumentParser
+from fedmnist.errors import RuntimeStartError, ShimBuildError, TlsError, UsageError
 from fedmnist.runtime import bind, tls
 
 DEFAULT_HOST = "127.0.0.1"
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse(argv)
         credentials = tls.TlsFiles(args.ca, args.cert, args.key).load() if args.tls else None
-    except (UsageError, tls.TlsError) as error:
+    except (UsageError, TlsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             bind.shim_path()  # before the worker starts: fail fast, with one line
             if not (args.tls or args.insecure):
                 bind.check_owner_lookup()
-        except bind.ShimBuildError as error:
+        except ShimBuildError as error:
             print(f"error: cannot keep the worker to {'its user' if not args.insecure else args.host}: {error}; "
                   "install a C compiler (e.g. gcc), or pass --insecure --host 0.0.0.0 on a trusted network",
                   file=sys.stderr)
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         where = f"port {args.port} on any interface" if bind.is_all_interfaces(args.host) else f"{args.host}:{args.port}"
         print(INSECURE_NOTE.format(where=where), file=sys.stderr, flush=True)
 
-    from fedmnist.runtime.workers import LocalWorker, RuntimeStartError, private_directory  # no TensorFlow
+    from fedmnist.runtime.workers import LocalWorker, private_directory  # no TensorFlow
 
     socket_dir = None
     try:

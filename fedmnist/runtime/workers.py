@@ -33,6 +33,7 @@ import grpc
 import portpicker
 import psutil
 
+from fedmnist.errors import RuntimeStartError
 from fedmnist.runtime import bind
 from fedmnist.runtime.channels import ChannelReadiness, open_channel
 from fedmnist.runtime.processes import dying_with_parent
@@ -67,10 +68,6 @@ LOOPBACK = "127.0.0.1"  # not "localhost": a client would try ::1 first, where t
 # The workers a run starts accept only their own user's connections. Only tests/test_worker_security.py
 # turns this off, to show the attack it prevents: another local user running code in the run's worker.
 ACCEPT_ONLY_OWN_USER = True
-
-
-class RuntimeStartError(RuntimeError):
-    """The TFF worker could not be started or reached."""
 
 
 def worker_binary_path() -> Path:

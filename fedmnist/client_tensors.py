@@ -26,8 +26,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from fedmnist.data.preprocessing import Preprocessing, batch_format_fn, check_examples
 from fedmnist import machine
+from fedmnist.data.preprocessing import Preprocessing, batch_format_fn, check_examples
 from fedmnist.errors import DataUnavailableError, PlanTooLargeError
 
 # A client's prepared data: all its examples (as `batch_format_fn` shapes a batch) and the order of

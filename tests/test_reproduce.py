@@ -184,6 +184,19 @@ def test_an_unfinished_run_that_has_not_reached_the_target_yet_does_not_demote_i
 
 
 @pytest.mark.unit
+def test_rates_are_compared_on_the_seeds_they_all_ran(tmp_path):
+    # 0.1 ran seeds 0 and 1 (2.0 and 4.0 rounds), 0.05 only seed 0 (3.0): on seed 0, 0.1 is faster; a mean
+    # over every seed (3.0 against 3.0, the tie to the smaller rate) would not have said it.
+    row = mcmahan2017.ROWS["cnn-fedavg-e5-b10-iid"]  # target 0.99
+    fake_run(tmp_path, row.name, 0.1, 0, [0.98, 0.99])
+    fake_run(tmp_path, row.name, 0.1, 1, [0.9, 0.95, 0.98, 0.99])
+    fake_run(tmp_path, row.name, 0.05, 0, [0.95, 0.98, 0.99])
+    results = table.collect(tmp_path, {row.name: row})[row.name]
+    assert table.best_lr(results) == 0.1
+    assert table.summary_row(row, results)[9:12] == ["2.0, 4.0", f"{3.0 / row.paper_rounds:.2f}", "0.1"]
+
+
+@pytest.mark.unit
 def test_the_best_rate_has_the_fewest_rounds_to_target_and_unreached_rates_rank_last(tmp_path):
     row = mcmahan2017.ROWS["cnn-fedavg-e5-b10-iid"]  # target 0.99, paper 20 rounds
     fake_run(tmp_path, row.name, 0.02, 0, [0.97, 0.985, 0.989, 0.9895])  # not reached, best 0.9895

@@ -2,9 +2,9 @@
 
 Each run is read as `fedmnist report` reads it (`fedmnist.outputs.report.run_facts`): rounds to the row's
 target as the paper counts them (fedmnist/outputs/targets.py), its best test accuracy, its rounds and times.
-A row's best learning rate is the one with the fewest rounds to target, averaged over its seeds; a learning
-rate whose runs did not all reach the target ranks after every one whose runs did (among those, by best
-accuracy); an exact tie goes to the smaller rate. Kept free of TensorFlow, so `--table-only` starts fast.
+A row's best learning rate is the one with the fewest rounds to target, averaged over the seeds that every
+rate whose runs all reached the target has run; a learning rate whose runs did not all reach the target
+ranks after every one whose runs did (among those, by best accuracy); an exact tie goes to the smaller rate. Kept free of TensorFlow, so `--table-only` starts fast.
 """
 
 from __future__ import annotations
@@ -151,15 +151,19 @@ def decided(result: Result) -> bool:
 def best_lr(results: Sequence[Result]) -> float | None:
     """The learning rate with the fewest mean rounds to target (see the module's docstring), judged on its
     decided runs (an unfinished run that has not reached the target yet counts only when no run of its
-    rate is decided); None if no run."""
+    rate is decided) and, among the rates whose runs all reached it, on the seeds they all ran (a second
+    seed at one rate neither helps nor hurts it against a rate run once); None if no run."""
+    grouped = {lr: [r for r in runs if decided(r)] or runs for lr, runs in by_lr(results).items()}
+    reaching = [runs for runs in grouped.values() if all(r.reached is not None for r in runs)]
+    shared = set.intersection(*({r.seed for r in runs} for runs in reaching)) if reaching else set()
+
     def rank(item: tuple[float, list[Result]]) -> tuple:
         lr, runs = item
-        runs = [r for r in runs if decided(r)] or runs
         if all(r.reached is not None for r in runs):
-            return (0, statistics.mean(r.reached for r in runs), lr)
+            compared = [r for r in runs if r.seed in shared] or runs
+            return (0, statistics.mean(r.reached for r in compared), lr)
         return (1, -statistics.mean(r.best_accuracy or 0.0 for r in runs), lr)
 
-    grouped = by_lr(results)
     return min(grouped.items(), key=rank)[0] if grouped else None
 
 
@@ -221,7 +225,8 @@ def render(rows: Mapping[str, Row], results: Mapping[str, Sequence[Result]], wri
              f"Written {written:%Y-%m-%d %H:%M} UTC by `fedmnist reproduce` from the run directories beside "
              f"this file. Rounds to target: the round at which the best centralized test accuracy so far "
              f"first reaches the target, interpolated between rounds (fedmnist/outputs/targets.py). Best lr: "
-             f"the fewest rounds to target, mean over seeds. Ratio: fedmnist's mean rounds / the paper's. "
+             f"the fewest rounds to target, mean over the seeds every rate that reached it ran. Ratio: fedmnist's "
+             f"mean rounds (all the best lr's seeds) / the paper's. "
              f"s/round: median round time (training and centralized evaluation), mean over the best lr's seeds; "
              f"time: the sum of a run's round times (start-up and the final evaluation not counted).",
              "", *_markdown(SUMMARY_HEADER, [summary_row(rows[name], results[name]) for name in rows]),

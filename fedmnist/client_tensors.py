@@ -68,7 +68,9 @@ def shuffle_order(num_examples: int, epochs: int, shuffle_buffer: int, seed: int
     total = num_examples * epochs
     if total == 0:
         return np.zeros([0], np.int32)
-    stream = tf.data.Dataset.range(num_examples).repeat(epochs).shuffle(shuffle_buffer, seed=seed)
+    # tf.data reserves the whole buffer up front; one as large as the stream already shuffles it all, in the
+    # same order as any larger one (docs/runs.md, "Limits").
+    stream = tf.data.Dataset.range(num_examples).repeat(epochs).shuffle(min(shuffle_buffer, total), seed=seed)
     return stream.batch(total).get_single_element().numpy().astype(np.int32)
 
 

@@ -54,7 +54,7 @@ class PreprocessConfig:
     batch_size: int = setting(20, minimum=0, maximum=INT32_MAX)
     # tf.data's shuffle reserves its whole buffer when it starts (`check_plan_memory`).
     shuffle_buffer: int = setting(100, minimum=1, maximum=INT32_MAX)
-    prefetch_buffer: int = setting(10, minimum=1)
+    prefetch_buffer: int = setting(10, minimum=1, maximum=INT32_MAX)
     shuffle_seed: int = setting(1, minimum=0, maximum=2**63 - 1)  # tf.data's int64 seed
     # per_round: a client's order changes every round, derived from (shuffle_seed, round, client);
     # fixed: one order per client for the whole run, as the article's rebuilt, seeded pipeline.
@@ -86,7 +86,7 @@ class AvailabilityConfig:
 @dataclasses.dataclass
 class PersonalizationConfig:
     enabled: bool = False
-    epochs: int = setting(2, minimum=1)
+    epochs: int = setting(2, minimum=1, maximum=INT32_MAX)  # a tf.range loop in the graph
     learning_rate: float = setting(0.02, above=0)
     batch_size: int = setting(20, minimum=1, maximum=INT32_MAX)
     clients: int = setting(0, minimum=0)
@@ -305,17 +305,19 @@ LOCAL_WORKER_BYTES = 250e6    # a local TFF worker training a round's clients
 
 
 def check_plan_memory(config: Config) -> None:
-    """PlanTooLargeError when the memory that `preprocess.shuffle_buffer` or `num_workers` reserves up front
-    would exceed this machine's. With `client_input: datasets` TFF's worker runs a round's pipelines, or an
-    evaluation's, at once; prepared clients build their orders two at a time (a round's, and the next one's)."""
+    """PlanTooLargeError when the memory that `num_workers`, or with `client_input: datasets` the shuffle
+    buffers, reserve up front would exceed this machine's. TFF's worker runs a round's pipelines, or an
+    evaluation's, at once (`eval_clients: 0` evaluates every client); prepared clients' orders are drawn with
+    buffers no larger than a client's stream (`client_tensors.shuffle_order`)."""
     memory, buffer = machine.memory_bytes(), config.preprocess.shuffle_buffer
-    pipelines = max(config.clients_per_round, config.eval_clients, 2) if config.client_input == "datasets" else 2
-    shuffle = SHUFFLE_SLOT_BYTES * buffer * pipelines
-    if shuffle > memory:
-        raise PlanTooLargeError(f"preprocess.shuffle_buffer: {pipelines} shuffle buffers of {buffer:,} examples need "
-                                f"{machine.gigabytes(shuffle)} GB, more than this machine's "
-                                f"{machine.gigabytes(memory)} GB; lower it (a buffer as large as a client's examples times preprocess.epochs "
-                                f"already shuffles them all)")
+    if config.client_input == "datasets":
+        pipelines = max(config.clients_per_round, config.eval_clients or config.data.num_clients)
+        shuffle = SHUFFLE_SLOT_BYTES * buffer * pipelines
+        if shuffle > memory:
+            raise PlanTooLargeError(f"preprocess.shuffle_buffer: {pipelines} shuffle buffers of {buffer:,} examples "
+                                    f"need {machine.gigabytes(shuffle)} GB, more than this machine's "
+                                    f"{machine.gigabytes(memory)} GB; lower it (a buffer as large as a client's "
+                                    f"examples times preprocess.epochs already shuffles them all)")
     workers = LOCAL_WORKER_BYTES * config.num_workers
     if workers > memory:
         raise PlanTooLargeError(f"num_workers: {config.num_workers:,} local TFF workers need about "

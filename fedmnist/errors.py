@@ -1,7 +1,8 @@
 """The errors a command turns into an exit code, in one TensorFlow-free module.
 
-`train.main` and the other commands catch these by type: a `UsageError` or `ConfigError` exits 2, every
-other `FedmnistError` exits 1 with its one-line message, `Interrupted` exits 130.
+`train.main` and the other commands catch these by type and exit with the error's `exit_code` after its
+one-line message: 2 for a usage or config error (`UsageError`, `ConfigError`, `PlanTooLargeError`, `RunError`),
+130 for `Interrupted`, 1 for every other `FedmnistError`.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from fedmnist.model import build_model_fn, check_model, create_model, initial_we
 from fedmnist.outputs import targets
 from fedmnist.outputs.checkpoint import Checkpoints
 from fedmnist.outputs.console import format_centralized, format_eval, format_final, format_personalization, format_targets
-from fedmnist.outputs.metrics_log import MetricsLog
+from fedmnist.outputs.metrics_log import MetricsLog, replace_atomically
 from fedmnist.outputs import run_directory
 from fedmnist.outputs.records import LOCAL_TRAINING, MEASUREMENTS, RoundRecord, measurement
 from fedmnist.outputs.sink import SUMMARY_FILE, FinalResult, RunOutputs, run_outputs
@@ -278,7 +278,7 @@ def check_population(config: Config, dataset: FederatedDataset) -> None:
 def write_config(run_dir: Path, config: Config) -> None:
     resolved = to_dict(config)
     resolved["versions"] = installed_versions()
-    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
+    replace_atomically(run_dir / CONFIG_FILE, yaml.safe_dump(resolved, sort_keys=False).encode())
 
 
 def evaluation_clients(count: int, client_ids: Sequence[str]) -> list[str]:

@@ -16,4 +16,4 @@ def memory_bytes() -> int:
 def gigabytes(num_bytes: float) -> str:
     """`num_bytes` in GB, as a person reads it: "0.123", "25.3", "48,000"."""
     gb = num_bytes / 1e9
-    return f"{gb:.3g}" if gb < 1000 else f"{gb:,.0f}"
+    return f"{gb:.3g}" if gb < 999.5 else f"{gb:,.0f}"

@@ -29,6 +29,20 @@ def test_describe_tells_iid_from_shards(tmp_path, capsys):
 
 
 @pytest.mark.unit
+def test_describe_names_the_source_and_partition_and_refuses_too_many_digits_clients(tmp_path, monkeypatch, capsys):
+    from fedmnist.data import sources
+
+    monkeypatch.setattr(sources, "can_download", lambda timeout=3.0: False)   # the digits stand in for EMNIST
+    common = ["describe", "--set", f"data.cache_dir={tmp_path}", "--set", "data.partition=shards"]
+    assert population.main([*common, "--output", str(tmp_path / "auto.png")]) == 0
+    assert "digits, partition shards" in capsys.readouterr().out
+    assert population.main([*common, "--set", "data.num_clients=1000", "--output", str(tmp_path / "many.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines()[-1] == ("error: data.num_clients: digits has 1,797 examples, too few for 1,000 clients "
+                                    "(at most 898)")
+
+
+@pytest.mark.unit
 def test_describe_writes_its_png_under_runs_never_into_the_current_directory(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     written = []

@@ -147,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         dataset = load_dataset(config.data, config.seed)
-    except DataUnavailableError as error:
+    except (DataUnavailableError, config_lib.ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return error.exit_code
     counts = label_counts(dataset.train, dataset.train.client_ids, dataset.num_classes)
     name = dataset.name if dataset.partition is None else f"{dataset.name}, partition {dataset.partition}"
     print(format_description(name, describe(counts)))

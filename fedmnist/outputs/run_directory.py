@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,10 +39,8 @@ def locked(run_dir: Path) -> Iterator[None]:
         return
     fd = os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise in_use(run_dir, _holder_of(fd)) from None
+        if not _take(fd):
+            raise in_use(run_dir, _holder_of(fd))
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         _held[key] = 1
@@ -51,6 +50,20 @@ def locked(run_dir: Path) -> Iterator[None]:
             del _held[key]
     finally:
         os.close(fd)
+
+
+def _take(fd: int, patience: float = 0.2) -> bool:
+    """Takes the exclusive lock, or says it is held. Tries for `patience` seconds: `holder()` holds a shared
+    lock for an instant to look, which must not turn a free directory away."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
 
 
 def holder(run_dir: Path) -> str | None:

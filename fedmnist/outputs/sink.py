@@ -20,6 +20,7 @@ from typing import Any
 
 import tensorflow_federated as tff
 
+from fedmnist.errors import DamagedFileError, RunError
 from fedmnist.outputs.checkpoint import Checkpoints
 from fedmnist.outputs.metrics_log import MetricsLog, replace_with, write_json
 from fedmnist.outputs.records import RoundRecord
@@ -165,7 +166,10 @@ class CurvesFigure(RunOutput):
             pass
 
     def finish(self, result: FinalResult) -> None:
-        importlib.import_module("fedmnist.outputs.plots").write_curves(self.run_dir)
+        try:
+            importlib.import_module("fedmnist.outputs.plots").write_curves(self.run_dir)
+        except RunError as error:  # the report command's verdict (exit 2); here the run's own log is damaged
+            raise DamagedFileError(str(error)) from None
 
 
 class RunOutputs(RunOutput):

@@ -4,7 +4,8 @@ Each run is read as `fedmnist report` reads it (`fedmnist.outputs.report.run_fac
 target as the paper counts them (fedmnist/outputs/targets.py), its best test accuracy, its rounds and times.
 A row's best learning rate is the one with the fewest rounds to target, averaged over the seeds that every
 rate whose runs all reached the target has run; a learning rate whose runs did not all reach the target
-ranks after every one whose runs did (among those, by best accuracy); an exact tie goes to the smaller rate. Kept free of TensorFlow, so `--table-only` starts fast.
+ranks after every one whose runs did (among those, by best accuracy); an exact tie goes to the smaller rate.
+Kept free of TensorFlow, so `--table-only` starts fast.
 """
 
 from __future__ import annotations

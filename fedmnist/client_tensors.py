@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import threading
 import typing
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
@@ -55,6 +57,28 @@ def as_dataset(prepared: OrderedDict) -> tf.data.Dataset:
     over federated EMNIST's size distribution). Traced once with unknown sizes, it does not.
     """
     return tf.data.Dataset.from_tensors(prepared)
+
+
+# A client's input when the worker reads its examples itself (`PreparedClients(files_dir=...)`): the paths of
+# its `x` and `y` (`tf.io.serialize_tensor` files) and the round's order. Sending each client's tensors with
+# every call was most of what a small round paid TFF (docs/performance.md, "Client data read by the worker").
+FILES_SPEC = OrderedDict(x=tf.TensorSpec([], tf.string), y=tf.TensorSpec([], tf.string),
+                         order=tf.TensorSpec([None], tf.int32))
+
+
+@tf.function(input_signature=[FILES_SPEC], autograph=False)
+def as_files_dataset(files: OrderedDict) -> tf.data.Dataset:
+    """A one-element dataset of a client's file paths and order, typed `FILES_SPEC` (as `as_dataset`)."""
+    return tf.data.Dataset.from_tensors(files)
+
+
+def read_prepared(files: OrderedDict) -> OrderedDict:
+    """In the worker: the client's prepared tensors from its files, as `as_dataset` would have sent them."""
+    x = tf.io.parse_tensor(tf.io.read_file(files["x"]), tf.float32)
+    y = tf.io.parse_tensor(tf.io.read_file(files["y"]), tf.int32)
+    x.set_shape(PREPARED_SPEC["x"].shape)
+    y.set_shape(PREPARED_SPEC["y"].shape)
+    return OrderedDict(x=x, y=y, order=files["order"])
 
 
 def shuffle_order(num_examples: int, epochs: int, shuffle_buffer: int, seed: int) -> np.ndarray:
@@ -163,13 +187,14 @@ class _PreparedClient:
     nbytes: int
     seed: int | None = None                 # the shuffle seed `dataset` was built with
     dataset: tf.data.Dataset | None = None
+    files: tuple[str, str] | None = None    # where the worker reads `x` and `y` (with `files_dir`)
 
 
 class PreparedClients:
     """Prepared client inputs for `process.next`, built on first use and kept in a bounded LRU cache.
 
-    Each input is a one-element `tf.data.Dataset` holding a client's prepared tensors (TFF's
-    client-work template takes sequences). A client's examples are prepared once; its `order` is
+    Each input is a one-element `tf.data.Dataset` (TFF's client-work template takes sequences) holding a
+    client's prepared tensors, or, with `files_dir`, the paths of files holding them that local workers read. A client's examples are prepared once; its `order` is
     computed for the round's shuffle seed (`settings.seed`), so with a fixed seed the whole input is
     reused across rounds. The cache keeps memory flat when
     many clients are sampled: past `max_bytes` the least recently used clients are dropped and
@@ -180,8 +205,10 @@ class PreparedClients:
 
     def __init__(self, client_data: tff.simulation.datasets.ClientData, settings: Preprocessing,
                  max_bytes: int = DEFAULT_CACHE_BYTES, size_classes: bool = True, num_classes: int | None = None,
-                 origin: str = "the client data"):
-        """`num_classes` and `origin` check each client's examples as they are prepared (`check_examples`)."""
+                 origin: str = "the client data", files_dir: Path | None = None):
+        """`num_classes` and `origin` check each client's examples as they are prepared (`check_examples`).
+        With `files_dir` (a private directory local workers can read) each input is `FILES_SPEC`: the client's
+        examples are written there once and read by the worker (`read_prepared`), only the order is sent."""
         self.client_data = client_data
         self.num_classes, self.origin = num_classes, origin
         self.settings = settings
@@ -192,6 +219,11 @@ class PreparedClients:
         self._bytes = 0
         self._lock = threading.Lock()  # the cache is shared with `prefetch`'s thread
         self._prefetching: tuple[threading.Thread, threading.Event] | None = None
+        self.files_dir = files_dir
+        self._written = itertools.count()
+        # Files of evicted clients, deleted when the next round is asked for: a prefetch can evict a client that
+        # the worker is still to read in the round it trains.
+        self._stale: list[str] = []
 
     def _client(self, client_id: str) -> _PreparedClient:
         if client_id in self._cache:
@@ -201,12 +233,29 @@ class PreparedClients:
                                            self.origin)
         order_bytes = 4 * num_examples * self.epochs
         client = _PreparedClient(tf.constant(x), tf.constant(y), num_examples, x.nbytes + y.nbytes + order_bytes)
+        if self.files_dir is not None:
+            client.files = self._write(client)
         self._cache[client_id] = client
         self._bytes += client.nbytes
         while self._bytes > self.max_bytes and len(self._cache) > 1:
             _, evicted = self._cache.popitem(last=False)
             self._bytes -= evicted.nbytes
+            self._stale.extend(evicted.files or ())
         return client
+
+    def _write(self, client: _PreparedClient) -> tuple[str, str]:
+        """The client's `x` and `y` in new files (new names each time: a stale copy is deleted later)."""
+        number = next(self._written)
+        paths = (str(self.files_dir / f"{number}.x"), str(self.files_dir / f"{number}.y"))
+        for path, tensor in zip(paths, (client.x, client.y)):
+            Path(path).write_bytes(tf.io.serialize_tensor(tensor).numpy())
+        return paths
+
+    def _delete_stale(self) -> None:
+        with self._lock:
+            stale, self._stale = self._stale, []
+        for path in stale:
+            Path(path).unlink(missing_ok=True)
 
     def dataset(self, client_id: str, round_num: int = 1) -> tf.data.Dataset:
         """The client's input for `round_num`: its examples in the order of that round's shuffle."""
@@ -221,7 +270,10 @@ class PreparedClients:
             if client.seed != seed:
                 check_orders_fit(client.num_examples, held_examples + client.num_examples, self.epochs)
                 order = shuffle_order(client.num_examples, self.epochs, self.shuffle_buffer, seed)
-                client.dataset = as_dataset(OrderedDict(x=client.x, y=client.y, order=order))
+                if client.files is not None:
+                    client.dataset = as_files_dataset(OrderedDict(x=client.files[0], y=client.files[1], order=order))
+                else:
+                    client.dataset = as_dataset(OrderedDict(x=client.x, y=client.y, order=order))
                 client.seed = seed
             return client.dataset, client.num_examples
 
@@ -263,6 +315,7 @@ class PreparedClients:
             self._prefetching = None
 
     def __call__(self, client_ids: Sequence[str], round_num: int = 1) -> list[tf.data.Dataset]:
+        self._delete_stale()  # the round before this one is over: its clients' files are read
         return list(self._round(client_ids, round_num))
 
     def groups(self, client_ids: Sequence[str], max_bytes: int, round_num: int = 1) -> Iterator[list[tf.data.Dataset]]:
@@ -366,7 +419,7 @@ def train_on_prepared(model: tff.learning.models.VariableModel, optimizer: tff.l
 
 def build_prepared_client_work(model_fn: Callable[[], tff.learning.models.VariableModel],
                                optimizer: tff.learning.optimizers.Optimizer, batch_size: int,
-                               weighted: bool = True, proximal_strength: float = 0.0,
+                               weighted: bool = True, proximal_strength: float = 0.0, read_files: bool = False,
                                ) -> tff.learning.templates.ClientWorkProcess:
     """TFF's `build_model_delta_client_work` (example-weighted, or uniform when not `weighted`), reading
     prepared tensors; with `proximal_strength`, FedProx's client work.
@@ -378,7 +431,7 @@ def build_prepared_client_work(model_fn: Callable[[], tff.learning.models.Variab
         whimsy_model = model_fn()
         metrics_aggregation_fn = tff.learning.metrics.sum_then_finalize(unconverted_finalizers(whimsy_model))
     weights_type = tff.learning.models.weights_type_from_model(whimsy_model)
-    data_type = tff.SequenceType(tff.types.tensorflow_to_type(PREPARED_SPEC))
+    data_type = tff.SequenceType(tff.types.tensorflow_to_type(FILES_SPEC if read_files else PREPARED_SPEC))
     initial_hparams = optimizer.get_hparams(optimizer.initialize(tf.TensorSpec((), tf.float32)))
 
     @tff.federated_computation
@@ -391,6 +444,8 @@ def build_prepared_client_work(model_fn: Callable[[], tff.learning.models.Variab
     def client_update(hparams, initial_weights, prepared_sequence):
         model = model_fn()
         prepared = prepared_sequence.get_single_element()
+        if read_files:
+            prepared = read_prepared(prepared)
 
         # AutoGraph off: the loop is TensorFlow's own (`train_on_prepared`).
         @tf.function(autograph=False)
@@ -426,7 +481,8 @@ def build_prepared_fed_avg(model_fn: Callable[[], tff.learning.models.VariableMo
                            client_optimizer: tff.learning.optimizers.Optimizer,
                            server_optimizer: tff.learning.optimizers.Optimizer,
                            batch_size: int, model_aggregator=None, weighted: bool = True,
-                           proximal_strength: float = 0.0) -> tff.learning.templates.LearningProcess:
+                           proximal_strength: float = 0.0, read_files: bool = False,
+                           ) -> tff.learning.templates.LearningProcess:
     """`build_weighted_fed_avg` (`build_unweighted_fed_avg` when not `weighted`; FedProx with
     `proximal_strength`) with the prepared-tensor client work; TFF's components otherwise.
 
@@ -446,7 +502,7 @@ def build_prepared_fed_avg(model_fn: Callable[[], tff.learning.models.VariableMo
     return tff.learning.templates.compose_learning_process(
         initial_model_weights_fn,
         tff.learning.templates.build_broadcast_process(weights_type),
-        build_prepared_client_work(model_fn, client_optimizer, batch_size, weighted, proximal_strength),
+        build_prepared_client_work(model_fn, client_optimizer, batch_size, weighted, proximal_strength, read_files),
         aggregator,
         tff.learning.templates.build_apply_optimizer_finalizer(server_optimizer, weights_type))
 

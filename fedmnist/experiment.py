@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import datetime
 import math
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -220,8 +221,11 @@ def build(config: Config, run_dir: Path, echo: Callable[[str], None] = print, re
         workers = stack.enter_context(runtime.local_runtime(
             log_path=run_dir / "worker.log", num_workers=config.num_workers, addresses=config.workers,
             timeout=config.worker_timeout_seconds))
+        # Local workers read the prepared clients' examples from files of this user's (remote ones are sent them).
+        files_dir = None if config.workers else Path(stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="fedmnist-clients-")))
         builder = process_builder(config, model_fn, algorithm, dataset.train, dataset.num_classes,
-                                  f"{dataset.origin} (train split)")
+                                  f"{dataset.origin} (train split)", files_dir)
         mode.keep_releases(ReleaseLedger(run_dir))
         training = mode.build(builder)
         for line in (algorithm.describe(), mode.header()):
@@ -249,12 +253,14 @@ def build(config: Config, run_dir: Path, echo: Callable[[str], None] = print, re
 
 
 def process_builder(config: Config, model_fn, algorithm, client_data, num_classes: int | None = None,
-                    origin: str = "the client data") -> ProcessBuilder:
+                    origin: str = "the client data", files_dir: Path | None = None) -> ProcessBuilder:
     """The configured algorithm on the configured client input, for the aggregation mode to build from;
-    with `num_classes`, prepared clients' examples are checked against it as they are read."""
+    with `num_classes`, prepared clients' examples are checked against it as they are read; with `files_dir`,
+    local workers read them from files there."""
     return ProcessBuilder(model_fn, algorithm, config.client_optimizer, config.server_optimizer, client_data,
                           preprocessing_settings(config.preprocess), prepared=config.client_input == "prepared",
-                          size_classes=config.client_selection != "fixed", num_classes=num_classes, origin=origin)
+                          size_classes=config.client_selection != "fixed", num_classes=num_classes, origin=origin,
+                          files_dir=files_dir)
 
 
 def preprocessing_settings(settings: PreprocessConfig) -> Preprocessing:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import tensorflow as tf
 import tensorflow_federated as tff
@@ -65,6 +66,8 @@ class ProcessBuilder:
     size_classes: bool = True
     num_classes: int | None = None  # with `origin`: clients' examples are checked (labels, pixels)
     origin: str = "the client data"
+    # Prepared clients' examples written here for local workers to read (`PreparedClients`); None: sent.
+    files_dir: Path | None = None
 
     def __post_init__(self):
         self.update_shapes = update_shapes(self.model_fn)
@@ -85,7 +88,7 @@ class ProcessBuilder:
         client, server = build_optimizer(self.client_optimizer), build_optimizer(self.server_optimizer)
         if self.prepared:
             return build_prepared_fed_avg(self.model_fn, client, server, self.preprocessing.batch_size, aggregator,
-                                          weighted, self.algorithm.proximal_strength)
+                                          weighted, self.algorithm.proximal_strength, self.files_dir is not None)
         return self.algorithm.build(self.model_fn, client, server, weighted=weighted, aggregator=aggregator)
 
     def client_work(self, weighted: bool = True) -> tff.learning.templates.ClientWorkProcess:
@@ -93,14 +96,14 @@ class ProcessBuilder:
         client = build_optimizer(self.client_optimizer)
         if self.prepared:
             return build_prepared_client_work(self.model_fn, client, self.preprocessing.batch_size, weighted,
-                                              self.algorithm.proximal_strength)
+                                              self.algorithm.proximal_strength, self.files_dir is not None)
         return self.algorithm.client_work(self.model_fn, client, weighted)
 
     def client_inputs(self) -> Callable[[list[str], int], list]:
         """A round's client ids and number -> the process's client input."""
         if self.prepared:
             return PreparedClients(self.client_data, self.preprocessing, size_classes=self.size_classes,
-                                   num_classes=self.num_classes, origin=self.origin)
+                                   num_classes=self.num_classes, origin=self.origin, files_dir=self.files_dir)
         examine = (ExaminedClients(self.client_data, self.num_classes, self.origin) if self.num_classes is not None
                    else lambda client_ids: None)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -206,6 +207,42 @@ def test_a_round_whose_clients_orders_together_exceed_the_memory_is_refused_thou
     clients.wait_for_prefetch()
     with pytest.raises(PlanTooLargeError):
         clients(ids, 2)
+
+
+@pytest.mark.unit
+def test_clients_for_local_workers_are_files_the_worker_reads_back_as_the_tensors_it_was_sent(tmp_path):
+    dataset = data.load_synthetic(num_clients=4, examples_per_client=30, seed=2)
+    ids = dataset.train.client_ids
+    settings = preprocessing_settings(small_config("preprocess.epochs=2").preprocess)
+    tf.keras.utils.set_random_seed(4)
+    sent = [d.get_single_element() for d in client_tensors.PreparedClients(dataset.train, settings)(ids, 3)]
+    tf.keras.utils.set_random_seed(4)
+    files = client_tensors.PreparedClients(dataset.train, settings, files_dir=tmp_path)(ids, 3)
+    for tensors, named in zip(sent, files, strict=True):
+        element = named.get_single_element()
+        assert element["x"].dtype == tf.string and Path(element["x"].numpy().decode()).parent == tmp_path
+        read = client_tensors.read_prepared(element)   # what the client work does in the worker
+        for key in ("x", "y", "order"):
+            np.testing.assert_array_equal(read[key].numpy(), tensors[key].numpy())
+    assert len(list(tmp_path.iterdir())) == 2 * len(ids)
+
+
+@pytest.mark.unit
+def test_an_evicted_clients_files_go_only_when_the_next_round_is_asked_for(tmp_path):
+    # A prefetch evicts clients while the worker may still read the round it trains: their files stay until
+    # the loop asks for the next round, which it does only when that round is over.
+    dataset = data.load_synthetic(num_clients=6, examples_per_client=20, seed=1)
+    ids = dataset.train.client_ids
+    settings = preprocessing_settings(small_config().preprocess)
+    one = client_tensors.PreparedClients(dataset.train, settings)
+    size = sum(t.numpy().nbytes for t in one.dataset(ids[0]).get_single_element().values())
+    clients = client_tensors.PreparedClients(dataset.train, settings, max_bytes=int(2.5 * size), files_dir=tmp_path)
+    round_1 = [d.get_single_element()["x"].numpy().decode() for d in clients(ids[:2], 1)]
+    clients.prefetch(ids[2:4], 2)
+    clients.wait_for_prefetch()
+    assert all(Path(path).exists() for path in round_1)   # evicted, but round 1 may still be reading them
+    clients(ids[2:4], 2)
+    assert not Path(round_1[0]).exists() and len(list(tmp_path.iterdir())) == 2 * 2
 
 
 @pytest.mark.unit

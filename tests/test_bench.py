@@ -126,6 +126,18 @@ def test_time_process_times_each_line_as_it_is_printed():
     assert run["stdout"] == "first\nsecond\n"
 
 
+def test_a_timed_process_uses_the_benchmarks_own_temporary_directory(tmp_path, monkeypatch):
+    # The bare TFF script and the phased run end without Python's teardown, so AutoGraph's module files stay
+    # where they were written: there, they go with the benchmark's own directory.
+    import tempfile
+
+    from fedmnist.bench.whole_runs import time_process
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    run = time_process([sys.executable, "-c", "import tempfile; print(tempfile.gettempdir())"])
+    assert run["stdout"].strip() == str(tmp_path)
+
+
 def test_startup_run_marks_every_phase_of_a_run(tmp_path):
     import json
     import time

@@ -34,8 +34,10 @@ def time_process(command: list[str], cpus: set[int] | None = None, env: dict[str
         started = time.perf_counter()
         # No preexec_fn: Python code between fork and exec can deadlock on a lock that one of this
         # process's threads (gRPC's, TreeMemory's) held at the fork. The affinity is set right after.
+        # TMPDIR: this command's own temporary directory (`cli.own_temporary_directory`), removed when it ends,
+        # so what a timed process leaves there (the bare script's AutoGraph files) goes with it.
         process = subprocess.Popen(command, stdout=subprocess.PIPE if lines else out, stderr=err, text=True,
-                                   env=dict(os.environ) | (env or {}))
+                                   env=dict(os.environ) | {"TMPDIR": tempfile.gettempdir()} | (env or {}))
         reader = None
         if lines:
             def read() -> None:

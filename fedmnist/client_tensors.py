@@ -194,10 +194,10 @@ class PreparedClients:
     """Prepared client inputs for `process.next`, built on first use and kept in a bounded LRU cache.
 
     Each input is a one-element `tf.data.Dataset` (TFF's client-work template takes sequences) holding a
-    client's prepared tensors, or, with `files_dir`, the paths of files holding them that local workers read. A client's examples are prepared once; its `order` is
-    computed for the round's shuffle seed (`settings.seed`), so with a fixed seed the whole input is
-    reused across rounds. The cache keeps memory flat when
-    many clients are sampled: past `max_bytes` the least recently used clients are dropped and
+    client's prepared tensors, or, with `files_dir`, the paths of files holding them that local workers
+    read. A client's examples are prepared once; its `order` is computed for the round's shuffle seed
+    (`settings.seed`), so with a fixed seed the whole input is reused across rounds. The cache keeps memory
+    flat when many clients are sampled: past `max_bytes` the least recently used clients are dropped and
     prepared again when next selected. `size_classes` pads them (see `SIZE_CLASSES_PER_DOUBLING`);
     it only pays when the clients change from round to round. `prefetch` prepares a coming round's
     clients in a background thread, while the worker trains the current round.

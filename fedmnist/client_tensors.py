@@ -181,8 +181,8 @@ class ExaminedClients:
 
 @dataclasses.dataclass
 class _PreparedClient:
-    x: tf.Tensor
-    y: tf.Tensor
+    x: tf.Tensor | None                     # None once written to files (`files_dir`): the worker reads them
+    y: tf.Tensor | None
     num_examples: int
     nbytes: int
     seed: int | None = None                 # the shuffle seed `dataset` was built with
@@ -232,9 +232,11 @@ class PreparedClients:
         x, y, num_examples = read_examples(self.client_data, client_id, self.size_classes, self.num_classes,
                                            self.origin)
         order_bytes = 4 * num_examples * self.epochs
-        client = _PreparedClient(tf.constant(x), tf.constant(y), num_examples, x.nbytes + y.nbytes + order_bytes)
+        client = _PreparedClient(None, None, num_examples, x.nbytes + y.nbytes + order_bytes)
         if self.files_dir is not None:
-            client.files = self._write(client)
+            client.files = self._write(x, y)
+        else:
+            client.x, client.y = tf.constant(x), tf.constant(y)
         self._cache[client_id] = client
         self._bytes += client.nbytes
         while self._bytes > self.max_bytes and len(self._cache) > 1:
@@ -243,12 +245,13 @@ class PreparedClients:
             self._stale.extend(evicted.files or ())
         return client
 
-    def _write(self, client: _PreparedClient) -> tuple[str, str]:
-        """The client's `x` and `y` in new files (new names each time: a stale copy is deleted later)."""
+    def _write(self, x: np.ndarray, y: np.ndarray) -> tuple[str, str]:
+        """A client's `x` and `y` in new files (new names each time: a stale copy is deleted later). Only the
+        files are kept, so the cache's budget bounds the disk they take, not this process's memory."""
         number = next(self._written)
         paths = (str(self.files_dir / f"{number}.x"), str(self.files_dir / f"{number}.y"))
-        for path, tensor in zip(paths, (client.x, client.y)):
-            Path(path).write_bytes(tf.io.serialize_tensor(tensor).numpy())
+        for path, array in zip(paths, (x, y)):
+            Path(path).write_bytes(tf.io.serialize_tensor(array).numpy())
         return paths
 
     def _delete_stale(self) -> None:
@@ -320,13 +323,16 @@ class PreparedClients:
 
     def groups(self, client_ids: Sequence[str], max_bytes: int, round_num: int = 1) -> Iterator[list[tf.data.Dataset]]:
         """The clients' inputs in groups of at most `max_bytes` of prepared examples (one client at least), so
-        that work on many clients can hold one group at a time."""
+        that work on many clients can hold one group at a time. The caller is done with a group when it asks
+        for the next one: the files of the clients evicted until then are deleted."""
+        self._delete_stale()
         group, group_bytes = [], 0
         for client_id in client_ids:
             with self._lock:
                 nbytes = self._client(client_id).nbytes
             if group and group_bytes + nbytes > max_bytes:
                 yield group
+                self._delete_stale()
                 group, group_bytes = [], 0
             group.append(self.dataset(client_id, round_num))
             group_bytes += nbytes
@@ -538,19 +544,22 @@ class PreparedEvaluation(typing.NamedTuple):
 
 
 def build_prepared_fed_eval(model_fn: Callable[[], tff.learning.models.VariableModel],
-                            batch_size: int) -> PreparedEvaluation:
+                            batch_size: int, read_files: bool = False) -> PreparedEvaluation:
     """`build_fed_eval`'s evaluation of global weights on the clients' data (broadcast, a forward pass per
-    batch on each client, metrics summed and finalized at the server), reading prepared tensors."""
+    batch on each client, metrics summed and finalized at the server), reading prepared tensors (with
+    `read_files`, from the files `PreparedClients(files_dir=...)` wrote, as the training does)."""
     with tf.Graph().as_default():
         whimsy_model = model_fn()
         finalizers = unconverted_finalizers(whimsy_model)
     weights_type = tff.learning.models.weights_type_from_model(whimsy_model)
-    data_type = tff.SequenceType(tff.types.tensorflow_to_type(PREPARED_SPEC))
+    data_type = tff.SequenceType(tff.types.tensorflow_to_type(FILES_SPEC if read_files else PREPARED_SPEC))
 
     @tff.tensorflow.computation(weights_type, data_type)
     def client_eval(weights, prepared_sequence):
         model = model_fn()
         prepared = prepared_sequence.get_single_element()
+        if read_files:
+            prepared = read_prepared(prepared)
 
         @tf.function(autograph=False)
         def evaluate():

@@ -87,9 +87,10 @@ class PreparedFederatedEvaluator:
 
     def __init__(self, model_fn: Callable[[], tff.learning.models.VariableModel], batch_size: int,
                  data: Callable[[], dict[str, PreparedSplit]] | None = None,
-                 group_bytes: int = EVALUATION_GROUP_BYTES):
+                 group_bytes: int = EVALUATION_GROUP_BYTES, read_files: bool = False):
+        """`read_files`: the splits' clients are `PreparedClients` with a `files_dir`, which the worker reads."""
         self.model_fn, self.batch_size, self._make_data = model_fn, batch_size, data
-        self.group_bytes = group_bytes
+        self.group_bytes, self.read_files = group_bytes, read_files
         self.process: PreparedEvaluation | None = None
         self.data: dict[str, PreparedSplit] | None = None
 
@@ -97,7 +98,7 @@ class PreparedFederatedEvaluator:
         """Builds the computations and the splits' clients, unless done already; True when it built now."""
         if self.process is not None:
             return False
-        self.process = build_prepared_fed_eval(self.model_fn, self.batch_size)
+        self.process = build_prepared_fed_eval(self.model_fn, self.batch_size, self.read_files)
         self.data = self._make_data() if self._make_data else None
         return True
 

@@ -74,6 +74,7 @@ class Experiment:
     resume: bool
     stack: contextlib.ExitStack
     created: float = dataclasses.field(default_factory=time.perf_counter)
+    learning_rates: dict[str, float] = dataclasses.field(default_factory=dict)  # as `start` read them
 
     def __enter__(self) -> Experiment:
         return self
@@ -90,18 +91,22 @@ class Experiment:
         the outputs hold of later rounds is dropped)."""
         process = self.training.process
         state = process.set_model_weights(process.initialize(), self.initial_weights)
-        if not self.resume:
-            return state, 0
-        saved, done = self.checkpoints.load_latest(state, warn=self.echo)
-        self.outputs.drop_after(done, self.echo)
-        self.mode.resume([r.aggregation for r in MetricsLog(self.run_dir).records() if r.aggregation])
-        self.echo(f"resuming after round {done}")
-        return (state if saved is None else saved), done
+        done = 0
+        if self.resume:
+            saved, done = self.checkpoints.load_latest(state, warn=self.echo)
+            self.outputs.drop_after(done, self.echo)
+            self.mode.resume([r.aggregation for r in MetricsLog(self.run_dir).records() if r.aggregation])
+            self.echo(f"resuming after round {done}")
+            state = state if saved is None else saved
+        # Read once, not after every round (a call to the worker each time): TFF's optimizers keep their
+        # learning rates as hparams, which `next` leaves as they are and only `set_hparams` changes.
+        self.learning_rates = self.read_learning_rates(state)
+        return state, done
 
     def weights_of(self, state) -> tff.learning.models.ModelWeights:
         return model_weights(self.training.process, state)
 
-    def learning_rates(self, state) -> dict[str, float]:
+    def read_learning_rates(self, state) -> dict[str, float]:
         """The client and server learning rates held in the training state (TFF's hparams)."""
         from fedmnist.values import to_python
 
@@ -233,7 +238,7 @@ def build(config: Config, run_dir: Path, echo: Callable[[str], None] = print, re
                 echo(line)
         checkpoints = Checkpoints(run_dir, keep=config.checkpoints_kept)
         # The federated evaluation is built when first needed (fedmnist/evaluation.py).
-        run_evaluations = evaluations(config, model_fn, dataset, eval_ids, preprocessing.one_epoch())
+        run_evaluations = evaluations(config, model_fn, dataset, eval_ids, preprocessing.one_epoch(), files_dir)
         experiment = Experiment(
             run_dir=run_dir, rounds=config.rounds, dataset=dataset, mode=mode, training=training,
             participation=Participation(config, dataset.train.client_ids,
@@ -295,10 +300,11 @@ def evaluation_clients(count: int, client_ids: Sequence[str]) -> list[str]:
 
 
 def evaluations(config: Config, model_fn, dataset: FederatedDataset, eval_ids: list[str],
-                settings: Preprocessing) -> Evaluations:
+                settings: Preprocessing, files_dir: Path | None = None) -> Evaluations:
     """The run's evaluations. The federated one (computations and client inputs) is built when first needed,
     not here (`Evaluations`); it reads the clients' data as training does (`client_input`): the article's
-    pipelines, or prepared tensors visited in the same order."""
+    pipelines, or prepared tensors visited in the same order (with `files_dir`, read by the worker from
+    files there, in a directory of each split's own)."""
     splits = (("train", dataset.train), ("test", dataset.test))
 
     def federated_data() -> dict[str, list[tf.data.Dataset]]:
@@ -316,10 +322,18 @@ def evaluations(config: Config, model_fn, dataset: FederatedDataset, eval_ids: l
         # at each evaluation (an LRU cache smaller than a cyclic scan would only hold memory).
         return {split: PreparedSplit(PreparedClients(client_data, fixed_order, max_bytes=EVALUATION_GROUP_BYTES,
                                                      num_classes=dataset.num_classes,
-                                                     origin=f"{dataset.origin} ({split} split)"), eval_ids)
+                                                     origin=f"{dataset.origin} ({split} split)",
+                                                     files_dir=split_files(split)), eval_ids)
                 for split, client_data in splits}
 
-    federated = (PreparedFederatedEvaluator(model_fn, settings.batch_size, prepared_data)
+    def split_files(split: str) -> Path | None:
+        if files_dir is None:
+            return None
+        (files_dir / f"evaluation-{split}").mkdir(exist_ok=True)
+        return files_dir / f"evaluation-{split}"
+
+    federated = (PreparedFederatedEvaluator(model_fn, settings.batch_size, prepared_data,
+                                            read_files=files_dir is not None)
                  if config.client_input == "prepared" else FederatedEvaluator(model_fn, federated_data))
     centralized = (None if config.centralized_eval_every is None
                    else CentralizedEvaluator(config.model, dataset.num_classes, *pooled_test_set(dataset)))

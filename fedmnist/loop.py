@@ -129,7 +129,7 @@ def play_round(experiment: Experiment, state, weights: tff.learning.models.Model
         if not np.isfinite(float(metrics.get("loss", 0.0))):
             raise TrainingDivergedError(f"the global model diverged at round {round_num}: its evaluation loss on "
                                         f"{split} data is {metrics['loss']}; lower the learning rates")
-    record.learning_rate = experiment.learning_rates(state)
+    record.learning_rate = dict(experiment.learning_rates)
     return record, state, weights
 
 

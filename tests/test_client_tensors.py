@@ -280,6 +280,11 @@ def test_round_shuffle_seeds_depend_on_seed_round_and_client_only():
     # A fixed value: a seed that changed between versions or processes (Python's salted hash()) would
     # change every run's shuffles and break resuming a run saved by another version.
     assert data.round_shuffle_seed(1, 2, "a") == 8434072511722816962
+    # NumPy's int64, which TensorFlow does not cache as it does Python numbers; the same shuffle.
+    seed = data.round_shuffle_seed(1, 2, "a")
+    assert type(seed) is np.int64
+    np.testing.assert_array_equal(client_tensors.shuffle_order(30, 2, 10, seed),
+                                  client_tensors.shuffle_order(30, 2, 10, int(seed)))
 
 
 @pytest.mark.unit

@@ -3,6 +3,8 @@ runs it and never before round 1, and the centralized evaluation's Keras model k
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from helpers import metrics_rows, small_config
@@ -125,11 +127,12 @@ def test_lazy_federated_evaluation_keeps_centralized_runs_and_their_numbers(tmp_
 
 
 @pytest.mark.parametrize("batch_size", [7, 0])
-def test_prepared_federated_evaluation_equals_tffs_build_fed_eval(tff_runtime, batch_size):
+def test_prepared_federated_evaluation_equals_tffs_build_fed_eval(tff_runtime, tmp_path, batch_size):
     """The prepared evaluation (`client_input: prepared`) gives `build_fed_eval`'s metrics on the article's
     one-epoch pipelines for the same weights, bit for bit (the same batches in the same order): a Keras model
     and the hand-written `VariableModel`, random weights, clients of several sizes (padded to size classes) and
-    one without examples, sent in one group, one client per group, or groups of several."""
+    one without examples, sent in one group, one client per group, or groups of several, or read by the
+    worker from files (as local workers do)."""
     import numpy as np
     import tensorflow as tf
     import tensorflow_federated as tff
@@ -151,7 +154,8 @@ def test_prepared_federated_evaluation_equals_tffs_build_fed_eval(tff_runtime, b
     weights = tff.learning.models.ModelWeights(
         trainable=[rng.normal(0, 0.05, (784, 10)).astype(np.float32), rng.normal(0, 0.1, 10).astype(np.float32)],
         non_trainable=[])
-    for model_fn in (build_model_fn(), custom_model.MnistModel):
+    for model_fn, files in ((build_model_fn(), tmp_path / "keras"), (custom_model.MnistModel, tmp_path / "custom")):
+        files.mkdir()
         tf.keras.utils.set_random_seed(1)
         article = FederatedEvaluator(model_fn)(
             weights, [settings.pipeline(client_data.create_tf_dataset_for_client(c)) for c in ids])
@@ -160,11 +164,37 @@ def test_prepared_federated_evaluation_equals_tffs_build_fed_eval(tff_runtime, b
         assert 0.02 < accuracy < 0.5 and article["loss"] != pytest.approx(np.log(10))  # not the zero model's
         if "num_batches" in article:
             assert article["num_batches"] == sum(-(-n // (batch_size or n)) for n in sizes if n)
-        for group_bytes in (2**30, 1, 100_000):
+        for group_bytes, files_dir in ((2**30, None), (1, None), (100_000, None), (100_000, files)):
             tf.keras.utils.set_random_seed(1)
-            prepared = PreparedFederatedEvaluator(model_fn, batch_size, group_bytes=group_bytes)
-            result = prepared(weights, PreparedSplit(PreparedClients(client_data, settings), ids))
-            assert result == article, (model_fn, group_bytes)
+            prepared = PreparedFederatedEvaluator(model_fn, batch_size, group_bytes=group_bytes,
+                                                  read_files=files_dir is not None)
+            result = prepared(weights, PreparedSplit(PreparedClients(client_data, settings, files_dir=files_dir), ids))
+            assert result == article, (model_fn, group_bytes, files_dir)
+        assert len(list(files.iterdir())) == 2 * len(ids)   # the evaluation read files: x and y of each client
+
+
+@pytest.mark.unit
+def test_the_files_of_clients_evicted_for_a_group_go_when_the_next_group_is_asked_for(tmp_path):
+    # An evaluation larger than the cache reads its clients group by group; the files of clients evicted
+    # while a group is made belong to groups already evaluated, so they go before the next group is made.
+    import numpy as np
+
+    from fedmnist import data
+    from fedmnist.client_tensors import PreparedClients
+    from fedmnist.data.preprocessing import Preprocessing
+
+    clients = {f"c{i}": (np.zeros((4, 28, 28), np.float32), np.zeros(4, np.int64)) for i in range(6)}
+    client_data = data.client_data_from_arrays(clients)
+    one = PreparedClients(client_data, Preprocessing(epochs=1, per_round=False))._client("c0").nbytes
+    prepared = PreparedClients(client_data, Preprocessing(epochs=1, per_round=False), max_bytes=2 * one,
+                               files_dir=tmp_path)
+    seen = []
+    for group in prepared.groups(list(clients), max_bytes=2 * one):
+        paths = [d.get_single_element()["x"].numpy().decode() for d in group]
+        assert all(Path(path).exists() for path in paths)   # the group being evaluated is on disk
+        assert len(list(tmp_path.iterdir())) <= 2 * 2 * 2   # with, at most, the group before it
+        seen.append(paths)
+    assert len(seen) == 3 and not any(Path(path).exists() for path in seen[0])
 
 
 @pytest.mark.unit

@@ -104,3 +104,27 @@ def test_fedavgm_carries_the_first_rounds_update_into_the_second(tmp_path, plain
                                              deltas):
         np.testing.assert_allclose(with_momentum - without, server.learning_rate * server.momentum * delta,
                                    rtol=1e-3, atol=1e-7)
+
+
+@pytest.mark.parametrize("cfg", [
+    config_lib.OptimizerConfig(name="sgd", learning_rate=0.3),
+    config_lib.OptimizerConfig(name="sgd", learning_rate=0.3, momentum=0.9),
+    config_lib.OptimizerConfig(name="adam", learning_rate=0.01),
+    config_lib.OptimizerConfig(name="yogi", learning_rate=0.01),
+    config_lib.OptimizerConfig(name="adagrad", learning_rate=0.1),
+], ids=lambda cfg: f"{cfg.name}-momentum{cfg.momentum}")
+def test_a_step_leaves_the_learning_rate_the_state_holds(cfg):
+    # The loop reads the training state's learning rates once, when the run starts (Experiment.start):
+    # right only while no optimizer step changes them.
+    import tensorflow as tf
+
+    from fedmnist.process import build_optimizer
+
+    optimizer = build_optimizer(cfg)
+    weights = (tf.constant([1.0, -2.0]), tf.constant(0.5))
+    state = optimizer.initialize(tf.nest.map_structure(lambda w: tf.TensorSpec(w.shape, w.dtype), weights))
+    before = float(optimizer.get_hparams(state)["learning_rate"])
+    for _ in range(3):
+        state, weights = optimizer.next(state, weights, (tf.constant([0.3, -0.1]), tf.constant(2.0)))
+    assert before == pytest.approx(cfg.learning_rate) and float(optimizer.get_hparams(state)["learning_rate"]) == before
+    assert float(weights[1]) != 0.5  # the steps moved the weights

@@ -61,11 +61,15 @@ def make_federated_data(client_data: tff.simulation.datasets.ClientData, client_
             for x in client_ids]
 
 
-def round_shuffle_seed(seed: int, round_num: int, client_id: str) -> int:
+def round_shuffle_seed(seed: int, round_num: int, client_id: str) -> np.int64:
     """The shuffle seed of one client in one round: a new order every round, the same one in every run
-    with `seed` and after a resume (it depends on nothing else)."""
+    with `seed` and after a resume (it depends on nothing else).
+
+    A NumPy integer, not a Python one: TensorFlow keeps every Python number it converts to a tensor in a
+    cache that is never emptied, and a run draws a new seed per client and round (docs/performance.md,
+    "Memory of long runs"). The shuffle is the same for either."""
     key = f"{seed}/{round_num}/{client_id}".encode()
-    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") >> 1   # an int64 seed
+    return np.int64(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") >> 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +88,7 @@ class Preprocessing:
     shuffle_seed: int = SHUFFLE_SEED
     per_round: bool = True
 
-    def seed(self, round_num: int, client_id: str) -> int:
+    def seed(self, round_num: int, client_id: str) -> int | np.int64:
         return round_shuffle_seed(self.shuffle_seed, round_num, client_id) if self.per_round else self.shuffle_seed
 
     def pipeline(self, dataset: tf.data.Dataset, seed: int | None = None) -> tf.data.Dataset:

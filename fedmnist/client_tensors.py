@@ -185,7 +185,7 @@ class _PreparedClient:
     y: tf.Tensor | None
     num_examples: int
     nbytes: int
-    seed: int | None = None                 # the shuffle seed `dataset` was built with
+    seed: int | np.int64 | None = None      # the shuffle seed `dataset` was built with
     dataset: tf.data.Dataset | None = None
     files: tuple[str, str] | None = None    # where the worker reads `x` and `y` (with `files_dir`)
 
